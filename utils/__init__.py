@@ -1,0 +1,1 @@
+"""Building blocks of the method: losses, memory bank, augmentations, schedules, metrics, config."""

@@ -1,0 +1,116 @@
+"""Class-balancing weights for Cityscapes (SPEC 5.3).
+
+Two histories of per-class pixel counts: the labeled one has one slot per labeled batch of an epoch
+and is filled once; the unlabeled one has one slot per unlabeled batch of an epoch and is a ring
+buffer once full. Weights are sqrt(median(f) / f) of the summed counts f once both are full.
+Everything stays on the device; the slot counters are Python ints (they do not depend on tensor
+values), so an update does no host sync.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from utils.errors import UserError
+
+
+def _class_counts(labels: Tensor, num_classes: int) -> Tensor:
+    """Pixels per class 0..C-1 of `labels` (any shape); other values (ignore, >= C, < 0) dropped.
+
+    A compare-and-sum over [C, N] instead of torch.bincount, because bincount on CUDA reads the
+    maximum value back to the host (a sync) every call; C is small (19) so this is cheap.
+    """
+    flat = labels.reshape(1, -1)
+    classes = torch.arange(num_classes, device=labels.device, dtype=labels.dtype).unsqueeze(1)
+    return (flat == classes).sum(dim=1, dtype=torch.int64)  # [C]
+
+
+class ClassBalancing:
+    """Per-class pixel-count histories and the resulting loss weights (SPEC 5.3)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        labeled_slots: int,
+        unlabeled_slots: int,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if num_classes < 1 or labeled_slots < 1 or unlabeled_slots < 1:
+            raise UserError(
+                f"class balancing needs num_classes, labeled_slots and unlabeled_slots >= 1, got "
+                f"{num_classes}, {labeled_slots}, {unlabeled_slots}; check labeled_samples and batch_size."
+            )
+        self.num_classes = num_classes
+        self.labeled_slots = labeled_slots
+        self.unlabeled_slots = unlabeled_slots
+        self.labeled = torch.zeros(labeled_slots, num_classes, dtype=torch.int64, device=device)
+        self.unlabeled = torch.zeros(unlabeled_slots, num_classes, dtype=torch.int64, device=device)
+        self.labeled_count = 0  # updates that reached the labeled history (stops at labeled_slots)
+        self.unlabeled_count = 0  # updates of the unlabeled history (keeps growing; slot = count % slots)
+
+    @staticmethod
+    def labeled_slots_for(labeled_samples: int, batch_size: int) -> int:
+        """Labeled history length: one slot per labeled batch, floor(L / B) (at least 1)."""
+        return max(1, labeled_samples // max(1, batch_size))
+
+    @staticmethod
+    def unlabeled_slots_for(num_train: int, labeled_samples: int, batch_size: int) -> int:
+        """Unlabeled history length: floor((N_train - L) / (B / 2)) (at least 1), as released."""
+        return max(1, (num_train - labeled_samples) // max(1, batch_size // 2))
+
+    @property
+    def filled(self) -> bool:
+        """Whether both histories have been filled once (weights are ones before)."""
+        return self.labeled_count >= self.labeled_slots and self.unlabeled_count >= self.unlabeled_slots
+
+    def update(self, labeled_labels: Tensor | None, pseudo_labels: Tensor | None) -> Tensor:
+        """Add one labeled batch's labels and one unlabeled batch's pseudo-labels; return weights [C].
+
+        Either input may be None to update only the other history (for scripts that see labeled and
+        unlabeled batches on different steps).
+        """
+        if labeled_labels is not None and self.labeled_count < self.labeled_slots:
+            counts = _class_counts(labeled_labels.to(self.labeled.device), self.num_classes)
+            self.labeled[self.labeled_count] = counts
+            self.labeled_count += 1
+        if pseudo_labels is not None:
+            counts = _class_counts(pseudo_labels.to(self.unlabeled.device), self.num_classes)
+            self.unlabeled[self.unlabeled_count % self.unlabeled_slots] = counts
+            self.unlabeled_count += 1
+        return self.weights()
+
+    def weights(self) -> Tensor:
+        """Current weights [C] float32: ones until both histories are full, then sqrt(median(f)/f)."""
+        device = self.labeled.device
+        if not self.filled:
+            return torch.ones(self.num_classes, dtype=torch.float32, device=device)
+        freq = (self.labeled.sum(0) + self.unlabeled.sum(0)).to(torch.float64)  # [C]
+        median = torch.quantile(freq, 0.5)  # numpy.median: mean of the two middle values for even C
+        seen = freq > 0
+        w = median / freq  # inf where a class was never seen (NaN if the median is 0 too)
+        largest_finite = torch.where(seen, w, torch.full_like(w, -torch.inf)).max().clamp_min(1.0)
+        w = torch.where(seen, w, largest_finite)
+        return w.sqrt().to(torch.float32)
+
+    def state_dict(self) -> dict:
+        """Histories and counters, for checkpoints."""
+        return {
+            "labeled": self.labeled.clone(),
+            "unlabeled": self.unlabeled.clone(),
+            "labeled_count": self.labeled_count,
+            "unlabeled_count": self.unlabeled_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`; the history shapes must match this instance's."""
+        for key, ref in (("labeled", self.labeled), ("unlabeled", self.unlabeled)):
+            if key not in state or tuple(state[key].shape) != tuple(ref.shape):
+                got = tuple(state[key].shape) if key in state else "missing"
+                raise UserError(
+                    f"class-balancing state in the checkpoint has {key} history {got}, expected "
+                    f"{tuple(ref.shape)}; resume with the same dataset, labeled_samples and batch_size."
+                )
+        self.labeled.copy_(state["labeled"])
+        self.unlabeled.copy_(state["unlabeled"])
+        self.labeled_count = int(state["labeled_count"])
+        self.unlabeled_count = int(state["unlabeled_count"])

@@ -1,0 +1,300 @@
+"""Configuration: the released JSON format, validated, with every default resolved.
+
+Every config file of the original release loads unchanged. Keys it did not have are optional and default to the
+released behaviour. An unknown key or a value of the wrong type stops with a message naming the key and the file.
+`--set a.b.c=value` overrides one key (the value is parsed as JSON when it parses, else taken as a string).
+
+`SCHEMA` below is the single list of keys: (types, default, help). `null` method constants take the training
+script's own value from `utils/variants.py`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from utils.errors import UserError
+
+REQUIRED = object()  # marker: the key has no default
+
+# Each leaf: (allowed types, default, help). Nested dicts are sections.
+SCHEMA: dict[str, Any] = {
+    "model": ((str,), "DeepLab", "network family; only \"DeepLab\""),
+    "version": ((str,), "2", "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50)"),
+    "dataset": ((str,), REQUIRED,
+                "\"cityscapes\", \"pascal_voc\" (alias \"pascal\"), \"synthetic\" or \"folder\""),
+    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (README)"),
+    "precision": ((str,), "fp32", "\"fp32\", \"bf16\" or \"fp16\" (autocast; losses and memory stay fp32)"),
+    "backbone": {
+        "depth": ((int, type(None)), None, "ResNet depth 18/34/50/101; null: 101 for v2, 50 for v3"),
+        "pretrained": ((str, type(None)), "default",
+                       "\"default\" (COCO or ImageNet file by `training.pretraining`), \"none\", or a file path"),
+    },
+    "training": {
+        "batch_size": ((int,), REQUIRED, "labeled batch B; the unlabeled batch is B/2, augmented twice"),
+        "num_workers": ((int,), 3, "data-loading worker processes"),
+        "optimizer": ((str,), "SGD", "only \"SGD\""),
+        "momentum": ((float,), 0.9, "SGD momentum"),
+        "num_iterations": ((int,), REQUIRED, "N, training iterations"),
+        "learning_rate": ((float,), REQUIRED, "base lr (classifier, decoder and heads get 10x)"),
+        "lr_schedule": ((str, type(None)), "Poly", "\"Poly\" or null (constant)"),
+        "lr_schedule_power": ((float,), 0.9, "poly power"),
+        "pretraining": ((str,), "COCO", "\"COCO\" (BGR input) or \"imagenet\" (RGB input)"),
+        "weight_decay": ((float,), 5e-4, "SGD weight decay"),
+        "use_teacher_train": ((bool,), True, "pseudo-labels and memory from the EMA teacher (else the student)"),
+        "save_teacher_test": ((bool,), False, "best/periodic checkpoints hold the teacher instead of the student"),
+        "scale_lr_with_world_size": ((bool,), False, "multiply the lr by the number of processes under torchrun"),
+        "sync_batchnorm": ((bool,), False, "SyncBatchNorm across processes under torchrun"),
+        "compile": ((bool,), False, "torch.compile the student and teacher networks"),
+        "data": {
+            "split_id_list": ((int,), 0, "0/1/2: fixed splits; any other value: random split from `seed`"),
+            "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),
+            "input_size": ((str,), REQUIRED, "\"H,W\" crop size"),
+            "root": ((str, type(None)), None, "dataset folder (default ../data/CityScapes, ../data/VOC2012)"),
+            "split_file": ((str, type(None)), None, "text list of labeled image ids, or the release's .pkl split"),
+            "gta5_root": ((str, type(None)), None, "GTA5 folder for domain adaptation (default ../data/GTA5)"),
+        },
+    },
+    "method": {
+        "ramp_up_iterations": ((int,), 2000, "R: pseudo-label ramp-up; contrastive terms and ClassMix start after R"),
+        "memory_start_offset": ((int,), 1000, "the memory is filled from iteration R - offset on"),
+        "memory_size": ((int,), 256, "vectors per class in the memory bank"),
+        "memory_confidence": ((float,), 0.95, "teacher confidence needed for a labeled pixel to enter memory"),
+        "contrastive_weight": ((float, type(None)), None, "weight of each contrastive term; null: 0.1 (0.2 DA)"),
+        "entropy_weight": ((float,), 0.01, "weight of the entropy term on unlabeled predictions"),
+        "pseudo_label_power": ((float,), 6, "pseudo-label pixel weight = confidence ** power"),
+        "unlabeled_classmix_prob": ((float,), 0.75, "probability of ClassMix on each strong unlabeled view"),
+        "labeled_classmix_prob": ((float, type(None)), None, "probability of ClassMix on labeled data; null: 0.2 (0.25 DA)"),
+        "class_balancing": ((bool, type(None)), None, "class-balanced CE weights; null: on for Cityscapes only"),
+        "use_unlabeled": ((bool,), True, "false: supervised only (no pseudo-labels, entropy, unlabeled contrastive)"),
+        "use_contrastive": ((bool,), True, "false: no memory bank and no contrastive terms"),
+        "bn_refresh_iterations": ((int,), 1000, "train-mode passes over unlabeled data after training (BN refresh)"),
+    },
+    "seed": ((int,), 5555, "seeds Python, NumPy and torch"),
+    "ignore_label": ((int,), 250, "label value ignored by losses and metrics"),
+    "utils": {
+        "save_checkpoint_every": ((int,), 10000, "periodic checkpoint interval (replaces the previous one)"),
+        "checkpoint_dir": ((str,), "../saved/DeepLab", "run directory: checkpoints, logs, config.json"),
+        "val_per_iter": ((int,), 1000, "evaluation interval"),
+        "save_best_model": ((bool,), True, "write best_model.pth on a new best mIoU"),
+        "save_latest_every": ((int,), 1000, "interval of latest.pth, the full run state for exact resume"),
+        "log_every": ((int,), 50, "interval of log lines, train_log.jsonl rows and TensorBoard scalars"),
+        "tensorboard": ((bool,), True, "write TensorBoard event files in the run directory"),
+        "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
+        "eval_batch_size": ((int,), 1, "validation batch size (VOC images differ in size: keep 1)"),
+    },
+    "synthetic": {
+        "num_train": ((int,), 300, "synthetic training images"),
+        "num_val": ((int,), 40, "synthetic validation images"),
+        "image_size": ((str,), "96,160", "\"H,W\" of the generated scenes"),
+    },
+    "folder": {
+        "train_images": ((str, type(None)), None, "directory (or list file) of training images"),
+        "train_labels": ((str, type(None)), None, "directory (or list file) of training labels"),
+        "val_images": ((str, type(None)), None, "directory (or list file) of validation images"),
+        "val_labels": ((str, type(None)), None, "directory (or list file) of validation labels"),
+        "class_names": ((list, type(None)), None, "class names, one per class"),
+        "palette": ((list, type(None)), None, "[[r,g,b], ...] colours for predictions"),
+        "num_classes": ((int, type(None)), None, "number of classes (default: len(class_names))"),
+        "mean": ((list, type(None)), None, "[r,g,b] mean for normalisation (default 127.5 each)"),
+    },
+}
+
+DATASET_ALIASES = {"pascal": "pascal_voc"}
+CHOICES = {
+    "model": ("DeepLab",),
+    "version": ("2", "3"),
+    "dataset": ("cityscapes", "pascal_voc", "synthetic", "folder"),
+    "fidelity": ("code", "paper"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "training.optimizer": ("SGD",),
+    "training.lr_schedule": ("Poly", None),
+    "training.pretraining": ("COCO", "imagenet"),
+}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """Every behaviour where the released code and the paper differ (SPEC section 8), in one place."""
+
+    v2_branches: int               # DeepLabv2 classifier branches summed (code: 2, paper: 4)
+    memory_keep: str               # which q vectors enter memory: "lowest" (code) or "highest" selector scores
+    memory_weights: str            # memory-side weights in the contrastive loss: "ones" (code) or "mean"
+    da_source_schedule: str        # GTA5 batches: "last100_odd" (code) or "alternate" (paper)
+    entropy_mask_broadcast: bool   # less-memory script's n×n broadcast of the entropy mask (code only)
+
+
+FIDELITY_PRESETS = {
+    "code": Fidelity(2, "lowest", "ones", "last100_odd", True),
+    "paper": Fidelity(4, "highest", "mean", "alternate", False),
+}
+
+
+def fidelity(cfg: dict) -> Fidelity:
+    """The switches of the config's fidelity preset."""
+    return FIDELITY_PRESETS[cfg["fidelity"]]
+
+
+def _type_ok(value: Any, types: tuple) -> bool:
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
+
+
+def _type_names(types: tuple) -> str:
+    names = {str: "string", int: "integer", float: "number", bool: "true/false", list: "list", type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in types)
+
+
+def _resolve(user: dict, schema: dict, prefix: str, source: str) -> dict:
+    if not isinstance(user, dict):
+        raise UserError(f"{source}: '{prefix.rstrip('.')}' must be a JSON object, got {json.dumps(user)}")
+    unknown = sorted(set(user) - set(schema))
+    if unknown:
+        known = ", ".join(sorted(schema))
+        raise UserError(f"{source}: unknown config key '{prefix}{unknown[0]}'. Known keys here: {known}. "
+                        f"Fix the spelling or remove it (see README, 'Configuration').")
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        name = prefix + key
+        if isinstance(spec, dict):
+            out[key] = _resolve(user.get(key, {}), spec, name + ".", source)
+            continue
+        types, default, _ = spec
+        if key not in user:
+            if default is REQUIRED:
+                raise UserError(f"{source}: required config key '{name}' is missing.")
+            out[key] = copy.deepcopy(default)
+            continue
+        value = user[key]
+        if not _type_ok(value, types):
+            raise UserError(f"{source}: config key '{name}' must be {_type_names(types)}, "
+                            f"got {json.dumps(value)}.")
+        if float in types and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check_semantics(cfg: dict, source: str) -> None:
+    for dotted, choices in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in choices:
+            shown = ", ".join(json.dumps(c) for c in choices)
+            raise UserError(f"{source}: config key '{dotted}' is {json.dumps(value)}; choose one of {shown}.")
+    t = cfg["training"]
+    for dotted in ("training.batch_size", "training.num_iterations", "training.data.labeled_samples",
+                   "utils.val_per_iter", "utils.save_checkpoint_every", "utils.save_latest_every",
+                   "utils.log_every", "method.memory_size"):
+        if _get(cfg, dotted) < 1:
+            raise UserError(f"{source}: config key '{dotted}' must be at least 1, got {_get(cfg, dotted)}.")
+    if t["batch_size"] < 2:
+        raise UserError(f"{source}: 'training.batch_size' must be at least 2 (the unlabeled batch is B/2).")
+    for dotted in ("training.data.input_size", "synthetic.image_size"):
+        parse_size(_get(cfg, dotted), f"{source}: '{dotted}'")
+    depth = cfg["backbone"]["depth"]
+    if depth is not None and depth not in (18, 34, 50, 101):
+        raise UserError(f"{source}: 'backbone.depth' is {depth}; choose 18, 34, 50, 101 or null.")
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'H,W' -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except (ValueError, AttributeError):
+        raise UserError(f"{what} must be \"H,W\" (two integers), got {json.dumps(text)}.") from None
+    if h < 1 or w < 1:
+        raise UserError(f"{what} must be positive, got {json.dumps(text)}.")
+    return h, w
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' -> (['a','b','c'], value parsed as JSON when it parses, else the string)."""
+    if "=" not in text:
+        raise UserError(f"--set expects key=value (for example training.batch_size=2), got '{text}'.")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
+    """Set single keys in the raw (unresolved) config; unknown keys are refused against SCHEMA."""
+    user = copy.deepcopy(user)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        schema: Any = SCHEMA
+        node = user
+        for i, part in enumerate(path):
+            if not isinstance(schema, dict) or part not in schema:
+                raise UserError(f"--set {text}: unknown config key '{'.'.join(path[:i + 1])}' "
+                                f"(config {source}); see README, 'Configuration'.")
+            schema = schema[part]
+            if i < len(path) - 1:
+                node = node.setdefault(part, {})
+        if isinstance(schema, dict):
+            raise UserError(f"--set {text}: '{'.'.join(path)}' is a section; set one of its keys.")
+        node[path[-1]] = value
+    return user
+
+
+def resolve_config(user: dict, source: str = "<config>", overrides: list[str] | None = None) -> dict:
+    """Validate a raw config dict (plus overrides) and return it with every default filled in."""
+    user = apply_overrides(user, overrides or [], source)
+    if isinstance(user.get("dataset"), str):
+        user["dataset"] = DATASET_ALIASES.get(user["dataset"], user["dataset"])
+    cfg = _resolve(user, SCHEMA, "", source)
+    _check_semantics(cfg, source)
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> dict:
+    """Read a JSON config file, apply `--set` overrides, validate, and fill in defaults."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file not found: {path}. Pass one of configs/*.json with --config.")
+    try:
+        with open(path) as f:
+            user = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e}).") from None
+    return resolve_config(user, path, overrides)
+
+
+def config_diff(a: dict, b: dict, prefix: str = "", ignore: tuple[str, ...] = ()) -> list[str]:
+    """Keys whose values differ between two resolved configs, as 'key: a -> b' lines."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        name = prefix + key
+        if name in ignore:
+            continue
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += config_diff(va, vb, name + ".", ignore)
+        elif va != vb:
+            out.append(f"{name}: {json.dumps(va)} -> {json.dumps(vb)}")
+    return out
+
+
+def schema_rows(schema: dict | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key, for the README's table."""
+    rows = []
+    for key, spec in (schema or SCHEMA).items():
+        if isinstance(spec, dict):
+            rows += schema_rows(spec, prefix + key + ".")
+        else:
+            _, default, text = spec
+            rows.append((prefix + key, "required" if default is REQUIRED else json.dumps(default), text))
+    return rows

@@ -1,0 +1,43 @@
+"""What differs between the three training scripts, in one table.
+
+The scripts share every building block; these constants and schedules are the only places they differ
+(SPEC sections 4, 5.5, 8 and 9). A `null` method constant in a config takes the script's value from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Per-script constants."""
+
+    name: str
+    ema_warmup_div: int            # alpha = min(1 - 1/(div*i + 1), m_i)
+    contrastive_weight: float      # weight of each contrastive term
+    labeled_classmix_prob: float   # ClassMix on the labeled batch
+    alternating_steps: bool        # even iterations labeled-only, odd unlabeled-only
+    uses_gta5: bool                # GTA5 as an extra labeled source
+
+
+TRAIN_SSL = Variant("trainSSL", ema_warmup_div=10, contrastive_weight=0.1, labeled_classmix_prob=0.2,
+                    alternating_steps=False, uses_gta5=False)
+LESS_MEMORY = Variant("trainSSL_less_memory", ema_warmup_div=1, contrastive_weight=0.1, labeled_classmix_prob=0.2,
+                      alternating_steps=True, uses_gta5=False)
+DOMAIN_ADAPTATION = Variant("trainSSL_domain_adaptation_targetCity", ema_warmup_div=1, contrastive_weight=0.2,
+                            labeled_classmix_prob=0.25, alternating_steps=False, uses_gta5=True)
+
+
+def uses_gta5_batch(i: int, num_iterations: int, schedule: str) -> bool:
+    """Domain adaptation: does iteration i draw its labeled batch from GTA5 (else Cityscapes)?
+
+    "last100_odd" (fidelity code): the released condition selects GTA5 only on odd iterations of the last 100.
+    "alternate" (fidelity paper): GTA5 and Cityscapes alternate (GTA5 on even i); the last 100 iterations
+    use Cityscapes only.
+    """
+    in_last_100 = i >= num_iterations - 100
+    if schedule == "last100_odd":
+        return in_last_100 and i % 2 == 1
+    if schedule == "alternate":
+        return (not in_last_100) and i % 2 == 0
+    raise ValueError(f"unknown domain-adaptation schedule {schedule!r}")
