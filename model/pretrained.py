@@ -1,0 +1,123 @@
+"""Pretrained weights: resolve the source, never download, copy tensors by name where shapes match (SPEC 3).
+
+"default" means the released starting point: the COCO-pretrained DeepLabv2 of AdvSemiSeg for COCO, or
+torchvision's ImageNet ResNet (IMAGENET1K_V1) for imagenet, looked up in torch hub's checkpoint folder.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from utils.errors import UserError
+
+COCO_FILE = "resnet101COCO-41f33a49.pth"
+COCO_URL = "http://vllab1.ucmerced.edu/~whung/adv-semi-seg/" + COCO_FILE
+IMAGENET_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth",
+                  50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+IMAGENET_URL = "https://download.pytorch.org/models/"
+PREFIXES = ("module.", "Scale.")
+
+
+@dataclass
+class PretrainedReport:
+    """What load_pretrained did: tensors copied, tensors of the file skipped (name, reason), and how many
+    model tensors the file did not provide (they keep their random init)."""
+
+    path: str
+    loaded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    not_in_file: list[str] = field(default_factory=list)
+
+    def summary(self, limit: int = 10) -> str:
+        lines = [f"pretrained weights {self.path}: loaded {self.loaded} tensors, skipped {len(self.skipped)}, "
+                 f"{len(self.not_in_file)} model tensors not in the file (random init)"]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped[:limit]]
+        if len(self.skipped) > limit:
+            lines.append(f"  ... and {len(self.skipped) - limit} more skipped")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def default_weights(version: str, pretraining: str, depth: int) -> tuple[str, str]:
+    """(local path, download URL) of the released starting weights for this model."""
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    if pretraining.lower() == "coco":
+        if str(version) != "2" or depth != 101:
+            raise UserError(f"there are no default COCO weights for DeepLabv{version} with ResNet-{depth} "
+                            f"(only DeepLabv2 ResNet-101). Set training.pretraining to \"imagenet\", or "
+                            f"backbone.pretrained to a local file or \"none\".")
+        return os.path.join(folder, COCO_FILE), COCO_URL
+    name = IMAGENET_FILES[depth]
+    return os.path.join(folder, name), IMAGENET_URL + name
+
+
+def _strip(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file (raw state dict, or {"state_dict"/"model": ...}), prefixes stripped."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} holds no state dict of tensors; give a model weights file as "
+                        f"backbone.pretrained.")
+    return {_strip(k): v for k, v in obj.items()}
+
+
+def load_pretrained(model: nn.Module, source: str | None, version: str, pretraining: str,
+                    depth: int) -> PretrainedReport | None:
+    """Copy the tensors of `source` into `model` where name and shape match; returns the report.
+
+    source: None/"none" -> nothing (None returned); "default" -> the released file at torch hub's
+    checkpoint folder; anything else -> a local file path. A missing file raises UserError saying what to
+    download and where to put it.
+    """
+    if source is None or source.lower() == "none":
+        return None
+    if source == "default":
+        path, url = default_weights(version, pretraining, depth)
+        if not os.path.isfile(path):
+            raise UserError(f"pretrained weights not found: {path}. Download {url} and save it as {path} "
+                            f"(no download is attempted), or set backbone.pretrained in the config to a local "
+                            f"file, or to \"none\" for random init.")
+    else:
+        path = os.path.expanduser(source)
+        if not os.path.isfile(path):
+            raise UserError(f"pretrained weights file not found: {path} (backbone.pretrained). Give an existing "
+                            f"file, \"default\" or \"none\".")
+    weights = read_state_dict(path)
+    report = PretrainedReport(path)
+    own = model.state_dict()            # detached tensors sharing storage with the model
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if not isinstance(tensor, torch.Tensor):
+                report.skipped.append((name, "not a tensor"))
+            elif name not in own:
+                report.skipped.append((name, "missing in model"))
+            elif own[name].shape != tensor.shape:
+                report.skipped.append((name, f"shape mismatch: file {tuple(tensor.shape)}, "
+                                             f"model {tuple(own[name].shape)}"))
+            else:
+                own[name].copy_(tensor)
+                report.loaded += 1
+    report.not_in_file = [n for n in own if n not in weights]
+    return report

@@ -1,0 +1,142 @@
+"""ResNet backbones for DeepLabv2 and DeepLabv3+ (SPEC 3).
+
+Two variants share parameter names (conv1, bn1, layer1..layer4 with `.N.conv1/bn1/conv2/bn2/conv3/bn3/
+downsample.0/downsample.1`) so released checkpoints and torchvision weights load by name:
+- "coco": the Caffe-style ResNet of AdvSemiSeg's Res_Deeplab (the COCO-pretrained DeepLabv2): a bottleneck
+  puts its stride on the first 1x1 conv, the max-pool uses ceil_mode, and every layer's first block has a
+  projection shortcut.
+- "torchvision": torchvision's ResNet (stride on the 3x3 conv, no ceil_mode, a projection shortcut only where
+  the shape changes), so ImageNet weights load unchanged.
+All BatchNorm2d layers have frozen affine parameters (requires_grad False) but stay in train mode with the
+rest of the model, i.e. they normalise with batch statistics during training, as released.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+VARIANTS = ("coco", "torchvision")
+
+
+def _conv3x3(inplanes: int, planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs (ResNet-18/34); the stride sits on the first in both variants."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 first_dilation: int | None = None, downsample: nn.Module | None = None, variant: str = "coco"):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, first_dilation or dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, 1, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (dilated) -> 1x1 (ResNet-50/101). Stride on conv1 ("coco") or on conv2 ("torchvision")."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
+                 first_dilation: int | None = None, downsample: nn.Module | None = None, variant: str = "coco"):
+        super().__init__()
+        s1, s2 = (stride, 1) if variant == "coco" else (1, stride)
+        d = first_dilation or dilation
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, s2, d)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet without avg-pool/fc; forward returns (layer1 output, layer4 output).
+
+    dilate_layer3 / dilate_layer4: dilation of that layer's 3x3 convs; a value > 1 also replaces the layer's
+    stride 2 by 1 (DeepLabv2: 2 and 4 -> output stride 8; DeepLabv3+: 1 and 2 -> output stride 16).
+    first_block_previous_dilation: False (AdvSemiSeg's Res_Deeplab) dilates every block of a dilated layer
+    alike; True follows torchvision's `replace_stride_with_dilation`, where a layer's first block keeps the
+    previous layer's dilation. Dilation changes no parameter shape.
+    """
+
+    def __init__(self, depth: int = 101, variant: str = "coco", dilate_layer3: int = 1, dilate_layer4: int = 1,
+                 first_block_previous_dilation: bool = False):
+        super().__init__()
+        if depth not in LAYERS:
+            raise ValueError(f"ResNet depth {depth}; choose one of {sorted(LAYERS)}")
+        if variant not in VARIANTS:
+            raise ValueError(f"ResNet variant {variant!r}; choose one of {VARIANTS}")
+        self.depth, self.variant = depth, variant
+        block = BasicBlock if depth < 50 else Bottleneck
+        self._block, self._inplanes, self._dilation = block, 64, 1
+        self._previous_rule = first_block_previous_dilation
+
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=variant == "coco")
+        n = LAYERS[depth]
+        self.layer1 = self._make_layer(64, n[0], 1, 1)
+        self.layer2 = self._make_layer(128, n[1], 2, 1)
+        self.layer3 = self._make_layer(256, n[2], 2, dilate_layer3)
+        self.layer4 = self._make_layer(512, n[3], 2, dilate_layer4)
+
+        self.low_level_channels = 64 * block.expansion        # layer1 output
+        self.out_channels = 512 * block.expansion             # layer4 output
+        self.output_stride = 4 * 2 * (2 if dilate_layer3 == 1 else 1) * (2 if dilate_layer4 == 1 else 1)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int, dilation: int) -> nn.Sequential:
+        block, variant = self._block, self.variant
+        if dilation > 1:
+            stride = 1
+        previous, self._dilation = self._dilation, dilation
+        out = planes * block.expansion
+        downsample = None
+        if variant == "coco" or stride != 1 or self._inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(self._inplanes, out, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out))
+        first = previous if self._previous_rule else dilation
+        layers = [block(self._inplanes, planes, stride, dilation, first, downsample, variant)]
+        self._inplanes = out
+        layers += [block(out, planes, 1, dilation, None, None, variant) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_backbone(self, x)
+
+
+def run_backbone(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stem + layer1..layer4 of `net` (a ResNetBackbone, or a model that adopted its modules by name).
+
+    x [B,3,H,W] -> (low-level layer1 features [B,L,H/4,W/4], layer4 features [B,F,H/os,W/os]).
+    """
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    low = net.layer1(x)
+    return low, net.layer4(net.layer3(net.layer2(low)))
