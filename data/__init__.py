@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset

@@ -1,0 +1,176 @@
+"""Pieces shared by the datasets: file reading, Pillow resizes, pad-and-crop, tensor conversion, item keys.
+
+Every dataset here returns float32 images [3,h,w] in 0..255 in the channel order of the pretraining ("BGR" for
+COCO, "RGB" for imagenet) and int64 labels [h,w] in train ids with the ignore label. Training datasets are indexed
+with `(index, seed)` keys: the seed alone drives the random crop (`random.Random(seed)`), so the data does not
+depend on how many workers load it or in which process.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.errors import UserError
+from utils.losses import check_labels
+
+CHANNEL_ORDERS = ("BGR", "RGB")
+READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def channel_order_for(pretraining: str) -> str:
+    """COCO-pretrained DeepLabv2 weights expect BGR input (caffe heritage); ImageNet weights expect RGB."""
+    return "BGR" if pretraining == "COCO" else "RGB"
+
+
+def parse_key(key: Any) -> tuple[int, int]:
+    """Item key -> (index, seed): `(index, seed)` from `data.sampler`, or a plain int (then seed = index)."""
+    if isinstance(key, (tuple, list)):
+        index, seed = key
+        return int(index), int(seed)
+    if isinstance(key, torch.Tensor):
+        key = int(key)
+    return int(key), int(key)
+
+
+def read_image(path: str) -> np.ndarray:
+    """Image file -> [H,W,3] uint8 RGB (Pillow). Unreadable files raise UserError naming the file."""
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise UserError(f"image file not found: {path}") from None
+    except READ_ERRORS as e:
+        raise UserError(f"cannot read image file {path} ({type(e).__name__}: {e}); the file is corrupt or not an "
+                        f"image — re-extract or replace it.") from None
+    return arr
+
+
+def read_label(path: str) -> np.ndarray:
+    """Label file (mode L or P: raw values, not palette colours) -> [H,W] uint8."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            arr = np.asarray(img)
+    except FileNotFoundError:
+        raise UserError(f"label file not found: {path}") from None
+    except READ_ERRORS as e:
+        raise UserError(f"cannot read label file {path} ({type(e).__name__}: {e}); the file is corrupt or not an "
+                        f"image — re-extract or replace it.") from None
+    if arr.ndim != 2:
+        raise UserError(f"label file {path} has {arr.shape[2] if arr.ndim == 3 else '?'} channels (mode {mode}); "
+                        f"labels must be single-channel id images (mode L or P). Colour-coded labels must be "
+                        f"converted first (GTA5: utils/translate_labels.py).")
+    if arr.dtype != np.uint8:
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            raise UserError(f"label file {path} (mode {mode}) holds values outside 0..255; expected 8-bit label ids.")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Pillow BILINEAR resize (filters when shrinking, as released) of an [H,W,3] uint8 image to (W, H)."""
+    if (image.shape[1], image.shape[0]) == tuple(size_wh):
+        return image
+    return np.asarray(Image.fromarray(image).resize(tuple(size_wh), Image.Resampling.BILINEAR))
+
+
+def resize_label(label: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """Pillow NEAREST resize of an [H,W] uint8 label map to (W, H)."""
+    if (label.shape[1], label.shape[0]) == tuple(size_wh):
+        return label
+    return np.asarray(Image.fromarray(label).resize(tuple(size_wh), Image.Resampling.NEAREST))
+
+
+def pad_to(image: np.ndarray, label: np.ndarray, min_hw: tuple[int, int], ignore_label: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Pad right and bottom up to at least `min_hw` (image 0, label ignore), like the released
+    cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w)."""
+    h, w = label.shape
+    pad_h, pad_w = max(min_hw[0] - h, 0), max(min_hw[1] - w, 0)
+    if pad_h == 0 and pad_w == 0:
+        return image, label
+    img = np.zeros((h + pad_h, w + pad_w, image.shape[2]), dtype=image.dtype)
+    img[:h, :w] = image
+    lbl = np.full((h + pad_h, w + pad_w), ignore_label, dtype=label.dtype)
+    lbl[:h, :w] = label
+    return img, lbl
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, crop_hw: tuple[int, int], rng: random.Random,
+                ignore_label: int, x_first: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Pad (right/bottom) to the crop size if needed, then one random crop of `crop_hw` = (h, w).
+
+    Offsets come from `rng.randint` (inclusive bounds, as released); `x_first` draws the column offset first
+    (the released Cityscapes crop) instead of the row offset first (the released VOC crop).
+    """
+    th, tw = crop_hw
+    image, label = pad_to(image, label, crop_hw, ignore_label)
+    h, w = label.shape
+    if x_first:
+        x = rng.randint(0, w - tw)
+        y = rng.randint(0, h - th)
+    else:
+        y = rng.randint(0, h - th)
+        x = rng.randint(0, w - tw)
+    return image[y:y + th, x:x + tw], label[y:y + th, x:x + tw]
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray, channel_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H,W,3] uint8 RGB + [H,W] label -> float32 [3,H,W] 0..255 in `channel_order`, int64 [H,W]."""
+    if channel_order == "BGR":
+        image = image[:, :, ::-1]
+    img = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True)).float()
+    lbl = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    return img, lbl
+
+
+def check_channel_order(channel_order: str) -> str:
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be one of {CHANNEL_ORDERS}, got {channel_order!r}")
+    return channel_order
+
+
+class SegmentationDataset(Dataset):
+    """Base class: subclasses fill `names` and implement `_load(index, rng)`.
+
+    `_load` returns ([H,W,3] uint8 RGB image, [H,W] uint8 train-id label, label source for messages), already
+    resized and, for training, cropped (using only `rng` for randomness). The base class converts to tensors,
+    checks the label values and returns `(image, label, index)` for training, `(image, label, name)` otherwise.
+    """
+
+    name: str = "dataset"
+    num_classes: int = 0
+    class_names: list[str] = []
+    palette: list[tuple[int, int, int]] = []
+
+    def __init__(self, train: bool, crop_size: tuple[int, int] | None, channel_order: str, ignore_label: int):
+        if train and crop_size is None:
+            raise ValueError("a training dataset needs crop_size (h, w)")
+        self.train = train
+        self.crop_size = None if crop_size is None else (int(crop_size[0]), int(crop_size[1]))
+        self.channel_order = check_channel_order(channel_order)
+        if not 0 <= int(ignore_label) <= 255:
+            raise UserError(f"ignore_label must be in 0..255 (labels are 8-bit images), got {ignore_label}.")
+        self.ignore_label = int(ignore_label)
+        self.names: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        index, seed = parse_key(key)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {self.name} ({len(self)} items)")
+        image, label, source = self._load(index, random.Random(seed))
+        img, lbl = to_tensors(image, label, self.channel_order)
+        check_labels(lbl, self.num_classes, self.ignore_label, source=source)
+        return (img, lbl, index) if self.train else (img, lbl, self.names[index])
+
