@@ -85,11 +85,12 @@ def build_data(cfg: dict, data_root: str | None = None) -> DataBundle:
 
 
 def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:
-    """The GTA5 training set (half size, random crops of training.data.input_size) for domain adaptation."""
+    """The whole GTA5 set, train and val (half size, random crops of training.data.input_size): the extra
+    labeled source of domain adaptation."""
     t = cfg["training"]
     root = root or t["data"].get("gta5_root") or default_root("gta5")
     crop = parse_size(t["data"]["input_size"], "training.data.input_size")
-    return GTA5Dataset(root, "train", crop, channel_order_for(t["pretraining"]), cfg["ignore_label"])
+    return GTA5Dataset(root, "all", crop, channel_order_for(t["pretraining"]), cfg["ignore_label"])
 
 
 __all__ = ["DataBundle", "build_data", "build_gta5", "CityscapesDataset", "VOCDataset", "GTA5Dataset",

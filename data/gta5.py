@@ -50,7 +50,7 @@ def list_gta5(root: str, split: str) -> tuple[list[str], list[str], list[str]]:
 
 
 class GTA5Dataset(SegmentationDataset):
-    """GTA5 training frames of `split` (default "train"), half size then a random crop of `crop_size`."""
+    """GTA5 frames of `split` ("train", "val", or "all" for both), half size then a random crop of `crop_size`."""
 
     name = "gta5"
     num_classes = NUM_CLASSES
@@ -61,7 +61,10 @@ class GTA5Dataset(SegmentationDataset):
                  channel_order: str = "BGR", ignore_label: int = IGNORE_LABEL, train: bool = True):
         super().__init__(train, crop_size, channel_order, ignore_label)
         self.root, self.split = root, split
-        self.names, self.images, self.labels = list_gta5(root, split)
+        parts = [list_gta5(root, s) for s in (("train", "val") if split == "all" else (split,))]
+        self.names = [n for p in parts for n in p[0]]
+        self.images = [n for p in parts for n in p[1]]
+        self.labels = [n for p in parts for n in p[2]]
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.images[index])

@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on the validation split (SPEC section 7).
+
+    python3 evaluateSSL.py --model-path ../saved/DeepLab/best_model.pth [--save-output-images [DIR]]
+
+Model kind, dataset, pretraining (channel order) and ignore label come from the config stored in the checkpoint,
+which may be one written by this project or by the original release ({'model', 'config', 'optimizer',
+'iteration'}). Prints per-class IoU and mIoU and writes them as JSON next to the checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data import build_data
+from model import build_model
+from model.checkpoint_io import load_state_strict
+from utils.checkpoint import load_checkpoint, model_state_from
+from utils.config import fidelity, parse_size, resolve_config
+from utils.errors import UserError
+from utils.evaluation import evaluate
+from utils.metrics import format_iou_table
+from utils.training import choose_device, main_guard
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on the validation split.")
+    p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
+    p.add_argument("--data-root", help="dataset folder (default: from the stored config)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the stored config (e.g. training.data.root=...)")
+    p.add_argument("--save-output-images", nargs="?", const="", default=None, metavar="DIR",
+                   help="write colour-coded predictions (default DIR: <checkpoint>_predictions/)")
+    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
+                   help="whole image (the paper's protocol, default) or crop-sized sliding windows")
+    return p.parse_args(argv)
+
+
+def colorize(pred: np.ndarray, palette: list) -> Image.Image:
+    """Class-index map -> palette PNG image."""
+    img = Image.fromarray(pred.astype(np.uint8), mode="P")
+    flat = [c for rgb in palette for c in rgb]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    return img
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ckpt = load_checkpoint(args.model_path)
+    if not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{args.model_path} stores no config; evaluation reads the model and dataset from it.")
+    cfg = resolve_config(ckpt["config"], f"{args.model_path} (stored config)", args.overrides)
+    device = choose_device(args.device)
+    data = build_data(cfg, args.data_root)
+    model = build_model(cfg["version"], data.num_classes, cfg["training"]["pretraining"], cfg["backbone"]["depth"],
+                        None, v2_branches=fidelity(cfg).v2_branches)
+    load_state_strict(model, model_state_from(ckpt, args.model_path), args.model_path)
+    model.to(device)
+
+    stem = os.path.splitext(args.model_path)[0]
+    on_prediction = None
+    if args.save_output_images is not None:
+        out_dir = args.save_output_images or stem + "_predictions"
+        os.makedirs(out_dir, exist_ok=True)
+
+        def on_prediction(name, image, label, pred):
+            base = os.path.splitext(os.path.basename(str(name)))[0]
+            colorize(pred.cpu().numpy(), data.palette).save(os.path.join(out_dir, base + ".png"))
+
+    result = evaluate(model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
+                      mean_rgb=data.mean_rgb, channel_order=data.channel_order, device=device,
+                      protocol=args.protocol, window=parse_size(cfg["training"]["data"]["input_size"]),
+                      on_prediction=on_prediction)
+    print(format_iou_table(torch.tensor(result["iou"]), data.class_names))
+    print(f"mIoU {100 * result['miou']:.2f}   mean CE loss {result['loss']:.4f}   ({len(data.val)} images)")
+    report = {"checkpoint": os.path.abspath(args.model_path), "protocol": args.protocol, "miou": result["miou"],
+              "loss": result["loss"], "iou": dict(zip(data.class_names, result["iou"])),
+              "iteration": ckpt.get("iteration")}
+    with open(stem + "_evaluation.json", "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {stem}_evaluation.json")
+    return report
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Semi-supervised semantic segmentation with pixel-level contrastive learning from a class-wise memory bank
+(Alonso et al., ICCV 2021) — the main training script.
+
+    python3 trainSSL.py --config configs/configSSL_city_1_30_split0_COCO.json
+
+One iteration i (SPEC section 4; R = ramp-up iterations):
+  1. poly learning rate; a labeled batch (B) and an unlabeled batch (B/2)
+  2. pseudo-labels ŷ and confidences p from the EMA teacher on the un-augmented unlabeled batch
+  3. class-balancing statistics from labels and pseudo-labels (Cityscapes)
+  4. weak augmentation of the labeled batch (ClassMix on labels with probability 0.2)
+  5. two strong views of the unlabeled batch (ClassMix with probability 0.75 each, after R)
+  6. student forward on both
+  7. class weights (ones; Cityscapes after R: class balancing)
+  8. supervised CE + ramp(i)·p^6-weighted pseudo-label CE + 0.01·entropy
+  9. memory update from the teacher's confident, correct labeled pixels (after R − 1000)
+ 10. contrastive terms against the memory bank, labeled and unlabeled (after R), × 0.1
+ 11. one backward, one SGD step, EMA teacher update
+ 12. logs, checkpoints, evaluation, best model
+After the loop: final checkpoint, evaluation, BatchNorm refresh of the best model.
+"""
+from __future__ import annotations
+
+import torch
+
+from utils import ssl_steps as step
+from utils.training import Run, main_guard
+from utils.variants import TRAIN_SSL
+
+
+def labeled_losses(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                   update_memory: bool = True) -> dict[str, torch.Tensor]:
+    """Steps 4, 6, 8, 9, 10 for the labeled batch; returns the weighted loss terms."""
+    # 4. weak augmentation, ClassMix on the labels with probability 0.2
+    images, labels = step.augment_labeled(run, images, labels)
+    # 6. student forward
+    logits, features = step.forward_student(run, images)
+    # 8. supervised CE
+    terms = {"loss_sup": step.supervised_loss(run, logits, labels, class_weights)}
+    # 9. memory update from the teacher's confident, correct pixels
+    if update_memory and run.memory_active(i):
+        step.update_memory(run, images, labels)
+    # 10. labeled contrastive term
+    if run.contrastive_active(i):
+        terms["loss_contr_l"] = run.method["contrastive_weight"] * step.contrastive_term(run, features, labels)
+    return terms
+
+
+def unlabeled_losses(run: Run, i: int, unlabeled: torch.Tensor, confidence: torch.Tensor, pseudo: torch.Tensor,
+                     class_weights: torch.Tensor, broadcast_entropy_mask: bool = False) -> dict[str, torch.Tensor]:
+    """Steps 5, 6, 8, 10 for the unlabeled batch; returns the weighted loss terms."""
+    R = run.method["ramp_up_iterations"]
+    # 5. two strong views, ClassMix with probability 0.75 each after the ramp-up
+    images, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
+    # 6. student forward
+    logits, features = step.forward_student(run, images)
+    # 8. ramp(i)·p^6-weighted pseudo-label CE and the entropy term
+    loss_pseudo, loss_entropy = step.unlabeled_losses(run, i, logits, pseudo, confidence, class_weights,
+                                                      broadcast_entropy_mask)
+    terms = {"loss_pseudo": loss_pseudo, "loss_entropy": loss_entropy}
+    # 10. unlabeled contrastive term
+    if run.contrastive_active(i):
+        terms["loss_contr_u"] = run.method["contrastive_weight"] * step.contrastive_term(run, features, pseudo)
+    return terms
+
+
+def draw_labeled(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The labeled batch of iteration i: images, labels, and whether it comes from the target dataset."""
+    images, labels = run.labeled.next()[:2]
+    return images, labels, True
+
+
+def train(run: Run, draw_labeled=draw_labeled) -> dict:
+    """The training loop; returns the best evaluation."""
+    for i in run.iterations():
+        # 1. learning rate and batches
+        run.set_learning_rate(i)
+        images, labels, from_target = draw_labeled(run, i)
+        unlabeled = run.unlabeled.next()[0]
+        if run.method["use_unlabeled"]:
+            # 2. pseudo-labels from the teacher
+            confidence, pseudo = step.pseudo_label(run, unlabeled)
+            # 3 + 7. class-balancing statistics and this iteration's class weights
+            class_weights = run.update_class_weights(i, labels, pseudo)
+            # 4, 6, 8, 9, 10 (labeled) and 5, 6, 8, 10 (unlabeled)
+            terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
+            terms |= unlabeled_losses(run, i, unlabeled, confidence, pseudo, class_weights)
+        else:  # supervised-only ablation
+            class_weights = run.update_class_weights(i, labels, None)
+            terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
+        loss = sum(terms.values())
+        # 11. backward, SGD step, EMA teacher
+        run.optimizer_step(i, loss)
+        # 12. logs, checkpoints, evaluation
+        run.end_iteration(i, {**terms, "loss": loss})
+    return run.finish()
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    run = Run(TRAIN_SSL, argv, description=__doc__.splitlines()[1])
+    return None if run.args.dry_run else train(run)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,36 @@
+#!/usr/bin/env python3
+"""Semi-supervised domain adaptation from GTA5 to Cityscapes with trainSSL.py's method (SPEC section 9).
+
+    python3 trainSSL_domain_adaptation_targetCity.py --config configs/configSSL_city_1_30_split0_imagenet.json
+
+Cityscapes is the target (its labeled subset and unlabeled rest); the whole GTA5 set is an extra labeled source.
+The labeled batch of iteration i comes from GTA5 or Cityscapes by the schedule of the fidelity preset
+(utils/variants.py, `uses_gta5_batch`); the memory bank is filled from Cityscapes batches only; the labeled
+contrastive term uses the current batch's own labels. Constants that differ from trainSSL.py (contrastive
+weight 0.2, labeled ClassMix 0.25, EMA warm-up 1 − 1/(i+1)) are in utils/variants.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from trainSSL import train
+from utils.training import Run, main_guard
+from utils.variants import DOMAIN_ADAPTATION, uses_gta5_batch
+
+
+def draw_source_or_target(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """GTA5 or Cityscapes labeled batch by the preset's schedule; the flag says whether it is Cityscapes."""
+    if uses_gta5_batch(i, run.num_iterations, run.fidelity.da_source_schedule):
+        images, labels = run.gta5_batches.next()[:2]
+        return images, labels, False
+    images, labels = run.labeled.next()[:2]
+    return images, labels, True
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    run = Run(DOMAIN_ADAPTATION, argv, description=__doc__.splitlines()[1])
+    return None if run.args.dry_run else train(run, draw_labeled=draw_source_or_target)
+
+
+if __name__ == "__main__":
+    main_guard(main)

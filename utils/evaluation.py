@@ -1,0 +1,93 @@
+"""Evaluation (SPEC section 7): confusion matrix, per-class IoU, mIoU and mean CE on the validation split.
+
+Used by the training scripts (periodic evaluation) and by evaluateSSL.py. Under torchrun each rank evaluates
+every world_size-th image and the confusion matrix and loss sums are all-reduced, so every rank gets the result
+of the whole split.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from utils import distributed as dist
+from utils.augmentations import normalize
+from utils.metrics import ConfusionMatrix, class_iou, mean_iou
+
+
+def predict_logits(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
+    """The paper's protocol: one forward of the whole (normalised) image, logits upsampled bilinearly
+    (align_corners=True) to the label size. image [B,3,h,w] -> [B,C,H,W] float32."""
+    logits = model(image)
+    return F.interpolate(logits.float(), size=out_size, mode="bilinear", align_corners=True)
+
+
+def predict_sliding(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int],
+                    window: tuple[int, int], overlap: float = 1 / 3) -> torch.Tensor:
+    """Sliding-window protocol: crop-sized windows with `overlap`, softmax summed over the overlaps, then
+    resized to the label size. Returns summed probabilities (argmax-equivalent to logits) [B,C,H,W]."""
+    _, _, h, w = image.shape
+    wh, ww = min(window[0], h), min(window[1], w)
+    sh, sw = max(1, int(wh * (1 - overlap))), max(1, int(ww * (1 - overlap)))
+    ys = list(range(0, max(h - wh, 0) + 1, sh))
+    xs = list(range(0, max(w - ww, 0) + 1, sw))
+    if ys[-1] != h - wh:
+        ys.append(h - wh)
+    if xs[-1] != w - ww:
+        xs.append(w - ww)
+    total = None
+    for y in ys:
+        for x in xs:
+            crop = image[:, :, y:y + wh, x:x + ww]
+            probs = torch.softmax(F.interpolate(model(crop).float(), size=(wh, ww), mode="bilinear",
+                                                align_corners=True), dim=1)
+            if total is None:
+                total = image.new_zeros((image.shape[0], probs.shape[1], h, w), dtype=torch.float32)
+            total[:, :, y:y + wh, x:x + ww] += probs
+    return F.interpolate(total, size=out_size, mode="bilinear", align_corners=True)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset, *, num_classes: int, ignore_label: int, mean_rgb, channel_order: str,
+             device: torch.device, autocast=nullcontext, protocol: str = "whole",
+             window: tuple[int, int] | None = None, on_prediction: Callable | None = None) -> dict:
+    """Evaluate `model` (put in eval mode, restored after) on every image of `dataset`.
+
+    Returns {"iou": [C] list (NaN for classes absent from both prediction and labels), "miou": float,
+    "loss": mean CE over non-ignored pixels, "confusion": [C,C] tensor}. `on_prediction(name, image, label, pred)`
+    is called per image (rank-local) for saving pictures.
+    """
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix(num_classes, device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    pixel_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for index in range(dist.rank(), len(dataset), dist.world_size()):
+        image, label, name = dataset[index]
+        image = image.unsqueeze(0).to(device, non_blocking=True)
+        label = label.unsqueeze(0).to(device, non_blocking=True)
+        x = normalize(image, mean_rgb, channel_order)
+        with autocast():
+            if protocol == "sliding":
+                scores = predict_sliding(model, x, label.shape[1:], window or tuple(x.shape[2:]))
+                log_probs = torch.log(scores / scores.sum(1, keepdim=True).clamp_min(1e-12))
+            else:
+                scores = predict_logits(model, x, label.shape[1:])
+                log_probs = torch.log_softmax(scores, dim=1)
+        pred = scores.argmax(dim=1)
+        cm.update(pred, label)
+        target = label.clone()
+        target[(label < 0) | (label >= num_classes)] = -100
+        loss_sum += F.nll_loss(log_probs, target, ignore_index=-100, reduction="sum").double()
+        pixel_sum += (target != -100).sum()
+        if on_prediction is not None:
+            on_prediction(name, image[0], label[0], pred[0])
+    matrix = dist.all_reduce_sum(cm.matrix)
+    dist.all_reduce_sum(loss_sum)
+    dist.all_reduce_sum(pixel_sum)
+    model.train(was_training)
+    iou = class_iou(matrix)
+    return {"iou": iou.tolist(), "miou": mean_iou(iou), "loss": float(loss_sum / pixel_sum.clamp_min(1)),
+            "confusion": matrix.cpu()}

@@ -1,0 +1,96 @@
+"""Progress and logs of a training run: a tqdm bar on a terminal, plain lines elsewhere, `train_log.jsonl`,
+and TensorBoard event files, all in the run directory. Only the main process logs.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+
+class TrainLogger:
+    """Writes every logged row to train_log.jsonl, scalars and images to TensorBoard, and shows progress."""
+
+    def __init__(self, run_dir: str, total: int, start: int, *, enabled: bool = True, tensorboard: bool = True,
+                 stream=None):
+        self.enabled = enabled
+        self.total, self.start = total, start
+        self.stream = stream or sys.stdout
+        self.t0 = time.time()
+        self.jsonl = None
+        self.tb = None
+        self.bar = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=run_dir)
+        if self.stream.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=start, file=self.stream, dynamic_ncols=True, unit="it")
+
+    def _eta(self, i: int) -> str:
+        done = i + 1 - self.start
+        if done <= 0:
+            return "?"
+        left = (time.time() - self.t0) / done * (self.total - i - 1)
+        return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 3600:.0f}h"
+
+    def scalars(self, i: int, values: dict[str, float], prefix: str = "train", print_line: bool = True) -> None:
+        """One row of scalars at iteration i (already host floats)."""
+        if not self.enabled:
+            return
+        row = {"iteration": i, "kind": prefix, "time": round(time.time() - self.t0, 3), **values}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, i)
+        if not print_line:
+            return
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if isinstance(v, (int, float)))
+        if self.bar is not None:
+            self.bar.set_postfix_str(shown, refresh=False)
+        else:
+            print(f"[{prefix}] it {i + 1}/{self.total} eta {self._eta(i)} {shown}", file=self.stream, flush=True)
+
+    def vector(self, i: int, tag: str, values, names: list[str]) -> None:
+        """A per-class quantity (class weights, memory fill, IoU) as one TensorBoard scalar per class."""
+        if not self.enabled or self.tb is None:
+            return
+        for name, value in zip(names, values):
+            value = float(value)
+            if math.isfinite(value):
+                self.tb.add_scalar(f"{tag}/{name}", value, i)
+
+    def images(self, i: int, tag: str, images: torch.Tensor) -> None:
+        """uint8 or [0,1] float images [N,3,H,W] to TensorBoard."""
+        if self.enabled and self.tb is not None:
+            self.tb.add_images(tag, images, i, dataformats="NCHW")
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

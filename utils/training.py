@@ -1,0 +1,532 @@
+"""The run of a training script: everything an iteration needs, in one object that a checkpoint can hold.
+
+`Run` loads the config, builds data, student, teacher, memory bank, class balancing and optimiser, and offers
+the bookkeeping around the method's steps (learning rate, optimiser step + EMA, logging, evaluation,
+checkpoints, exact resume, the final BatchNorm refresh). The method itself — the order of the steps — is
+written out in each training script; the steps are in `utils/ssl_steps.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from data import build_data, build_gta5
+from data.sampler import InfiniteBatches
+from model import build_model
+from model.checkpoint_io import load_state_strict
+from model.pretrained import default_weights
+from utils import distributed as dist
+from utils.augmentations import normalize
+from utils.checkpoint import load_checkpoint, model_state_from, save_atomic
+from utils.class_balancing import ClassBalancing
+from utils.config import config_diff, fidelity, load_config, parse_size, resolve_config
+from utils.ema import create_teacher, ema_alpha, ema_momentum, update_teacher
+from utils.errors import UserError
+from utils.evaluation import evaluate
+from utils.logger import TrainLogger
+from utils.memory_bank import MemoryBank, per_class_quota
+from utils.metrics import format_iou_table
+from utils.schedules import poly_lr, set_lr
+from utils.variants import Variant
+
+# Keys that may differ between a run and its resumption (they change no result).
+RESUME_FREE_KEYS = ("training.num_workers", "utils.log_every", "utils.tensorboard", "utils.log_images",
+                    "utils.save_latest_every", "utils.checkpoint_dir", "training.data.root",
+                    "training.data.gta5_root", "utils.eval_batch_size")
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every training script takes (SPEC section 1)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="JSON config (configs/*.json)")
+    p.add_argument("--data-root", help="dataset folder (default from the config, else ../data/<dataset>)")
+    p.add_argument("--gta5-root", help="GTA5 folder (domain adaptation; default ../data/GTA5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set training.batch_size=2 (repeatable)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config and data, build model and optimiser, print the plan, exit")
+    p.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its latest.pth (or 'auto': the run directory's latest.pth)")
+    return p
+
+
+def choose_device(name: str) -> torch.device:
+    """One device for the whole run."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+        if dist.launched_by_torchrun():
+            name = f"cuda:{dist.local_rank()}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) RNG states, in a form `weights_only` loading accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Run:
+    """All state of one training run (student, teacher, optimiser, memory bank, class balancing, samplers,
+    iteration, best mIoU) and the bookkeeping around the method's steps."""
+
+    def __init__(self, variant: Variant, argv: list[str] | None = None, description: str = ""):
+        self.t_start = time.time()
+        self.variant = variant
+        self.args = build_arg_parser(description or variant.name).parse_args(argv)
+        self.device = choose_device(self.args.device)
+        dist.init_distributed(self.device)
+        resume_ckpt = self._load_config_and_resume_checkpoint()
+        cfg = self.cfg
+        self.fidelity = fidelity(cfg)
+        self.method = self._resolve_method(cfg)
+        self.run_dir = cfg["utils"]["checkpoint_dir"]
+        self.num_iterations = cfg["training"]["num_iterations"]
+        self.crop = parse_size(cfg["training"]["data"]["input_size"], "training.data.input_size")
+        self.batch_size = cfg["training"]["batch_size"]
+        seed_everything(cfg["seed"])
+
+        # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation).
+        self.data = build_data(cfg, self.args.data_root)
+        self.num_classes = self.data.num_classes
+        self.ignore_label = self.data.ignore_label
+        self.drop_background = self.data.name == "pascal_voc"
+        self.gta5 = None
+        if variant.uses_gta5:
+            if self.data.name != "cityscapes":
+                raise UserError(f"{variant.name} adapts GTA5 to Cityscapes; the config's dataset is "
+                                f"'{self.data.name}'. Use a configs/configSSL_city_*.json config.")
+            self.gta5 = build_gta5(cfg, self.args.gta5_root or cfg["training"]["data"]["gta5_root"])
+
+        # Networks: student, EMA teacher; the pseudo-labeler is the teacher or the student (eval mode).
+        t = cfg["training"]
+        if self.args.dry_run:  # shapes only: no allocation, no weights read
+            with torch.device("meta"):
+                self.student = build_model(cfg["version"], self.num_classes, t["pretraining"],
+                                           cfg["backbone"]["depth"], None, v2_branches=self.fidelity.v2_branches)
+        else:
+            self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], cfg["backbone"]["depth"],
+                                       cfg["backbone"]["pretrained"], v2_branches=self.fidelity.v2_branches,
+                                       verbose=dist.is_main()).to(self.device)
+        if t["sync_batchnorm"] and dist.is_distributed():
+            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+        dist.broadcast_parameters(self.student)
+        self.student.train()
+        self.student_module = self.student
+        self.teacher = create_teacher(self.student)
+        self.labeler = self.teacher if t["use_teacher_train"] else self.student
+        lr = t["learning_rate"] * (dist.world_size() if t["scale_lr_with_world_size"] else 1)
+        self.base_lr = lr
+        self.optimizer = torch.optim.SGD(self.student.optim_parameters(lr), lr=lr, momentum=t["momentum"],
+                                         weight_decay=t["weight_decay"])
+        self.precision = cfg["precision"]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+        # Method state: memory bank and class balancing.
+        m = self.method
+        labeled_samples = len(self.data.labeled_idx)
+        self.memory = MemoryBank(self.num_classes, size=m["memory_size"], dim=256, device=self.device)
+        self.memory_quota = per_class_quota(self.data.name, self.batch_size, labeled_samples, self.num_classes)
+        self.balancing = None
+        if m["class_balancing"]:
+            self.balancing = ClassBalancing(
+                self.num_classes,
+                ClassBalancing.labeled_slots_for(labeled_samples, self.batch_size),
+                ClassBalancing.unlabeled_slots_for(len(self.data.train), labeled_samples, self.batch_size),
+                device=self.device)
+        self.ones = torch.ones(self.num_classes, device=self.device)
+        self.class_weights = self.ones
+
+        # Loaders: every process draws its own shard; the item seeds make data independent of workers.
+        seed = cfg["seed"]
+        common = dict(num_workers=t["num_workers"], device=self.device, rank=dist.rank(),
+                      world_size=dist.world_size())
+        self.labeled = InfiniteBatches(self.data.train, self.data.labeled_idx, self.batch_size, seed=seed, **common)
+        self.unlabeled = InfiniteBatches(self.data.train, self.data.unlabeled_idx, self.batch_size // 2,
+                                         seed=seed + 1, **common)
+        self.gta5_batches = None
+        if self.gta5 is not None:
+            self.gta5_batches = InfiniteBatches(self.gta5, list(range(len(self.gta5))), self.batch_size,
+                                                seed=seed + 2, **common)
+
+        self.start_iteration = 0
+        self.best_miou = -1.0
+        self.since_best = 0
+        self.best_result: dict | None = None
+        self._sums: dict[str, torch.Tensor] = {}
+        self._count = 0
+        if self.args.dry_run:
+            self.print_plan()
+            return
+        if resume_ckpt is not None:
+            self.load_state_dict(resume_ckpt)
+        # Different augmentation draws on every process, identical networks (already broadcast).
+        seed_offset = dist.rank() * 1000003
+        if resume_ckpt is None and seed_offset:
+            seed_everything(seed + seed_offset)
+        self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
+                                  tensorboard=cfg["utils"]["tensorboard"])
+        if dist.is_main():
+            self._write_run_files()
+        self.logger.message(f"{variant.name}: {self.data.name} v{cfg['version']} ({t['pretraining']}), "
+                            f"{labeled_samples} labeled / {len(self.data.unlabeled_idx)} unlabeled, "
+                            f"{self.num_iterations} iterations from {self.start_iteration}, device {self.device}"
+                            f"{f' x{dist.world_size()} processes' if dist.is_distributed() else ''}, "
+                            f"fidelity {cfg['fidelity']}, precision {self.precision}, run dir {self.run_dir}")
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _load_config_and_resume_checkpoint(self) -> dict | None:
+        a = self.args
+        ckpt = None
+        if a.resume and a.resume != "auto":
+            ckpt = load_checkpoint(a.resume, map_location="cpu")
+        if a.config:
+            self.cfg = load_config(a.config, a.overrides)
+            self.cfg_source = a.config
+        elif ckpt is not None and isinstance(ckpt.get("config"), dict):
+            self.cfg = resolve_config(ckpt["config"], f"{a.resume} (stored config)", a.overrides)
+            self.cfg_source = a.resume
+        else:
+            raise UserError("--config is required (or --resume with a checkpoint that stores its config).")
+        if a.resume == "auto":
+            path = os.path.join(self.cfg["utils"]["checkpoint_dir"], "latest.pth")
+            ckpt = load_checkpoint(path, map_location="cpu") if os.path.isfile(path) else None
+            if ckpt is None and dist.is_main():
+                print(f"--resume auto: no {path} yet, starting a new run", flush=True)
+        if ckpt is not None and isinstance(ckpt.get("config"), dict):
+            stored = resolve_config(ckpt["config"], f"{a.resume} (stored config)")
+            diff = config_diff(stored, self.cfg, ignore=RESUME_FREE_KEYS)
+            if diff:
+                raise UserError(f"cannot resume {a.resume}: it belongs to a run with another config. Differing keys "
+                                f"(checkpoint -> now):\n  " + "\n  ".join(diff))
+        return ckpt
+
+    def _resolve_method(self, cfg: dict) -> dict:
+        """Method constants with the script's own values where the config leaves them null."""
+        m = dict(cfg["method"])
+        v = self.variant
+        if m["contrastive_weight"] is None:
+            m["contrastive_weight"] = v.contrastive_weight
+        if m["labeled_classmix_prob"] is None:
+            m["labeled_classmix_prob"] = v.labeled_classmix_prob
+        if m["class_balancing"] is None:
+            m["class_balancing"] = cfg["dataset"] == "cityscapes"
+        return m
+
+    def _write_run_files(self) -> None:
+        os.makedirs(self.run_dir, exist_ok=True)
+        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+            json.dump(self.cfg, f, indent=2)
+        with open(os.path.join(self.run_dir, "train_split.txt"), "w") as f:
+            names = self.data.train_names
+            f.write("".join(names[k] + "\n" for k in self.data.labeled_idx))
+
+    def print_plan(self) -> None:
+        """--dry-run: the resolved config and what the run would do."""
+        cfg, t = self.cfg, self.cfg["training"]
+        n_params = sum(p.numel() for p in self.student.parameters())
+        lines = [
+            f"config: {self.cfg_source}",
+            json.dumps(cfg, indent=2),
+            f"script: {self.variant.name}; method constants: {json.dumps(self.method)}",
+            f"fidelity '{cfg['fidelity']}': {self.fidelity}",
+            f"data: {self.data.name}, {len(self.data.train)} train ({len(self.data.labeled_idx)} labeled, "
+            f"{len(self.data.unlabeled_idx)} unlabeled), {len(self.data.val)} val, {self.num_classes} classes, "
+            f"crop {self.crop}, channel order {self.data.channel_order}"
+            + (f"; GTA5: {len(self.gta5)} images" if self.gta5 is not None else ""),
+            f"model: DeepLabv{cfg['version']} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
+            f"pretrained weights: {self._pretrained_status()}",
+            f"optimiser: SGD lr {self.base_lr} (x10 for the classifier/heads), momentum {t['momentum']}, "
+            f"weight decay {t['weight_decay']}, {t['lr_schedule']} power {t['lr_schedule_power']}",
+            f"memory: {self.num_classes} x {self.method['memory_size']} vectors, quota {self.memory_quota} per class "
+            f"and update; class balancing: {'on' if self.balancing else 'off'}",
+            f"run directory: {self.run_dir}; device {self.device}",
+            "dry run: OK",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def _pretrained_status(self) -> str:
+        source = self.cfg["backbone"]["pretrained"]
+        if source in (None, "none"):
+            return "none (random initialisation)"
+        if source == "default":
+            try:
+                path, url = default_weights(self.cfg["version"], self.cfg["training"]["pretraining"],
+                                            self.student.depth)
+            except UserError as e:
+                return f"unavailable: {e}"
+        else:
+            path, url = source, None
+        if os.path.isfile(path):
+            return f"{path} (found; not loaded in a dry run)"
+        return f"{path} MISSING" + (f" — download {url} to that path before training" if url else "")
+
+    # --------------------------------------------------------------------------------------- per iteration
+    def iterations(self) -> range:
+        return range(self.start_iteration, self.num_iterations)
+
+    def autocast(self):
+        """Mixed precision context for network forwards (losses and the memory bank stay in fp32)."""
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def set_learning_rate(self, i: int) -> float:
+        """Step 1: poly learning rate, set every iteration."""
+        t = self.cfg["training"]
+        lr = poly_lr(self.base_lr, i, self.num_iterations, t["lr_schedule_power"]) if t["lr_schedule"] else self.base_lr
+        set_lr(self.optimizer, lr)
+        self.lr = lr
+        return lr
+
+    def update_class_weights(self, i: int, labels: torch.Tensor | None, pseudo: torch.Tensor | None) -> torch.Tensor:
+        """Steps 3 and 7: class-balancing statistics (Cityscapes) and the class weights of this iteration."""
+        if self.balancing is None:
+            return self.ones
+        weights = self.balancing.update(labels, pseudo)
+        self.class_weights = weights if i > self.method["ramp_up_iterations"] else self.ones
+        return self.class_weights
+
+    def gather_rows(self, *tensors: torch.Tensor):
+        """Rows from every process (memory-bank vectors), so every process holds the same bank."""
+        return dist.all_gather_rows(*tensors)
+
+    def memory_active(self, i: int) -> bool:
+        m = self.method
+        return m["use_contrastive"] and i > m["ramp_up_iterations"] - m["memory_start_offset"]
+
+    def contrastive_active(self, i: int) -> bool:
+        return self.method["use_contrastive"] and i > self.method["ramp_up_iterations"]
+
+    def optimizer_step(self, i: int, loss: torch.Tensor) -> None:
+        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        dist.average_gradients(self.student)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
+        update_teacher(self.teacher, self.student, self.alpha)
+
+    def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
+        """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights."""
+        u = self.cfg["utils"]
+        for k, v in terms.items():
+            v = v.detach().float()
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self._count += 1
+        self.logger.advance()
+        if (i + 1) % u["log_every"] == 0 or i == self.num_iterations - 1:
+            self._log(i)
+        if i > 0 and i % u["save_checkpoint_every"] == 0:
+            self.save_periodic(i)
+        if i > 0 and i % u["val_per_iter"] == 0:
+            self.evaluate_and_keep_best(i)
+            if self.since_best > self.num_iterations / 5:
+                self.return_to_best(i)
+        if (i + 1) % u["save_latest_every"] == 0 or i == self.num_iterations - 1:
+            self.save_latest(i + 1)
+
+    def _log(self, i: int) -> None:
+        values = {k: float(v) / self._count for k, v in self._sums.items()}  # one sync per log interval
+        values.update(lr=self.lr, ema_alpha=getattr(self, "alpha", 0.0),
+                      ema_momentum=ema_momentum(i, self.num_iterations))
+        self._sums, self._count = {}, 0
+        self.logger.scalars(i, values)
+        self.logger.vector(i, "class_weights", self.class_weights.tolist(), self.data.class_names)
+        self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)
+
+    # ------------------------------------------------------------------------------ evaluation, checkpoints
+    def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
+        d = self.data
+        result = evaluate(model, d.val, num_classes=self.num_classes, ignore_label=self.ignore_label,
+                          mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
+                          autocast=self.autocast)
+        self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
+        self.logger.vector(i, f"{tag}_iou", result["iou"], d.class_names)
+        self.logger.message(f"[{tag}] iteration {i}: mIoU {100 * result['miou']:.2f}  loss {result['loss']:.4f}")
+        return result
+
+    def _model_for_saving(self) -> torch.nn.Module:
+        return self.teacher if self.cfg["training"]["save_teacher_test"] else self.student_module
+
+    def _checkpoint(self, i: int, **extra) -> dict:
+        return {"model": self._model_for_saving().state_dict(), "config": self.cfg,
+                "optimizer": self.optimizer.state_dict(), "iteration": i, **extra}
+
+    def save_periodic(self, i: int) -> None:
+        if not dist.is_main():
+            return
+        path = os.path.join(self.run_dir, f"checkpoint-iter{i}.pth")
+        save_atomic(self._checkpoint(i), path)
+        for name in os.listdir(self.run_dir):
+            if name.startswith("checkpoint-iter") and name.endswith(".pth") and name != os.path.basename(path):
+                os.remove(os.path.join(self.run_dir, name))
+
+    def evaluate_and_keep_best(self, i: int) -> dict:
+        result = self.evaluate(self.student_module, i)
+        if result["miou"] > self.best_miou:
+            self.best_miou, self.best_result = result["miou"], result
+            self.since_best = 0
+            if self.cfg["utils"]["save_best_model"] and dist.is_main():
+                save_atomic(self._checkpoint(i, miou=result["miou"]), os.path.join(self.run_dir, "best_model.pth"))
+        else:
+            self.since_best += self.cfg["utils"]["val_per_iter"]
+        return result
+
+    def _load_best_into_student(self) -> bool:
+        path = os.path.join(self.run_dir, "best_model.pth")
+        dist.barrier()
+        if not os.path.isfile(path):
+            return False
+        state = model_state_from(load_checkpoint(path, map_location=self.device), path)
+        load_state_strict(self.student_module, state, path)
+        return True
+
+    def return_to_best(self, i: int) -> None:
+        """No improvement for more than N/5 iterations: back to the best weights, teacher rebuilt from them."""
+        if self._load_best_into_student():
+            self.teacher = create_teacher(self.student_module)
+            if self.cfg["training"]["use_teacher_train"]:
+                self.labeler = self.teacher
+            self.logger.message(f"iteration {i}: no improvement for {self.since_best} iterations, "
+                                f"back to the best model (mIoU {100 * self.best_miou:.2f})")
+        self.since_best = 0
+
+    def state_dict(self, iteration: int) -> dict:
+        """The whole run state, enough to continue bit-identically."""
+        state = {
+            "model": self.student_module.state_dict(), "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "memory": self.memory.state_dict(),
+            "balancing": self.balancing.state_dict() if self.balancing is not None else None,
+            "class_weights": self.class_weights, "iteration": iteration, "best_miou": self.best_miou,
+            "since_best": self.since_best, "config": self.cfg, "rng": rng_state(),
+            "best_result": None if self.best_result is None else
+            {k: self.best_result[k] for k in ("iou", "miou", "loss")},
+            "samplers": {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
+                         "gta5": self.gta5_batches.state_dict() if self.gta5_batches is not None else None},
+            "format": "ssl-run-state-1",
+        }
+        return state
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        source = self.args.resume
+        load_state_strict(self.student_module, model_state_from(ckpt, source), source)
+        if ckpt.get("format") != "ssl-run-state-1":
+            # A checkpoint of the original release or a best/periodic one: weights (and optimiser) only.
+            if "optimizer" in ckpt:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.teacher = create_teacher(self.student_module)
+            self.labeler = self.teacher if self.cfg["training"]["use_teacher_train"] else self.student
+            self.start_iteration = int(ckpt.get("iteration", 0))
+            print(f"resuming from {source}: weights and optimiser only (not a latest.pth run state); memory bank, "
+                  f"class balancing and data order start afresh at iteration {self.start_iteration}", flush=True)
+            return
+        load_state_strict(self.teacher, ckpt["teacher"], source + " (teacher)")
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.memory.load_state_dict(ckpt["memory"])
+        if self.balancing is not None and ckpt["balancing"] is not None:
+            self.balancing.load_state_dict(ckpt["balancing"])
+        self.class_weights = ckpt["class_weights"].to(self.device)
+        self.start_iteration = ckpt["iteration"]
+        self.best_miou = ckpt["best_miou"]
+        self.since_best = ckpt["since_best"]
+        self.best_result = ckpt["best_result"]
+        self.labeled.load_state_dict(ckpt["samplers"]["labeled"])
+        self.unlabeled.load_state_dict(ckpt["samplers"]["unlabeled"])
+        if self.gta5_batches is not None and ckpt["samplers"]["gta5"] is not None:
+            self.gta5_batches.load_state_dict(ckpt["samplers"]["gta5"])
+        set_rng_state(ckpt["rng"])
+
+    def save_latest(self, next_iteration: int) -> None:
+        """latest.pth: the whole run state after `next_iteration` iterations, written atomically."""
+        state = self.state_dict(next_iteration)
+        if dist.is_main():
+            save_atomic(state, os.path.join(self.run_dir, "latest.pth"))
+
+    # ------------------------------------------------------------------------------------------ after loop
+    @torch.no_grad()
+    def refresh_batchnorm(self, model: torch.nn.Module, passes: int) -> None:
+        """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics."""
+        model.train()
+        for _ in range(passes):
+            images = self.unlabeled.next()[0]
+            with self.autocast():
+                model(normalize(images, self.data.mean_rgb, self.data.channel_order))
+
+    def finish(self) -> dict:
+        """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
+        N = self.num_iterations
+        result = self.evaluate_and_keep_best(N)
+        if dist.is_main():
+            save_atomic(self._checkpoint(N, miou=result["miou"]), os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
+        if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
+            self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
+            refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
+            if refreshed["miou"] > self.best_miou:
+                self.best_miou, self.best_result = refreshed["miou"], refreshed
+                if dist.is_main() and self.cfg["utils"]["save_best_model"]:
+                    save_atomic({"model": self.student_module.state_dict(), "config": self.cfg, "iteration": N,
+                                 "miou": refreshed["miou"]}, os.path.join(self.run_dir, "best_model.pth"))
+            else:
+                self.logger.message("BatchNorm refresh did not improve the best model; keeping it")
+        best = self.best_result
+        if dist.is_main():
+            report = {"best_miou": self.best_miou, "iou": dict(zip(self.data.class_names, best["iou"])),
+                      "loss": best["loss"], "iterations": N, "seconds": round(time.time() - self.t_start, 1)}
+            with open(os.path.join(self.run_dir, "evaluation.json"), "w") as f:
+                json.dump(report, f, indent=2)
+            self.logger.message(format_iou_table(torch.tensor(best["iou"]), self.data.class_names))
+            self.logger.message(f"best mIoU {100 * self.best_miou:.2f}; total time {time.time() - self.t_start:.1f} s")
+        self.logger.close()
+        return best
+
+
+def main_guard(main) -> None:
+    """Run `main`; a user error prints its one-line message and exits 2, without a traceback."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        dist.cleanup()
