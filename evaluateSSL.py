@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
         raise UserError(f"{args.model_path} stores no config; evaluation reads the model and dataset from it.")
     cfg = resolve_config(ckpt["config"], f"{args.model_path} (stored config)", args.overrides)
     device = choose_device(args.device)
-    data = build_data(cfg, args.data_root)
+    data = build_data(cfg, args.data_root, split=False)
     model = build_model(cfg["version"], data.num_classes, cfg["training"]["pretraining"], cfg["backbone"]["depth"],
                         None, v2_branches=fidelity(cfg).v2_branches)
     load_state_strict(model, model_state_from(ckpt, args.model_path), args.model_path)

@@ -49,8 +49,9 @@ def default_root(dataset: str) -> str:
     return DEFAULT_ROOTS[dataset]
 
 
-def build_data(cfg: dict, data_root: str | None = None) -> DataBundle:
-    """Datasets, split and constants for the resolved config `cfg`; `data_root` overrides training.data.root."""
+def build_data(cfg: dict, data_root: str | None = None, split: bool = True) -> DataBundle:
+    """Datasets, split and constants for the resolved config `cfg`; `data_root` overrides training.data.root.
+    split=False (evaluation) skips the labeled/unlabeled split, which evaluation does not need."""
     name = DATASET_ALIASES.get(cfg["dataset"], cfg["dataset"])
     t = cfg["training"]
     d = t["data"]
@@ -78,7 +79,7 @@ def build_data(cfg: dict, data_root: str | None = None) -> DataBundle:
         raise UserError(f"dataset {name!r} is not supported by build_data; use \"cityscapes\", \"pascal_voc\" "
                         f"(alias \"pascal\") or \"synthetic\".")
     labeled, unlabeled = make_split(len(train), d["labeled_samples"], d["split_id_list"], cfg["seed"],
-                                    names=train.names, split_file=d.get("split_file"))
+                                    names=train.names, split_file=d.get("split_file")) if split else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),
                       ignore_label=ignore, mean_rgb=mean, channel_order=order, train_names=list(train.names))

@@ -270,7 +270,7 @@ class Run:
             f"{len(self.data.unlabeled_idx)} unlabeled), {len(self.data.val)} val, {self.num_classes} classes, "
             f"crop {self.crop}, channel order {self.data.channel_order}"
             + (f"; GTA5: {len(self.gta5)} images" if self.gta5 is not None else ""),
-            f"model: DeepLabv{cfg['version']} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
+            f"model: {'DeepLabv2' if cfg['version'] == '2' else 'DeepLabv3+'} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
             f"pretrained weights: {self._pretrained_status()}",
             f"optimiser: SGD lr {self.base_lr} (x10 for the classifier/heads), momentum {t['momentum']}, "
             f"weight decay {t['weight_decay']}, {t['lr_schedule']} power {t['lr_schedule_power']}",

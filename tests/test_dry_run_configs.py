@@ -1,0 +1,73 @@
+"""Every paper config passes --dry-run unchanged against dataset folders of the real layout and size."""
+import glob
+import os
+
+import pytest
+
+import trainSSL
+import trainSSL_domain_adaptation_targetCity
+import trainSSL_less_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "configSSL_*.json")))
+
+
+def touch(path: str) -> None:
+    open(path, "w").close()
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """Empty files with the real names and counts: 2975/500 Cityscapes, 10582/1449 VOC, a few GTA5."""
+    base = tmp_path_factory.mktemp("datasets")
+    city = base / "CityScapes"
+    for split, n, town in (("train", 2975, "aachen"), ("val", 500, "frankfurt")):
+        img = city / "leftImg8bit_trainvaltest" / "leftImg8bit" / split / town
+        lab = city / "gtFine_trainvaltest" / "gtFine" / split / town
+        img.mkdir(parents=True)
+        lab.mkdir(parents=True)
+        for k in range(n):
+            touch(str(img / f"{town}_{k:06d}_000019_leftImg8bit.png"))
+            touch(str(lab / f"{town}_{k:06d}_000019_gtFine_labelIds.png"))
+    voc = base / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (voc / d).mkdir(parents=True)
+    ids = [f"2008_{k:06d}" for k in range(10582 + 1449)]
+    for i in ids:
+        touch(str(voc / "JPEGImages" / f"{i}.jpg"))
+        touch(str(voc / "SegmentationClassAug" / f"{i}.png"))
+    (voc / "ImageSets/Segmentation/val.txt").write_text("\n".join(ids[10582:]) + "\n")
+    gta = base / "GTA5"
+    for split in ("train", "val"):
+        for kind in ("images", "labels"):
+            (gta / kind / split).mkdir(parents=True)
+            for k in range(3):
+                touch(str(gta / kind / split / f"{k:05d}.png"))
+    return {"cityscapes": str(city), "pascal": str(voc), "gta5": str(gta)}
+
+
+def test_there_are_55_paper_configs():
+    assert len(CONFIGS) == 55
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_dry_run(config, roots, capsys):
+    root = roots["cityscapes"] if "_city_" in config else roots["pascal"]
+    trainSSL.main(["--config", config, "--data-root", root, "--dry-run", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dry run: OK" in out
+    labeled = int(__import__("json").load(open(config))["training"]["data"]["labeled_samples"])
+    total = 2975 if "_city_" in config else 10582
+    assert f"{total} train ({labeled} labeled, {total - labeled} unlabeled)" in out
+
+
+def test_dry_run_other_scripts(roots, capsys):
+    trainSSL_less_memory.main(["--config", os.path.join(ROOT, "configs/configSSL_pascal_1_50_split2_COCO_reduced.json"),
+                               "--data-root", roots["pascal"], "--dry-run", "--device", "cpu"])
+    assert "dry run: OK" in capsys.readouterr().out
+    trainSSL_domain_adaptation_targetCity.main([
+        "--config", os.path.join(ROOT, "configs/configSSL_city_1_30_split0_imagenet.json"),
+        "--data-root", roots["cityscapes"], "--gta5-root", roots["gta5"], "--dry-run", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dry run: OK" in out and "GTA5: 6 images" in out and "'contrastive_weight': 0.2" not in out
+    assert '"contrastive_weight": 0.2' in out
