@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
 from utils.classmix import classmix
+from utils.errors import UserError
 
 VOC_MEAN_RGB = (122.6789143, 116.66876762, 104.00698793)
 CITYSCAPES_MEAN_RGB = (73.15835921, 82.90891754, 72.39239876)
@@ -22,7 +23,8 @@ OTHER_MEAN_RGB = (127.5, 127.5, 127.5)
 
 @dataclass(frozen=True)
 class AugmentParams:
-    """Probabilities and strengths of one augmentation recipe."""
+    """Probabilities and strengths of one augmentation recipe (SPEC 5.1); each step is taken for the whole batch
+    when one `random.random()` draw falls below its probability."""
 
     scale_p: float
     scale_range: tuple[float, float]
@@ -39,7 +41,7 @@ STRONG = AugmentParams(scale_p=0.8, scale_range=(0.75, 1.75), flip_p=0.5, jitter
 
 
 def mean_for_dataset(name: str) -> tuple[float, float, float]:
-    """RGB mean used by `normalize` for a dataset name."""
+    """RGB mean used by `normalize` for a dataset name (GTA5 is a source for Cityscapes training)."""
     if name in ("pascal_voc", "pascal"):
         return VOC_MEAN_RGB
     if name in ("cityscapes", "gta5"):
@@ -47,24 +49,39 @@ def mean_for_dataset(name: str) -> tuple[float, float, float]:
     return OTHER_MEAN_RGB
 
 
-def normalize(images: torch.Tensor, mean_rgb, channel_order: str) -> torch.Tensor:
-    """(x − mean) / 255 with the mean given in RGB, reordered for BGR input."""
+def _check_order(channel_order: str, where: str) -> None:
+    if channel_order not in ("BGR", "RGB"):
+        raise UserError(f"{where}: channel_order must be 'BGR' (COCO pretraining) or 'RGB' (imagenet), "
+                        f"got {channel_order!r}")
+
+
+def normalize(images: torch.Tensor, mean_rgb: tuple[float, float, float], channel_order: str) -> torch.Tensor:
+    """(x − mean) / 255 for [B,3,H,W] 0..255 images, with the mean given in RGB, reordered for BGR input."""
+    _check_order(channel_order, "normalize")
     mean = list(mean_rgb)[::-1] if channel_order == "BGR" else list(mean_rgb)
     mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
     return (images - mean_t) / 255.0
 
 
 def random_scale(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None,
-                 factor: float, ignore_label: int):
-    """Rescale by `factor`, keeping the input size: pad back (centred; the odd pixel right and top) when
-    shrinking, one random crop when enlarging. Images/confidences bilinear (align_corners=True), labels nearest."""
+                 factor: float, ignore_label: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Rescale by `factor`, keeping the input size (H, W).
+
+    New size (⌊H·f⌋, ⌊W·f⌋): images and confidences bilinear (align_corners=True), labels nearest. Shrunk: pad
+    back centred, the odd pixel on the right and the top, with 0 (images, confidences) and the ignore label
+    (labels). Enlarged: one random crop (offsets from Python `random.randint`) for the whole batch."""
+    if factor <= 0:
+        raise UserError(f"random_scale: factor must be > 0, got {factor}")
     H, W = images.shape[-2:]
-    h, w = int(H * factor), int(W * factor)
+    h, w = int(H * factor), int(W * factor)                      # floor for positive sizes
+    if h < 1 or w < 1:
+        raise UserError(f"random_scale: factor {factor} shrinks {H}x{W} to nothing; use a larger factor")
     if (h, w) == (H, W):
         return images, labels, confidences
     images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=True)
     if labels is not None:
-        labels = F.interpolate(labels.unsqueeze(1).float(), size=(h, w), mode="nearest").squeeze(1).long()
+        labels = F.interpolate(labels.unsqueeze(1).float(), size=(h, w), mode="nearest").squeeze(1).to(labels.dtype)
     if confidences is not None:
         confidences = F.interpolate(confidences.unsqueeze(1), size=(h, w), mode="bilinear",
                                     align_corners=True).squeeze(1)
@@ -84,15 +101,19 @@ def random_scale(images: torch.Tensor, labels: torch.Tensor | None, confidences:
     return images, labels, confidences
 
 
-def flip(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None):
+def flip(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None
+         ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Horizontal flip of images, labels and confidences."""
-    def f(x):
-        return None if x is None else x.flip(-1)
+    def f(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.flip(-1)                 # last dim = width
     return f(images), f(labels), f(confidences)
 
 
 def color_jitter(images: torch.Tensor, strength: float, channel_order: str) -> torch.Tensor:
-    """Per-image brightness/contrast (±s), saturation (±s/2) and hue (±s/3) on the image in [0, 1], RGB."""
+    """Per-image random brightness and contrast factors U[1−s, 1+s], saturation U[1−s/2, 1+s/2], hue shift
+    U[−s/3, s/3] (torch RNG), applied in that order with torchvision on the image scaled to [0, 1] in RGB order
+    (BGR input is converted and back), clamped to [0, 1], returned in 0..255. s = 0 returns the input."""
+    _check_order(channel_order, "color_jitter")
     if strength <= 0:
         return images
     x = images / 255.0
@@ -101,10 +122,11 @@ def color_jitter(images: torch.Tensor, strength: float, channel_order: str) -> t
     B = x.shape[0]
     lo = torch.tensor([1 - strength, 1 - strength, 1 - strength / 2, -strength / 3])
     hi = torch.tensor([1 + strength, 1 + strength, 1 + strength / 2, strength / 3])
-    factors = lo + (hi - lo) * torch.rand(B, 4)          # CPU draws: scalars for torchvision's ops, no sync
+    # Drawn on the CPU (torch's global CPU RNG) whatever the images' device: torchvision's ops take Python
+    # scalars, and reading a CPU tensor is no device sync.
+    factors = (lo + (hi - lo) * torch.rand(B, 4)).tolist()       # B x [brightness, contrast, saturation, hue]
     out = []
-    for k in range(B):
-        b, c, s, h = factors[k].tolist()
+    for k, (b, c, s, h) in enumerate(factors):
         img = TF.adjust_brightness(x[k], b)
         img = TF.adjust_contrast(img, c)
         img = TF.adjust_saturation(img, s)
@@ -117,16 +139,20 @@ def color_jitter(images: torch.Tensor, strength: float, channel_order: str) -> t
 
 
 def gaussian_blur(images: torch.Tensor) -> torch.Tensor:
-    """23×23 Gaussian blur with the released sigmas: 0.1 along the vertical (row index) direction, 1.5 along the
-    horizontal one. kornia's GaussianBlur2d((23, 23), (0.1, 1.5)) in the release built kernel[i, j] = kx[i]·ky[j]
-    with i the row index; torchvision's first sigma is along x (width), hence sigma=[1.5, 0.1]. Reflect padding."""
+    """23×23 Gaussian blur of [B,3,H,W] images with the released sigmas: 0.1 vertically, 1.5 horizontally."""
+    # The release used kornia's GaussianBlur2d((23, 23), (0.1, 1.5)), whose kernel2d[i, j] = kx[i]·ky[j] with
+    # kx built from the FIRST sigma and i the row index: σ = 0.1 along rows (vertical), σ = 1.5 along columns
+    # (horizontal). torchvision's first sigma is along x (width), so the same kernel is sigma=[1.5, 0.1].
+    # Both pad with "reflect" (needs H, W > 11).
     return TF.gaussian_blur(images, kernel_size=[23, 23], sigma=[1.5, 0.1])
 
 
 def augment(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None,
             params: AugmentParams, *, ignore_label: int, channel_order: str,
-            classmix_masks: torch.Tensor | None = None):
-    """ClassMix (when masks are given) -> random scale -> flip -> colour jitter -> blur."""
+            classmix_masks: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """ClassMix (when masks are given) -> random scale -> flip -> colour jitter -> blur; one `random.random()`
+    draw per decision, for the whole batch (none for a step whose probability is 0, e.g. the weak blur)."""
     if classmix_masks is not None:
         images, labels, confidences = classmix(classmix_masks, images, labels, confidences)
     if random.random() < params.scale_p:
@@ -136,20 +162,22 @@ def augment(images: torch.Tensor, labels: torch.Tensor | None, confidences: torc
         images, labels, confidences = flip(images, labels, confidences)
     if random.random() < params.jitter_p:
         images = color_jitter(images, params.jitter_strength, channel_order)
-    if random.random() < params.blur_p:
+    if params.blur_p > 0 and random.random() < params.blur_p:
         images = gaussian_blur(images)
     return images, labels, confidences
 
 
-def weak_augment(images, labels, confidences=None, *, ignore_label: int, channel_order: str,
-                 classmix_masks: torch.Tensor | None = None):
+def weak_augment(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None = None, *,
+                 ignore_label: int, channel_order: str, classmix_masks: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Labeled-batch augmentation (WEAK)."""
     return augment(images, labels, confidences, WEAK, ignore_label=ignore_label, channel_order=channel_order,
                    classmix_masks=classmix_masks)
 
 
-def strong_augment(images, labels, confidences=None, *, ignore_label: int, channel_order: str,
-                   classmix_masks: torch.Tensor | None = None):
+def strong_augment(images: torch.Tensor, labels: torch.Tensor | None, confidences: torch.Tensor | None = None, *,
+                   ignore_label: int, channel_order: str, classmix_masks: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Unlabeled-batch augmentation (STRONG)."""
     return augment(images, labels, confidences, STRONG, ignore_label=ignore_label, channel_order=channel_order,
                    classmix_masks=classmix_masks)

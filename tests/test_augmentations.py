@@ -1,0 +1,244 @@
+"""Augmentations of SPEC 5.1 on small CPU tensors, with hand-worked or independently computed expectations."""
+import math
+import random
+
+import pytest
+import torch
+
+import utils.augmentations as aug
+from utils.augmentations import (CITYSCAPES_MEAN_RGB, STRONG, VOC_MEAN_RGB, WEAK, color_jitter, flip, gaussian_blur,
+                                 mean_for_dataset, normalize, random_scale, strong_augment, weak_augment)
+from utils.classmix import classmix
+from utils.errors import UserError
+
+IGNORE = 250
+
+
+def _ramp(H, W, B=1):
+    """value 10·row + col: bilinear interpolation reproduces it exactly; nearest shows which source pixel."""
+    r = torch.arange(H).view(H, 1)
+    c = torch.arange(W).view(1, W)
+    return (10 * r + c).expand(B, H, W).clone()
+
+
+def test_constants_in_one_place():
+    assert (WEAK.scale_p, WEAK.scale_range, WEAK.flip_p, WEAK.jitter_p, WEAK.jitter_strength, WEAK.blur_p) == \
+        (0.5, (0.75, 1.75), 0.5, 0.2, 0.125, 0.0)
+    assert (STRONG.scale_p, STRONG.scale_range, STRONG.flip_p, STRONG.jitter_p, STRONG.jitter_strength,
+            STRONG.blur_p) == (0.8, (0.75, 1.75), 0.5, 0.8, 0.25, 0.2)
+    with pytest.raises(Exception):
+        WEAK.flip_p = 1.0                                   # frozen
+
+
+@pytest.mark.parametrize("W, left, right", [(8, 2, 2), (9, 2, 3)])
+def test_random_scale_down_pads_centred_odd_right_and_top(W, left, right):
+    # 5 x W, factor 0.5 -> 2 x (W // 2); dh = 3: top 2 (odd pixel), bottom 1; dw even or odd (odd pixel right)
+    H = 5
+    w = W // 2
+    labels = _ramp(H, W, B=2)
+    images = labels.float()[:, None].repeat(1, 3, 1, 1)
+    conf = labels.float() / 100
+    out_img, out_lab, out_conf = random_scale(images, labels, conf, 0.5, IGNORE)
+    assert out_img.shape == (2, 3, H, W) and out_lab.shape == (2, H, W) and out_conf.shape == (2, H, W)
+    assert out_lab.dtype == torch.long
+
+    top, bottom = 2, 1
+    inner = (slice(top, H - bottom), slice(left, W - right))
+    valid = torch.zeros(H, W, dtype=torch.bool)
+    valid[inner] = True
+    assert bool((out_lab[:, ~valid] == IGNORE).all())
+    assert bool((out_img[:, :, ~valid] == 0).all()) and bool((out_conf[:, ~valid] == 0).all())
+    # nearest labels: source row floor(i·5/2) = 0, 2; source col floor(j·W/w) (non-square scale)
+    src_r = torch.tensor([0, 2])
+    src_c = torch.tensor([math.floor(j * W / w) for j in range(w)])
+    assert torch.equal(out_lab[0][inner], 10 * src_r.view(2, 1) + src_c.view(1, w))
+    assert src_c.tolist() == [0, 2, 4, 6]                      # 8/4 = 2; 9/4: 0, 2.25, 4.5, 6.75
+    # bilinear align_corners=True of 10r + c: rows at 0 and 4, cols at j·(W−1)/(w−1)
+    exp = 10 * torch.tensor([0.0, 4.0]).view(2, 1) + torch.tensor([j * (W - 1) / (w - 1) for j in range(w)])
+    assert torch.allclose(out_img[1, 2][inner], exp, atol=1e-4)
+    assert torch.allclose(out_conf[0][inner], exp / 100, atol=1e-6)
+
+
+def test_random_scale_up_is_a_crop_of_the_upscaled_batch(monkeypatch):
+    # 6 x 10, factor 1.5 -> 9 x 15; crop offsets y in [0, 3], x in [0, 5] from random.randint
+    calls = []
+    offsets = iter([2, 4])
+
+    def fake_randint(a, b):
+        calls.append((a, b))
+        return next(offsets)
+
+    monkeypatch.setattr(aug.random, "randint", fake_randint)
+    labels = _ramp(6, 10, B=2)
+    images = torch.stack([labels.float(), labels.float() * 2, labels.float() + 1], dim=1)
+    conf = labels.float() / 100
+    out_img, out_lab, out_conf = random_scale(images, labels, conf, 1.5, IGNORE)
+    assert calls == [(0, 3), (0, 5)]
+    assert out_img.shape == (2, 3, 6, 10) and out_lab.shape == (2, 6, 10) and out_conf.shape == (2, 6, 10)
+    # nearest, independent: source row floor(i·6/9), source col floor(j·10/15), on the crop rows 2..7, cols 4..13
+    rows = torch.tensor([math.floor(i * 6 / 9) for i in range(2, 8)])
+    cols = torch.tensor([math.floor(j * 10 / 15) for j in range(4, 14)])
+    assert torch.equal(out_lab[1], 10 * rows.view(6, 1) + cols.view(1, 10))
+    # bilinear align_corners=True: upscaled row i sits at i·5/8, col j at j·9/14
+    exp = 10 * torch.tensor([i * 5 / 8 for i in range(2, 8)]).view(6, 1) + \
+        torch.tensor([j * 9 / 14 for j in range(4, 14)]).view(1, 10)
+    assert torch.allclose(out_img[0, 0], exp, atol=1e-4)
+    assert torch.allclose(out_img[0, 1], 2 * exp, atol=1e-4)
+    assert torch.allclose(out_conf[1], exp / 100, atol=1e-6)
+
+
+def test_random_scale_factor_one_and_none_passthrough():
+    images = torch.rand(2, 3, 5, 7) * 255
+    labels = _ramp(5, 7, B=2)
+    out = random_scale(images, labels, None, 1.0, IGNORE)
+    assert torch.equal(out[0], images) and torch.equal(out[1], labels) and out[2] is None
+    with pytest.raises(UserError, match="factor"):
+        random_scale(images, labels, None, 0.0, IGNORE)
+
+
+def test_flip():
+    images = torch.arange(2 * 3 * 2 * 3, dtype=torch.float).view(2, 3, 2, 3)
+    labels = torch.tensor([[[0, 1, 2], [3, 4, 5]]] * 2)
+    conf = labels.float() / 10
+    fi, fl, fc = flip(images, labels, conf)
+    assert torch.equal(fl[0], torch.tensor([[2, 1, 0], [5, 4, 3]]))
+    assert torch.equal(fc[1], torch.tensor([[2, 1, 0], [5, 4, 3]]) / 10)
+    assert torch.equal(fi[1, 2, 0], images[1, 2, 0].flip(0))
+    assert flip(images, None, None)[1] is None
+
+
+def test_normalize_bgr_vs_rgb():
+    images = torch.zeros(1, 3, 2, 3)
+    images[:, 0] = 255.0
+    rgb = normalize(images, VOC_MEAN_RGB, "RGB")
+    bgr = normalize(images, VOC_MEAN_RGB, "BGR")
+    r, g, b = VOC_MEAN_RGB
+    assert torch.allclose(rgb[0, :, 1, 2], torch.tensor([(255 - r) / 255, -g / 255, -b / 255]))
+    assert torch.allclose(bgr[0, :, 1, 2], torch.tensor([(255 - b) / 255, -g / 255, -r / 255]))
+    with pytest.raises(UserError, match="channel_order"):
+        normalize(images, VOC_MEAN_RGB, "bgr")
+
+
+def test_mean_for_dataset():
+    assert mean_for_dataset("pascal_voc") == (122.6789143, 116.66876762, 104.00698793) == VOC_MEAN_RGB
+    assert mean_for_dataset("cityscapes") == (73.15835921, 82.90891754, 72.39239876) == CITYSCAPES_MEAN_RGB
+    assert mean_for_dataset("synthetic") == (127.5, 127.5, 127.5)
+
+
+def _gauss1d(sigma, size=23):
+    k = torch.tensor([math.exp(-((i - size // 2) ** 2) / (2 * sigma ** 2)) for i in range(size)],
+                     dtype=torch.float64)
+    return k / k.sum()
+
+
+def test_gaussian_blur_spreads_horizontally_not_vertically():
+    H, W, r0, c0 = 31, 41, 15, 20                 # the bright pixel is > 11 from every border
+    images = torch.zeros(2, 3, H, W)
+    images[1, 2, r0, c0] = 1000.0
+    out = gaussian_blur(images)
+    assert out.shape == images.shape
+    # independent kernel: σ = 0.1 along rows (vertical), σ = 1.5 along columns (horizontal)
+    expected = torch.zeros(H, W, dtype=torch.float64)
+    expected[r0 - 11:r0 + 12, c0 - 11:c0 + 12] = 1000 * torch.outer(_gauss1d(0.1), _gauss1d(1.5))
+    assert torch.allclose(out[1, 2].double(), expected, atol=1e-3)
+    assert abs(float(out[1, 2].sum()) - 1000.0) < 1e-2          # mass preserved away from borders
+    assert float(out[1, 2, r0, c0 + 3] / out[1, 2, r0, c0]) == pytest.approx(math.exp(-2), rel=1e-3)
+    assert float(out[1, 2, r0 + 1, c0]) < 1e-12 * 1000          # vertical: exp(-50)
+    assert bool((out[0] == 0).all()) and bool((out[1, :2] == 0).all())
+
+
+def test_color_jitter_range_shape_and_zero_strength():
+    torch.manual_seed(0)
+    images = torch.rand(3, 3, 9, 13) * 255
+    out = color_jitter(images, 0.25, "BGR")
+    assert out.shape == images.shape and out.dtype == images.dtype
+    assert float(out.min()) >= 0 and float(out.max()) <= 255
+    assert not torch.allclose(out, images)
+    assert torch.equal(color_jitter(images, 0.0, "RGB"), images)
+
+
+def test_color_jitter_grey_image_only_brightness_within_bounds():
+    # on a constant grey image contrast, saturation and hue do nothing: out = v·b with b in [1 − s, 1 + s]
+    s = 0.25
+    images = torch.full((20, 3, 4, 5), 100.0)
+    out = color_jitter(images, s, "RGB")
+    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out), atol=1e-3)   # still grey, still constant
+    ratio = out[:, 0, 0, 0] / 100
+    assert bool((ratio >= 1 - s - 1e-4).all()) and bool((ratio <= 1 + s + 1e-4).all())
+    assert float(ratio.std()) > 0.02                                             # factors differ per image
+
+
+def test_color_jitter_converts_bgr_to_rgb():
+    # the same draws on the BGR version of an image give the BGR version of the RGB result; saturation and hue
+    # are not symmetric in the channels, so a missing conversion would show
+    images = torch.rand(2, 3, 6, 7) * 255
+    torch.manual_seed(5)
+    out_rgb = color_jitter(images, 0.25, "RGB")
+    torch.manual_seed(5)
+    out_bgr = color_jitter(images.flip(1), 0.25, "BGR")
+    assert torch.allclose(out_bgr, out_rgb.flip(1), atol=1e-3)
+    torch.manual_seed(5)
+    wrong = color_jitter(images.flip(1), 0.25, "RGB")
+    assert not torch.allclose(wrong, out_rgb.flip(1), atol=1e-1)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 17, 23, generator=g) * 255
+    labels = torch.randint(0, 5, (2, 17, 23), generator=g)
+    labels[:, :2] = IGNORE
+    conf = torch.rand(2, 17, 23, generator=g)
+    return images, labels, conf
+
+
+@pytest.mark.parametrize("fn", [weak_augment, strong_augment])
+@pytest.mark.parametrize("order", ["BGR", "RGB"])
+def test_weak_strong_all_steps_keep_shapes_and_dtypes(monkeypatch, fn, order):
+    images, labels, conf = _batch()
+    monkeypatch.setattr(aug.random, "random", lambda: 0.0)        # every step taken
+    for seed in range(4):
+        random.seed(seed)
+        masks = torch.rand(2, 17, 23) < 0.5 if seed % 2 else None
+        oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order=order, classmix_masks=masks)
+        assert oi.shape == images.shape and oi.dtype == images.dtype
+        assert ol.shape == labels.shape and ol.dtype == labels.dtype
+        assert oc.shape == conf.shape and oc.dtype == conf.dtype
+        assert set(ol.unique().tolist()) <= {0, 1, 2, 3, 4, IGNORE}
+        assert float(oc.min()) >= 0 and float(oc.max()) <= 1
+        assert float(oi.min()) >= 0 and float(oi.max()) <= 255 + 1e-3
+
+
+@pytest.mark.parametrize("fn, draws", [(weak_augment, 3), (strong_augment, 4)])
+def test_no_step_taken_returns_inputs(monkeypatch, fn, draws):
+    images, labels, conf = _batch()
+    calls = []
+    monkeypatch.setattr(aug.random, "random", lambda: calls.append(1) or 0.99)
+    oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    assert torch.equal(oi, images) and torch.equal(ol, labels) and torch.equal(oc, conf)
+    assert len(calls) == draws                                     # one draw per decision (weak: no blur)
+    # with masks, only ClassMix is applied
+    masks = torch.zeros(2, 17, 23, dtype=torch.bool)
+    masks[1, 3:9, 4:20] = True
+    oi, ol, oc = fn(images, labels, None, ignore_label=IGNORE, channel_order="RGB", classmix_masks=masks)
+    ei, el, _ = classmix(masks, images, labels)
+    assert torch.equal(oi, ei) and torch.equal(ol, el) and oc is None
+    assert torch.equal(ol[0, 3:9, 4:20], labels[1, 3:9, 4:20])
+
+
+def test_decisions_thresholds_and_order(monkeypatch):
+    images, labels, conf = _batch()
+    # strong: scale no (0.85 >= 0.8), flip yes (0.1 < 0.5), jitter no (0.9 >= 0.8), blur yes (0.1 < 0.2)
+    draws = iter([0.85, 0.1, 0.9, 0.1])
+    monkeypatch.setattr(aug.random, "random", lambda: next(draws))
+    oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    assert torch.equal(ol, labels.flip(-1)) and torch.equal(oc, conf.flip(-1))
+    assert torch.allclose(oi, gaussian_blur(images.flip(-1)))
+    # weak: scale yes with factor 1.5 (crop at 0, 0), flip no, jitter no (0.2 is not < 0.2)
+    draws = iter([0.4, 0.5, 0.2])
+    monkeypatch.setattr(aug.random, "random", lambda: next(draws))
+    monkeypatch.setattr(aug.random, "uniform", lambda a, b: 1.5 if (a, b) == (0.75, 1.75) else None)
+    monkeypatch.setattr(aug.random, "randint", lambda a, b: 0)
+    oi, ol, oc = weak_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    ei, el, ec = random_scale(images, labels, conf, 1.5, IGNORE)
+    assert torch.equal(oi, ei) and torch.equal(ol, el) and torch.equal(oc, ec)
+    assert not torch.equal(ol, labels)
