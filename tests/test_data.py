@@ -460,4 +460,5 @@ def test_build_gta5(tmp_path):
     make_gta5_tree(str(tmp_path), 2, 1, size=(32, 64))
     ds = build_gta5(_resolved_cfg("cityscapes", pretraining="COCO", input_size="8,16"), str(tmp_path))
     image, label, _ = ds[(0, 0)]
-    assert len(ds) == 2 and image.shape == (3, 8, 16) and ds.channel_order == "BGR"
+    # the whole set, train and val, is the extra labeled source
+    assert len(ds) == 3 and image.shape == (3, 8, 16) and ds.channel_order == "BGR"
