@@ -74,6 +74,7 @@ def test_overrides_parse_json_and_refuse_unknown(tmp_path):
                              "method.contrastive_weight=0.5"])
     assert cfg["training"]["batch_size"] == 2 and cfg["fidelity"] == "paper"
     assert cfg["utils"]["checkpoint_dir"] == "/tmp/x" and cfg["method"]["contrastive_weight"] == 0.5
+    assert load_config(path, ["version=3"])["version"] == "3"  # a string key takes the text as written
     with pytest.raises(UserError, match="training.batchsize"):
         load_config(path, ["training.batchsize=2"])
     with pytest.raises(UserError, match="key=value"):

@@ -247,6 +247,9 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
                 node = node.setdefault(part, {})
         if isinstance(schema, dict):
             raise UserError(f"--set {text}: '{'.'.join(path)}' is a section; set one of its keys.")
+        types = schema[0]
+        if str in types and not _type_ok(value, types):
+            value = text.split("=", 1)[1]  # e.g. version=3 means the string "3"
         node[path[-1]] = value
     return user
 
