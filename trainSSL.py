@@ -80,13 +80,13 @@ def train(run: Run, draw_labeled=draw_labeled) -> dict:
         if run.method["use_unlabeled"]:
             # 2. pseudo-labels from the teacher
             confidence, pseudo = step.pseudo_label(run, unlabeled)
-            # 3 + 7. class-balancing statistics and this iteration's class weights
-            class_weights = run.update_class_weights(i, labels, pseudo)
+            # 3 + 7. class-balancing statistics (target labels only) and this iteration's class weights
+            class_weights = run.update_class_weights(i, labels if from_target else None, pseudo)
             # 4, 6, 8, 9, 10 (labeled) and 5, 6, 8, 10 (unlabeled)
             terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
             terms |= unlabeled_losses(run, i, unlabeled, confidence, pseudo, class_weights)
         else:  # supervised-only ablation
-            class_weights = run.update_class_weights(i, labels, None)
+            class_weights = run.update_class_weights(i, labels if from_target else None, None)
             terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
         loss = sum(terms.values())
         # 11. backward, SGD step, EMA teacher
