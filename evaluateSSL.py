@@ -5,16 +5,21 @@
 
 Model kind, dataset, pretraining (channel order) and ignore label come from the config stored in the checkpoint,
 which may be one written by this project or by the original release ({'model', 'config', 'optimizer',
-'iteration'}). Prints per-class IoU and mIoU and writes them as JSON next to the checkpoint.
+'iteration'}). Prints per-class IoU (worst first) and mIoU and writes them as JSON next to the checkpoint.
+
+`--protocol whole` (default) is the paper's: one forward of each whole image. `--protocol sliding` runs windows of
+the training crop size (a third overlapping) and sums their softmax over the overlaps. `--save-output-images`
+writes, per image, `<name>.png` (the colour-coded prediction, a palette PNG whose pixel values are the class
+indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
-import torch
 from PIL import Image
 
 from data import build_data
@@ -24,8 +29,8 @@ from utils.checkpoint import load_checkpoint, model_state_from
 from utils.config import fidelity, parse_size, resolve_config
 from utils.errors import UserError
 from utils.evaluation import evaluate
-from utils.metrics import format_iou_table
 from utils.training import choose_device, main_guard
+from utils.visualize import colorize_labels, overlay, to_rgb_uint8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the stored config (e.g. training.data.root=...)")
     p.add_argument("--save-output-images", nargs="?", const="", default=None, metavar="DIR",
-                   help="write colour-coded predictions (default DIR: <checkpoint>_predictions/)")
+                   help="write colour-coded predictions and overlays (default DIR: <checkpoint>_predictions/)")
     p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
                    help="whole image (the paper's protocol, default) or crop-sized sliding windows")
     return p.parse_args(argv)
@@ -44,10 +49,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def colorize(pred: np.ndarray, palette: list) -> Image.Image:
     """Class-index map -> palette PNG image."""
-    img = Image.fromarray(pred.astype(np.uint8), mode="P")
+    img = Image.fromarray(pred.astype(np.uint8))  # mode L; putpalette makes it P with the same values
     flat = [c for rgb in palette for c in rgb]
     img.putpalette(flat + [0] * (768 - len(flat)))
     return img
+
+
+def worst_first(iou: list[float], class_names: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
+    """Classes sorted by IoU, worst first, and the classes absent from labels and predictions (NaN IoU)."""
+    present = sorted(((n, v) for n, v in zip(class_names, iou) if not math.isnan(v)), key=lambda nv: nv[1])
+    return present, [n for n, v in zip(class_names, iou) if math.isnan(v)]
+
+
+def format_summary(result: dict, class_names: list[str], images: int, protocol: str) -> str:
+    """Per-class IoU sorted worst first, the absent classes, mIoU and mean loss."""
+    ranked, absent = worst_first(result["iou"], class_names)
+    width = max((len(n) for n in class_names), default=0)
+    lines = [f"per-class IoU, worst first ({images} images, protocol {protocol}):"]
+    lines += [f"  {name:<{width}}  {100 * value:6.2f}" for name, value in ranked]
+    if absent:
+        lines.append(f"  absent from labels and predictions (not in the mean): {', '.join(absent)}")
+    lines.append(f"mIoU {100 * result['miou']:.2f}   mean CE loss {result['loss']:.4f}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> dict:
@@ -72,16 +95,24 @@ def main(argv=None) -> dict:
         def on_prediction(name, image, label, pred):
             base = os.path.splitext(os.path.basename(str(name)))[0]
             colorize(pred.cpu().numpy(), data.palette).save(os.path.join(out_dir, base + ".png"))
+            blend = overlay(to_rgb_uint8(image, data.channel_order), colorize_labels(pred, data.palette))
+            Image.fromarray(blend.permute(1, 2, 0).numpy()).save(  # full-resolution colour: sharp class edges
+                os.path.join(out_dir, base + "_overlay.jpg"), quality=90, subsampling=0)
 
     result = evaluate(model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
                       mean_rgb=data.mean_rgb, channel_order=data.channel_order, device=device,
                       protocol=args.protocol, window=parse_size(cfg["training"]["data"]["input_size"]),
                       on_prediction=on_prediction)
-    print(format_iou_table(torch.tensor(result["iou"]), data.class_names))
-    print(f"mIoU {100 * result['miou']:.2f}   mean CE loss {result['loss']:.4f}   ({len(data.val)} images)")
+    summary = format_summary(result, data.class_names, len(data.val), args.protocol)
+    print(summary)
     report = {"checkpoint": os.path.abspath(args.model_path), "protocol": args.protocol, "miou": result["miou"],
               "loss": result["loss"], "iou": dict(zip(data.class_names, result["iou"])),
+              "iou_worst_first": worst_first(result["iou"], data.class_names)[0],
               "iteration": ckpt.get("iteration")}
+    if args.save_output_images is not None:
+        with open(os.path.join(out_dir, "summary.txt"), "w") as f:
+            f.write(summary + "\n")
+        print(f"wrote predictions and overlays of {len(data.val)} images to {out_dir}")
     with open(stem + "_evaluation.json", "w") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {stem}_evaluation.json")

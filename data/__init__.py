@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
 from data.cityscapes import CityscapesDataset
 from data.common import channel_order_for
+from data.folder import FolderDataset, folder_classes
 from data.gta5 import GTA5Dataset
 from data.splits import make_split
 from data.synthetic import SyntheticStreets
@@ -30,7 +32,7 @@ DATASET_ALIASES = {"pascal": "pascal_voc"}
 class DataBundle:
     """Everything the training and evaluation scripts need to know about the data."""
 
-    name: str                      # "cityscapes", "pascal_voc" or "synthetic"
+    name: str                      # "cityscapes", "pascal_voc", "synthetic" or "folder"
     train: Dataset                 # training items (image [3,h,w] float 0..255, label [h,w] int64, index)
     val: Dataset                   # validation items (image, label, name), whole images
     labeled_idx: list[int]         # indices into `train` of the labeled subset
@@ -75,9 +77,22 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True) -> D
                                  ignore_label=ignore)
         val = SyntheticStreets(s["num_val"], size, seed_offset=1, train=False, channel_order=order, ignore_label=ignore)
         mean = OTHER_MEAN_RGB
+    elif name == "folder":
+        f = dict(cfg["folder"])
+        root = data_root or d.get("root")
+        if root:  # relative folder paths are relative to --data-root / training.data.root when given
+            for key in ("train_images", "train_labels", "val_images", "val_labels"):
+                if f[key] and not os.path.isabs(f[key]):
+                    f[key] = os.path.join(root, f[key])
+        n, names, palette, mean = folder_classes(f, ignore)
+        common = dict(num_classes=n, class_names=names, palette=palette, channel_order=order, ignore_label=ignore)
+        # evaluation (split=False) lists the training pairs but does not read them
+        train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop, check=split,
+                              **common)
+        val = FolderDataset(f["val_images"], f["val_labels"], "val", train=False, crop_size=None, **common)
     else:
         raise UserError(f"dataset {name!r} is not supported by build_data; use \"cityscapes\", \"pascal_voc\" "
-                        f"(alias \"pascal\") or \"synthetic\".")
+                        f"(alias \"pascal\"), \"synthetic\" or \"folder\".")
     labeled, unlabeled = make_split(len(train), d["labeled_samples"], d["split_id_list"], cfg["seed"],
                                     names=train.names, split_file=d.get("split_file")) if split else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
@@ -95,4 +110,4 @@ def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:
 
 
 __all__ = ["DataBundle", "build_data", "build_gta5", "CityscapesDataset", "VOCDataset", "GTA5Dataset",
-           "SyntheticStreets", "make_split", "CITYSCAPES_MEAN_RGB", "VOC_MEAN_RGB", "OTHER_MEAN_RGB"]
+           "SyntheticStreets", "FolderDataset", "make_split", "CITYSCAPES_MEAN_RGB", "VOC_MEAN_RGB", "OTHER_MEAN_RGB"]

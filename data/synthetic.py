@@ -252,3 +252,67 @@ class SyntheticStreets(SegmentationDataset):
         if self.train:
             image, label = random_crop(image, label, self.crop_size, rng, self.ignore_label, x_first=True)
         return image, label, self.names[index]
+
+
+def export_folder(directory: str, num_train: int, num_val: int, image_size: tuple[int, int] = (96, 160),
+                  ignore_label: int = IGNORE_LABEL) -> str:
+    """Write the synthetic scenes as an ordinary folder dataset and a config that trains on it; returns the
+    config's path.
+
+    Layout: <directory>/{train,val}/{images,labels}/synthetic_<s>_<i>.png (RGB images, mode L labels holding class
+    indices and `ignore_label`), the same scenes as `"dataset": "synthetic"` with that image size; the config
+    (<directory>/config.json) is configs/demo.json with `"dataset": "folder"` pointing at these folders.
+    """
+    import json
+    import os
+    import re
+
+    from PIL import Image
+
+    for split, n, offset in (("train", num_train, 0), ("val", num_val, 1)):
+        data = SyntheticStreets(n, image_size, seed_offset=offset, train=False, ignore_label=ignore_label)
+        for kind in ("images", "labels"):
+            os.makedirs(os.path.join(directory, split, kind), exist_ok=True)
+        for i, name in enumerate(data.names):
+            image, label = data.scene(i)
+            Image.fromarray(image).save(os.path.join(directory, split, "images", name + ".png"))
+            Image.fromarray(label).save(os.path.join(directory, split, "labels", name + ".png"))
+    demo = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs", "demo.json")
+    with open(demo) as f:
+        cfg = json.load(f)
+    cfg["dataset"] = "folder"
+    cfg.pop("synthetic", None)
+    cfg["ignore_label"] = ignore_label
+    cfg["folder"] = {
+        "train_images": os.path.join(directory, "train", "images"),
+        "train_labels": os.path.join(directory, "train", "labels"),
+        "val_images": os.path.join(directory, "val", "images"),
+        "val_labels": os.path.join(directory, "val", "labels"),
+        "class_names": CLASS_NAMES,
+        "palette": [list(c) for c in PALETTE],
+    }
+    t = cfg["training"]
+    t["data"]["labeled_samples"] = min(num_train, max(t["batch_size"], num_train // 10))
+    cfg["utils"]["checkpoint_dir"] = os.path.join(directory, "run")
+    path = os.path.join(directory, "config.json")
+    text = json.dumps(cfg, indent=2)
+    text = re.sub(r"\[\s*(\d+),\s*(\d+),\s*(\d+)\s*\]", r"[\1, \2, \3]", text)  # one line per colour
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic street scenes as a folder dataset "
+                                                 "(images/ and labels/ per split) plus a config that trains on it.")
+    parser.add_argument("--export", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--num-train", type=int, default=60)
+    parser.add_argument("--num-val", type=int, default=10)
+    parser.add_argument("--image-size", default="96,160", help="H,W of the scenes")
+    args = parser.parse_args()
+    h, w = (int(v) for v in args.image_size.split(","))
+    config = export_folder(args.export, args.num_train, args.num_val, (h, w))
+    print(f"wrote {args.num_train} training and {args.num_val} validation scenes under {args.export}\n"
+          f"train on them with:  python3 trainSSL.py --config {config}")

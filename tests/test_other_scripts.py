@@ -384,7 +384,10 @@ def test_da_constants_and_outputs(da_code_run):
     assert run.method["contrastive_weight"] == 0.2 and run.method["labeled_classmix_prob"] == 0.25
     for i, row in train_rows(run_dir).items():
         assert row["ema_alpha"] == pytest.approx(ema_alpha_by_hand(i, N_DA, 1), abs=1e-9), i
-        assert row["loss_sup"] >= 0 and row["loss_pseudo"] > 0
+        assert row["loss_sup"] >= 0 and row["loss_pseudo"] >= 0
+        if i <= R:  # later the class-balancing weights apply; on this tiny tree (most of the 19 classes never
+            # seen in Cityscapes labels) the released median rule can give the seen classes weight 0
+            assert row["loss_pseudo"] > 0, i
     # every iteration: one labeled step and one unlabeled step, pseudo-labels once
     assert [i for i, _ in spy.at("pseudo_label")] == list(range(N_DA))
     assert [i for i, _ in spy.at("augment_labeled")] == list(range(N_DA))

@@ -8,6 +8,8 @@ values), so an update does no host sync.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -34,6 +36,7 @@ class ClassBalancing:
         labeled_slots: int,
         unlabeled_slots: int,
         device: torch.device | str | None = None,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         if num_classes < 1 or labeled_slots < 1 or unlabeled_slots < 1:
             raise UserError(
@@ -47,6 +50,9 @@ class ClassBalancing:
         self.unlabeled = torch.zeros(unlabeled_slots, num_classes, dtype=torch.int64, device=device)
         self.labeled_count = 0  # updates that reached the labeled history (stops at labeled_slots)
         self.unlabeled_count = 0  # updates of the unlabeled history (keeps growing; slot = count % slots)
+        # Sums a batch's counts over processes under torchrun (utils.distributed.all_reduce_sum), so every rank
+        # stores the counts of the global batch and holds identical histories and weights.
+        self.reduce = reduce
 
     @staticmethod
     def labeled_slots_for(labeled_samples: int, batch_size: int) -> int:
@@ -71,10 +77,14 @@ class ClassBalancing:
         """
         if labeled_labels is not None and self.labeled_count < self.labeled_slots:
             counts = _class_counts(labeled_labels.to(self.labeled.device), self.num_classes)
+            if self.reduce is not None:
+                counts = self.reduce(counts)
             self.labeled[self.labeled_count] = counts
             self.labeled_count += 1
         if pseudo_labels is not None:
             counts = _class_counts(pseudo_labels.to(self.unlabeled.device), self.num_classes)
+            if self.reduce is not None:
+                counts = self.reduce(counts)
             self.unlabeled[self.unlabeled_count % self.unlabeled_slots] = counts
             self.unlabeled_count += 1
         return self.weights()

@@ -1,28 +1,47 @@
 """Distributed helpers: one code path for a plain `python3` run and a `torchrun` run.
 
-Without a launcher every function is the identity for one process. Under torchrun (env RANK/WORLD_SIZE set)
-`init_distributed` starts the process group (NCCL on CUDA, gloo on CPU) and the collectives below make every
-rank see the same memory bank, class-balancing counts and confusion matrix.
+Without a launcher every function is the identity for one process. Under torchrun (env RANK/WORLD_SIZE set,
+WORLD_SIZE > 1) `init_distributed` starts the process group (NCCL on CUDA, gloo on CPU) and the collectives below
+keep every rank's run state identical:
+- gradients: averaged after backward (`average_gradients`), so every rank takes the same SGD step;
+- BatchNorm running statistics of student and teacher: averaged after every step (`average_buffers`);
+- memory bank: the vectors selected on every rank are gathered (`all_gather_rows`) before the update;
+- class-balancing counts, evaluation confusion matrix and loss sums: summed (`all_reduce_sum`);
+- start and the return to the best model: rank 0's weights broadcast (`broadcast_parameters`).
+Every collective is called by all ranks in the same order; the conditions that guard them depend only on the
+iteration number and on values that are already identical on all ranks.
 """
 from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from utils.errors import UserError
+
+T = TypeVar("T")
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process is one of several started by torchrun (or another launcher setting RANK/WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 
 
 def init_distributed(device: torch.device) -> None:
-    """Start the process group when launched by torchrun; no-op otherwise."""
+    """Start the process group when launched by torchrun (NCCL for CUDA devices, gloo otherwise); no-op
+    otherwise. The collective timeout is SSL_DIST_TIMEOUT_MIN minutes (default 30)."""
     if not launched_by_torchrun() or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("SSL_DIST_TIMEOUT_MIN", 30))))
+    timeout = timedelta(minutes=float(os.environ.get("SSL_DIST_TIMEOUT_MIN", 30)))
+    if device.type == "cuda":
+        # device_id binds the NCCL communicator to this rank's GPU (no guessing in barrier()).
+        dist.init_process_group(backend="nccl", timeout=timeout, device_id=device)
+    else:
+        dist.init_process_group(backend="gloo", timeout=timeout)
 
 
 def is_distributed() -> bool:
@@ -45,6 +64,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def rank_tag() -> str:
+    """' (rank r)' under torchrun, '' otherwise: for messages that one rank prints about itself."""
+    return f" (rank {rank()})" if is_distributed() else ""
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -58,10 +82,11 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_rows(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Concatenate rows [n_r, ...] of every rank in rank order (n_r may differ between ranks).
+    """Concatenate rows [n_r, ...] of every rank in rank order (n_r may differ between ranks, 0 included).
 
     Exchanges the row counts first (one small collective), pads to the largest, gathers, and trims. `others`
-    are tensors with the same row count gathered alike (for example the labels of feature vectors).
+    are tensors with the same row count gathered alike (for example the labels of feature vectors). Every rank
+    gets the same rows in the same order.
     """
     tensors = (x, *others)
     if not is_distributed():
@@ -71,6 +96,8 @@ def all_gather_rows(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tenso
     dist.all_gather(counts, n)
     counts_host = [int(c) for c in torch.cat(counts).tolist()]  # one sync per call, independent of classes
     biggest = max(counts_host)
+    if biggest == 0:  # nothing anywhere (the same decision on every rank)
+        return tensors
     out = []
     for t in tensors:
         padded = t.new_zeros((biggest, *t.shape[1:]))
@@ -81,7 +108,16 @@ def all_gather_rows(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tenso
     return tuple(out)
 
 
-def broadcast_object(obj):
+def all_gather_object(obj: Any) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] for one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: T) -> T:
     """Rank 0's Python object on every rank."""
     if not is_distributed():
         return obj
@@ -95,8 +131,8 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def broadcast_parameters(module: torch.nn.Module) -> None:
-    """Rank 0's parameters and buffers on every rank (identical start)."""
+def broadcast_parameters(module: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (identical start, the return to the best model)."""
     if not is_distributed():
         return
     with torch.no_grad():
@@ -104,33 +140,113 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def average_gradients(module: torch.nn.Module, bucket_numel: int = 2 ** 24) -> None:
-    """Average the gradients of every trainable parameter over ranks (data-parallel SGD).
+def _all_reduce_flat(tensors: list[torch.Tensor], bucket_numel: int, finish: Callable[[torch.Tensor], None]) -> None:
+    """Sum `tensors` over ranks in place, in flat buckets of at most ~bucket_numel elements per dtype and device;
+    `finish(flat)` runs on each summed bucket before it is copied back (e.g. the division by world size)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    for group in groups.values():
+        start = 0
+        while start < len(group):
+            bucket, size = [], 0
+            while start < len(group) and (not bucket or size + group[start].numel() <= bucket_numel):
+                bucket.append(group[start])
+                size += group[start].numel()
+                start += 1
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            finish(flat)
+            offset = 0
+            for t in bucket:
+                t.copy_(flat[offset: offset + t.numel()].view_as(t))
+                offset += t.numel()
 
-    Done after backward in flat buckets. A parameter without a gradient on this step (heads before the
-    contrastive terms start) counts as zero, so every rank takes the same step. This replaces DDP's reducer,
-    which cannot follow parameters used outside `forward` (projection heads, selectors) or two forward passes
-    (labeled and unlabeled batches, each with its own BatchNorm statistics) before one backward.
+
+def average_gradients(module: nn.Module, bucket_numel: int = 2 ** 24) -> None:
+    """Average the gradients of the trainable parameters over ranks (data-parallel SGD); call after backward.
+
+    Why not DistributedDataParallel: the projection/prediction heads and the 2C selectors are called outside the
+    model's `forward` (contrastive terms, memory ranking), the student runs two forwards (labeled and unlabeled
+    batch, each with its own BatchNorm statistics) before one backward, and some parameters get no gradient on
+    some steps (heads before the contrastive terms start; a rank with fewer than two valid pixels). DDP's reducer
+    expects one forward per backward and parameters reached from `forward`'s output.
+
+    A parameter with a gradient on at least one rank is averaged with zeros from the ranks without one; a
+    parameter with no gradient on any rank keeps `grad None`, so SGD leaves it alone (no weight decay, no
+    momentum) exactly as a single process would. Deciding this costs one tiny all-reduce and one host read.
     """
     if not is_distributed():
         return
     params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.SUM)
+    anywhere = has_grad.tolist()  # one host sync per step: which parameters take part
+    grads = []
+    for p, n in zip(params, anywhere):
+        if n == 0:
+            continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    n = world_size()
-    bucket: list[torch.Tensor] = []
-    size = 0
-    for p in params + [None]:
-        if p is not None:
-            bucket.append(p.grad)
-            size += p.grad.numel()
-        if bucket and (p is None or size >= bucket_numel):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat /= n
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
-            bucket, size = [], 0
+        grads.append(p.grad)
+    n_ranks = world_size()
+    _all_reduce_flat(grads, bucket_numel, lambda flat: flat.div_(n_ranks))
+
+
+def average_buffers(*modules: nn.Module, bucket_numel: int = 2 ** 24) -> None:
+    """Average the floating-point buffers (BatchNorm running mean/var) of `modules` over ranks, in place.
+
+    Each rank's forwards update the running statistics from its own batch; their mean equals running statistics
+    updated with the rank-averaged batch statistics (the update is linear), so all ranks evaluate, refresh and
+    save the same model. Integer buffers (num_batches_tracked) are equal on all ranks already and stay as they are.
+    """
+    if not is_distributed():
+        return
+    floats = [b for m in modules for b in m.buffers() if b.is_floating_point()]
+    if floats:
+        n_ranks = world_size()
+        with torch.no_grad():
+            _all_reduce_flat(floats, bucket_numel, lambda flat: flat.div_(n_ranks))
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """`training.sync_batchnorm`: the network's BatchNorm2d layers become SyncBatchNorm (batch statistics over
+    all ranks), in place; returns `model`.
+
+    Only BatchNorm2d (backbone and decoder): the BatchNorm1d of the projection/prediction heads and of the
+    per-class selectors stay per rank, because those run on a rank's own selected pixels (a rank may skip them
+    when it has fewer than two) and the selectors are evaluated from their stacked parameters, not their forward.
+    SyncBatchNorm has CUDA kernels only.
+    """
+    if device.type != "cuda":
+        raise UserError(f"training.sync_batchnorm needs CUDA devices (SyncBatchNorm has no {device.type} kernels); "
+                        f"set training.sync_batchnorm=false for this run.")
+    parents = [m for m in model.modules() if any(isinstance(c, nn.BatchNorm2d) for c in m.children())]
+    for parent in parents:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return model
+
+
+def run_recording_errors(fn: Callable[[], T]) -> T:
+    """Call `fn()`; under torchrun an exception (other than a UserError, which prints one line) is also written
+    to torchrun's error file, so the launcher's failure summary names the rank and shows its traceback.
+
+    torchrun then stops the other ranks: a failing rank ends the whole job with a non-zero exit code instead of
+    leaving the others waiting in a collective.
+    """
+    if not launched_by_torchrun():
+        return fn()
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+    handler = get_error_handler()
+    handler.initialize()
+    try:
+        return fn()
+    except UserError:
+        raise
+    except Exception as e:
+        handler.record_exception(e)
+        raise

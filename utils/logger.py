@@ -28,9 +28,14 @@ class TrainLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.jsonl = open(os.path.join(run_dir, "train_log.jsonl"), "a")
+        if start > 0:  # rows after this one supersede rows of the same iterations written before an interruption
+            self.jsonl.write(json.dumps({"iteration": start, "kind": "resume"}) + "\n")
+            self.jsonl.flush()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(log_dir=run_dir)
+            # on resume, TensorBoard drops the interrupted run's events from iteration `start` on (logged after
+            # its last latest.pth), so every curve shows each iteration once
+            self.tb = SummaryWriter(log_dir=run_dir, purge_step=start if start > 0 else None)
         if self.stream.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, file=self.stream, dynamic_ncols=True, unit="it")
@@ -62,8 +67,14 @@ class TrainLogger:
             print(f"[{prefix}] it {i + 1}/{self.total} eta {self._eta(i)} {shown}", file=self.stream, flush=True)
 
     def vector(self, i: int, tag: str, values, names: list[str]) -> None:
-        """A per-class quantity (class weights, memory fill, IoU) as one TensorBoard scalar per class."""
-        if not self.enabled or self.tb is None:
+        """A per-class quantity (class weights, memory fill, IoU) as one TensorBoard scalar per class, and one
+        train_log.jsonl row {"iteration", "kind": tag, "values": {class: value or null}}."""
+        if not self.enabled:
+            return
+        row = {name: (float(v) if math.isfinite(float(v)) else None) for name, v in zip(names, values)}
+        self.jsonl.write(json.dumps({"iteration": i, "kind": tag, "values": row}) + "\n")
+        self.jsonl.flush()
+        if self.tb is None:
             return
         for name, value in zip(names, values):
             value = float(value)

@@ -73,7 +73,9 @@ def augment_unlabeled(run, images: torch.Tensor, pseudo: torch.Tensor, confidenc
             masks = classmix_masks(pseudo, run.ignore_label, drop_background=run.drop_background)
         views.append(strong_augment(images, pseudo, confidence, ignore_label=run.ignore_label,
                                     channel_order=run.data.channel_order, classmix_masks=masks))
-    return tuple(torch.cat(parts) for parts in zip(*views))  # type: ignore[return-value]
+    mixed, mixed_pseudo, mixed_confidence = (torch.cat(parts) for parts in zip(*views))
+    run.remember_unlabeled(images, pseudo, mixed, mixed_pseudo)  # references only, for TensorBoard pictures
+    return mixed, mixed_pseudo, mixed_confidence
 
 
 def forward_student(run, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,6 +36,7 @@ from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import format_iou_table
 from utils.schedules import poly_lr, set_lr
 from utils.variants import Variant
+from utils.visualize import unlabeled_panel, validation_panel
 
 # Keys that may differ between a run and its resumption (they change no result).
 RESUME_FREE_KEYS = ("training.num_workers", "utils.log_every", "utils.tensorboard", "utils.log_images",
@@ -145,7 +146,7 @@ class Run:
                                        cfg["backbone"]["pretrained"], v2_branches=self.fidelity.v2_branches,
                                        verbose=dist.is_main()).to(self.device)
         if t["sync_batchnorm"] and dist.is_distributed():
-            self.student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.student = dist.convert_sync_batchnorm(self.student, self.device)
         dist.broadcast_parameters(self.student)
         self.student.train()
         self.student_module = self.student
@@ -169,7 +170,7 @@ class Run:
                 self.num_classes,
                 ClassBalancing.labeled_slots_for(labeled_samples, self.batch_size),
                 ClassBalancing.unlabeled_slots_for(len(self.data.train), labeled_samples, self.batch_size),
-                device=self.device)
+                device=self.device, reduce=dist.all_reduce_sum)
         self.ones = torch.ones(self.num_classes, device=self.device)
         self.class_weights = self.ones
 
@@ -194,12 +195,13 @@ class Run:
         if self.args.dry_run:
             self.print_plan()
             return
+        # Different augmentation draws on every process, identical networks (already broadcast); a resumed run
+        # then restores each process's own RNG state (load_state_dict).
+        seed_offset = dist.rank() * 1000003
+        if seed_offset:
+            seed_everything(seed + seed_offset)
         if resume_ckpt is not None:
             self.load_state_dict(resume_ckpt)
-        # Different augmentation draws on every process, identical networks (already broadcast).
-        seed_offset = dist.rank() * 1000003
-        if resume_ckpt is None and seed_offset:
-            seed_everything(seed + seed_offset)
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
                                   tensorboard=cfg["utils"]["tensorboard"])
         if dist.is_main():
@@ -226,9 +228,26 @@ class Run:
             raise UserError("--config is required (or --resume with a checkpoint that stores its config).")
         if a.resume == "auto":
             path = os.path.join(self.cfg["utils"]["checkpoint_dir"], "latest.pth")
-            ckpt = load_checkpoint(path, map_location="cpu") if os.path.isfile(path) else None
+            # rank 0 decides; a rank that cannot see the file then fails loudly instead of starting afresh
+            ckpt = load_checkpoint(path, map_location="cpu") if dist.broadcast_object(os.path.isfile(path)) else None
             if ckpt is None and dist.is_main():
                 print(f"--resume auto: no {path} yet, starting a new run", flush=True)
+            elif ckpt is not None:
+                a.resume = path  # messages name the file
+        if ckpt is not None and ckpt.get("format") == "ssl-run-state-1":
+            # A run state continues its run in its own directory (best_model.pth, logs), wherever the config points.
+            run_dir = os.path.dirname(a.resume) or "."
+            configured = self.cfg["utils"]["checkpoint_dir"]
+            if os.path.abspath(configured) != os.path.abspath(run_dir) and dist.is_main():
+                print(f"--resume {a.resume}: continuing the run in its directory {run_dir} (utils.checkpoint_dir "
+                      f"{configured} is not used)", flush=True)
+            self.cfg["utils"]["checkpoint_dir"] = run_dir
+            best = os.path.join(run_dir, "best_model.pth")
+            if ckpt.get("best_miou", -1.0) >= 0 and self.cfg["utils"]["save_best_model"] and \
+                    not os.path.isfile(best) and dist.is_main():
+                print(f"warning: {best} is missing, so the return to the best model (after N/5 iterations without "
+                      f"improvement) cannot happen and the resumed run may differ from an uninterrupted one; copy "
+                      f"best_model.pth next to {a.resume}.", flush=True)
         if ckpt is not None and isinstance(ckpt.get("config"), dict):
             stored = resolve_config(ckpt["config"], f"{a.resume} (stored config)")
             diff = config_diff(stored, self.cfg, ignore=RESUME_FREE_KEYS)
@@ -314,7 +333,22 @@ class Run:
         lr = poly_lr(self.base_lr, i, self.num_iterations, t["lr_schedule_power"]) if t["lr_schedule"] else self.base_lr
         set_lr(self.optimizer, lr)
         self.lr = lr
+        self.iteration = i
         return lr
+
+    def evaluation_due(self, i: int) -> bool:
+        """Whether an evaluation follows iteration i (periodic, or the final one after the loop)."""
+        return (i > 0 and i % self.cfg["utils"]["val_per_iter"] == 0) or i == self.num_iterations - 1
+
+    def remember_unlabeled(self, images: torch.Tensor, pseudo: torch.Tensor, mixed_images: torch.Tensor,
+                           mixed_pseudo: torch.Tensor) -> None:
+        """Keep references (no copy, no sync) to this iteration's unlabeled batch [b,3,H,W], its pseudo-labels
+        [b,H,W] and the strong (ClassMix) views [2b,...], only when an evaluation follows this iteration or the
+        next (trainSSL_less_memory.py draws unlabeled batches every other iteration): it shows them."""
+        i = getattr(self, "iteration", -2)
+        if self.cfg["utils"]["log_images"] > 0 and self.logger.tb is not None and \
+                (self.evaluation_due(i) or self.evaluation_due(i + 1)):
+            self._unlabeled_views = (images.detach(), pseudo.detach(), mixed_images.detach(), mixed_pseudo.detach())
 
     def update_class_weights(self, i: int, labels: torch.Tensor | None, pseudo: torch.Tensor | None) -> torch.Tensor:
         """Steps 3 and 7: class-balancing statistics (Cityscapes) and the class weights of this iteration."""
@@ -344,6 +378,7 @@ class Run:
         self.scaler.update()
         self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
         update_teacher(self.teacher, self.student, self.alpha)
+        dist.average_buffers(self.student, self.teacher)  # BatchNorm running statistics: the same on every rank
 
     def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights."""
@@ -357,14 +392,23 @@ class Run:
             self._log(i)
         if i > 0 and i % u["save_checkpoint_every"] == 0:
             self.save_periodic(i)
+        new_best = False
         if i > 0 and i % u["val_per_iter"] == 0:
+            best_before = self.best_miou
             self.evaluate_and_keep_best(i)
+            new_best = self.best_miou != best_before and u["save_best_model"]
             if self.since_best > self.num_iterations / 5:
                 self.return_to_best(i)
-        if (i + 1) % u["save_latest_every"] == 0 or i == self.num_iterations - 1:
+        # A new best_model.pth is followed by latest.pth at once: a resumed run must never start from a state older
+        # than the best_model.pth on disk (a return to the best model would read weights from its future).
+        if (i + 1) % u["save_latest_every"] == 0 or i == self.num_iterations - 1 or new_best:
             self.save_latest(i + 1)
 
     def _log(self, i: int) -> None:
+        if dist.is_distributed() and self._sums:  # the mean over all processes' batches
+            keys = list(self._sums)
+            total = dist.all_reduce_sum(torch.stack([self._sums[k] for k in keys])) / dist.world_size()
+            self._sums = dict(zip(keys, total))
         values = {k: float(v) / self._count for k, v in self._sums.items()}  # one sync per log interval
         values.update(lr=self.lr, ema_alpha=getattr(self, "alpha", 0.0),
                       ema_momentum=ema_momentum(i, self.num_iterations))
@@ -376,11 +420,29 @@ class Run:
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
         d = self.data
+        n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
+        shown: list[torch.Tensor] = []
+
+        def keep_image(name, image, label, pred):  # the first n_images validation images, as panels
+            if len(shown) < n_images:
+                shown.append(validation_panel(image, label, pred, d.palette, self.ignore_label, d.channel_order))
+
         result = evaluate(model, d.val, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
-                          autocast=self.autocast)
+                          autocast=self.autocast, on_prediction=keep_image if n_images else None)
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
         self.logger.vector(i, f"{tag}_iou", result["iou"], d.class_names)
+        for k, picture in enumerate(shown):  # image | ground truth | prediction
+            self.logger.images(i, f"{tag}_images/{k}", picture.unsqueeze(0))
+        views = self.__dict__.pop("_unlabeled_views", None)
+        if views is not None and n_images:  # image | pseudo-label, then each strong view: mixed image | labels
+            images, pseudo, mixed, mixed_pseudo = views
+            b = images.shape[0]
+            for k in range(min(n_images, b)):
+                picture = unlabeled_panel(images[k], pseudo[k], [(mixed[v * b + k], mixed_pseudo[v * b + k])
+                                                                 for v in range(mixed.shape[0] // b)],
+                                          d.palette, self.ignore_label, d.channel_order)
+                self.logger.images(i, f"unlabeled_images/{k}", picture.unsqueeze(0))
         self.logger.message(f"[{tag}] iteration {i}: mIoU {100 * result['miou']:.2f}  loss {result['loss']:.4f}")
         return result
 
@@ -413,11 +475,13 @@ class Run:
 
     def _load_best_into_student(self) -> bool:
         path = os.path.join(self.run_dir, "best_model.pth")
-        dist.barrier()
-        if not os.path.isfile(path):
+        # Rank 0 wrote the file; it reads it and sends the weights to the others (no shared file system needed).
+        if not dist.broadcast_object(os.path.isfile(path) if dist.is_main() else None):
             return False
-        state = model_state_from(load_checkpoint(path, map_location=self.device), path)
-        load_state_strict(self.student_module, state, path)
+        if dist.is_main():
+            state = model_state_from(load_checkpoint(path, map_location=self.device), path)
+            load_state_strict(self.student_module, state, path)
+        dist.broadcast_parameters(self.student_module)
         return True
 
     def return_to_best(self, i: int) -> None:
@@ -439,10 +503,15 @@ class Run:
             "balancing": self.balancing.state_dict() if self.balancing is not None else None,
             "class_weights": self.class_weights, "iteration": iteration, "best_miou": self.best_miou,
             "since_best": self.since_best, "config": self.cfg, "rng": rng_state(),
+            # every process's RNG state (augmentation draws differ per process), for an exact resume
+            "rng_ranks": dist.all_gather_object(rng_state()) if dist.is_distributed() else None,
+            "world_size": dist.world_size(),
             "best_result": None if self.best_result is None else
             {k: self.best_result[k] for k in ("iou", "miou", "loss")},
             "samplers": {"labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
                          "gta5": self.gta5_batches.state_dict() if self.gta5_batches is not None else None},
+            # the loss sums of the current log interval, so that a resumed run logs the same averages
+            "log_window": {"sums": dict(self._sums), "count": self._count},
             "format": "ssl-run-state-1",
         }
         return state
@@ -457,8 +526,10 @@ class Run:
             self.teacher = create_teacher(self.student_module)
             self.labeler = self.teacher if self.cfg["training"]["use_teacher_train"] else self.student
             self.start_iteration = int(ckpt.get("iteration", 0))
-            print(f"resuming from {source}: weights and optimiser only (not a latest.pth run state); memory bank, "
-                  f"class balancing and data order start afresh at iteration {self.start_iteration}", flush=True)
+            if dist.is_main():
+                print(f"resuming from {source}: weights and optimiser only (not a latest.pth run state); memory "
+                      f"bank, class balancing and data order start afresh at iteration {self.start_iteration}",
+                      flush=True)
             return
         load_state_strict(self.teacher, ckpt["teacher"], source + " (teacher)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -475,7 +546,17 @@ class Run:
         self.unlabeled.load_state_dict(ckpt["samplers"]["unlabeled"])
         if self.gta5_batches is not None and ckpt["samplers"]["gta5"] is not None:
             self.gta5_batches.load_state_dict(ckpt["samplers"]["gta5"])
-        set_rng_state(ckpt["rng"])
+        window = ckpt.get("log_window") or {"sums": {}, "count": 0}
+        self._sums = {k: v.to(self.device) for k, v in window["sums"].items()}
+        self._count = int(window["count"])
+        states = ckpt.get("rng_ranks") or [ckpt["rng"]]  # one per process of the run that saved it
+        saved_world = int(ckpt.get("world_size", len(states)))
+        if saved_world != dist.world_size() and dist.is_main():
+            print(f"resuming a run of {saved_world} process(es) with {dist.world_size()}: weights, optimiser, memory "
+                  f"bank and class balancing continue; data order and random draws are not those of the original "
+                  f"run", flush=True)
+        if dist.rank() < len(states):
+            set_rng_state(states[dist.rank()])
 
     def save_latest(self, next_iteration: int) -> None:
         """latest.pth: the whole run state after `next_iteration` iterations, written atomically."""
@@ -492,6 +573,7 @@ class Run:
             images = self.unlabeled.next()[0]
             with self.autocast():
                 model(normalize(images, self.data.mean_rgb, self.data.channel_order))
+        dist.average_buffers(model)  # every process refreshed on its own batches
 
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
@@ -522,11 +604,15 @@ class Run:
 
 
 def main_guard(main) -> None:
-    """Run `main`; a user error prints its one-line message and exits 2, without a traceback."""
+    """Run `main`; a user error prints its one-line message and exits 2, without a traceback.
+
+    Under torchrun a failing rank exits at once (other errors are also recorded for torchrun's failure summary)
+    and torchrun stops the other ranks, so the job ends non-zero instead of hanging in a collective. The process
+    group is torn down only after success: NCCL's teardown could wait for ranks that will never arrive.
+    """
     try:
-        main()
+        dist.run_recording_errors(main)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error{dist.rank_tag()}: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    finally:
-        dist.cleanup()
+    dist.cleanup()

@@ -1,0 +1,191 @@
+"""The program that tests/test_distributed.py starts under torchrun: trainSSL.py with test-only probes.
+
+    python -m torch.distributed.run --nproc_per_node=2 ... tests/dist_worker.py <trainSSL.py arguments>
+
+The probes wrap `Run` methods from the outside (production code has no test hooks). After every iteration each
+rank appends one JSON line to $DW_OUT/rank<r>.jsonl with digests of its student, teacher, optimiser, memory bank,
+class balancing and class weights, the dataset indices it drew and the memory rows it contributed/received;
+every evaluation appends the model digest, confusion matrix and the validation images this rank predicted.
+$DW_FAIL_RANK / $DW_FAIL_ITER make that rank raise after that iteration (the failure test);
+$DW_CHECK_COLLECTIVES runs `check_collectives` on the torchrun group before training.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from utils import distributed as dist  # noqa: E402
+
+
+def digest(obj) -> str:
+    """sha256 of a (nested) state: names, dtypes, shapes and the exact bytes of every tensor."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            for k in x:
+                h.update(repr(k).encode())
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update(repr(x).encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+def _write(record: dict) -> None:
+    with open(os.path.join(os.environ["DW_OUT"], f"rank{dist.rank()}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def install_probes() -> None:
+    from utils import training
+    run_init, end_iteration, gather_rows = training.Run.__init__, training.Run.end_iteration, training.Run.gather_rows
+    evaluate = training.evaluate
+
+    def init(self, *args, **kwargs):
+        run_init(self, *args, **kwargs)
+        self._probe = {"labeled": [], "unlabeled": [], "gathered": []}
+        for name in ("labeled", "unlabeled"):
+            batches = getattr(self, name)
+            draw = batches.next
+
+            def next_batch(draw=draw, name=name):
+                batch = draw()
+                self._probe[name] += batch[2].tolist()  # the dataset indices of this batch
+                return batch
+
+            batches.next = next_batch
+
+    def gather(self, *tensors):
+        out = gather_rows(self, *tensors)
+        self._probe["gathered"].append([tensors[0].shape[0], out[0].shape[0]])
+        return out
+
+    def end(self, i, terms):
+        end_iteration(self, i, terms)
+        record = {"kind": "step", "i": i, "lr": self.lr,
+                  "student": digest(self.student_module.state_dict()),
+                  "student_params": digest([p for p in self.student_module.parameters()]),
+                  "teacher": digest(self.teacher.state_dict()),
+                  "optimizer": digest(self.optimizer.state_dict()["state"]),
+                  "memory": digest(self.memory.state_dict()), "memory_counts": self.memory.counts.tolist(),
+                  "balancing": digest(self.balancing.state_dict()) if self.balancing is not None else None,
+                  "class_weights": digest(self.class_weights), **self._probe}
+        self._probe = {"labeled": [], "unlabeled": [], "gathered": []}
+        _write(record)
+        if os.environ.get("DW_FAIL_RANK") == str(dist.rank()) and os.environ.get("DW_FAIL_ITER") == str(i):
+            raise RuntimeError(f"injected failure on rank {dist.rank()} after iteration {i}")
+
+    def evaluate_probe(model, dataset, **kwargs):
+        names = []
+        inner = kwargs.get("on_prediction")
+
+        def on_prediction(name, image, label, pred):
+            names.append(str(name))
+            if inner is not None:
+                inner(name, image, label, pred)
+
+        kwargs["on_prediction"] = on_prediction
+        state = digest(model.state_dict())  # before: evaluation must not change the model
+        result = evaluate(model, dataset, **kwargs)
+        _write({"kind": "eval", "model": state, "model_after": digest(model.state_dict()), "names": names,
+                "confusion": result["confusion"].tolist(), "miou": result["miou"], "loss": result["loss"]})
+        return result
+
+    training.Run.__init__ = init
+    training.Run.gather_rows = gather
+    training.Run.end_iteration = end
+    training.evaluate = evaluate_probe
+
+
+def check_collectives() -> None:
+    """The helpers of utils/distributed.py against values worked out by hand, on the 2-process group that
+    torchrun started (run before training when $DW_CHECK_COLLECTIVES is set). Raises AssertionError."""
+    from torch import nn
+
+    from utils.class_balancing import ClassBalancing
+
+    rank = dist.rank()
+    assert dist.is_distributed() and dist.world_size() == 2 and dist.local_rank() == rank
+
+    # all_gather_rows: 0 rows on rank 0, 3 on rank 1 -> rank 1's rows on both, with their labels
+    n = 3 * rank
+    x = torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 100 * rank
+    y = torch.arange(n, dtype=torch.int64) + 10 * rank
+    gx, gy = dist.all_gather_rows(x, y)
+    assert gx.tolist() == [[100.0, 101.0], [102.0, 103.0], [104.0, 105.0]], gx
+    assert gy.tolist() == [10, 11, 12] and gy.dtype == torch.int64
+    # 2 rows and 1 row -> rank order
+    x = torch.full((2 - rank, 3), float(rank))
+    (gx,) = dist.all_gather_rows(x)
+    assert gx.tolist() == [[0.0] * 3, [0.0] * 3, [1.0] * 3], gx
+    # nothing anywhere
+    gx, gy = dist.all_gather_rows(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert gx.shape == (0, 4) and gy.shape == (0,)
+
+    # average_gradients: a on both ranks, b on rank 1 only, c nowhere, frozen f untouched; tiny buckets
+    m = nn.Module()
+    m.a = nn.Parameter(torch.zeros(2, 2))
+    m.b = nn.Parameter(torch.ones(3))
+    m.c = nn.Parameter(torch.ones(2))
+    m.f = nn.Parameter(torch.ones(1), requires_grad=False)
+    m.a.grad = torch.full((2, 2), 1.0 + 2 * rank)          # 1 and 3 -> 2
+    if rank == 1:
+        m.b.grad = torch.tensor([2.0, 4.0, 6.0])            # -> [1, 2, 3]
+    dist.average_gradients(m, bucket_numel=3)
+    assert m.a.grad.tolist() == [[2.0, 2.0], [2.0, 2.0]], m.a.grad
+    assert m.b.grad.tolist() == [1.0, 2.0, 3.0], m.b.grad
+    assert m.c.grad is None and m.f.grad is None  # so SGD skips c (no weight decay, no momentum), as 1 process
+
+    # average_buffers: running stats averaged, num_batches_tracked untouched
+    bn = nn.BatchNorm2d(2)
+    bn.running_mean.fill_(float(rank))                      # 0, 1 -> 0.5
+    bn.running_var.fill_(1.0 + 2 * rank)                    # 1, 3 -> 2
+    bn.num_batches_tracked.fill_(7)
+    bn.weight.data.fill_(float(rank))                       # a parameter: not a buffer
+    dist.average_buffers(bn, bucket_numel=1)
+    assert bn.running_mean.tolist() == [0.5, 0.5] and bn.running_var.tolist() == [2.0, 2.0]
+    assert int(bn.num_batches_tracked) == 7 and bn.weight.tolist() == [float(rank)] * 2
+
+    # broadcast_parameters: rank 0's parameters and buffers
+    dist.broadcast_parameters(bn)
+    assert bn.weight.tolist() == [0.0, 0.0]
+
+    assert dist.all_gather_object({"r": rank}) == [{"r": 0}, {"r": 1}]
+    assert dist.broadcast_object(f"from {rank}") == "from 0"
+
+    # class balancing with the counts summed over ranks: both ranks hold the histories of the global batch
+    cb = ClassBalancing(3, labeled_slots=1, unlabeled_slots=2, reduce=dist.all_reduce_sum)
+    labels = torch.tensor([[0, 0, 1, 9]]) if rank == 0 else torch.tensor([[2, 2, 2, 0]])
+    pseudo = torch.tensor([[1, 1]]) if rank == 0 else torch.tensor([[1, 2]])
+    w = cb.update(labels, pseudo)
+    assert cb.labeled.tolist() == [[3, 1, 3]] and cb.unlabeled.tolist() == [[0, 3, 1], [0, 0, 0]], cb.labeled
+    assert w.tolist() == [1.0, 1.0, 1.0]                   # unlabeled history not full yet
+    w = cb.update(None, torch.tensor([[0, 0]]) if rank == 0 else torch.tensor([[0, 2]]))
+    # f = [3,1,3] + [0,3,1] + [3,0,1] = [6,4,5]; median 5 -> sqrt(5/6), sqrt(5/4), 1
+    assert torch.allclose(w, torch.tensor([(5 / 6) ** 0.5, (5 / 4) ** 0.5, 1.0])), w
+
+
+if __name__ == "__main__":
+    import trainSSL
+    from utils.training import main_guard
+    if os.environ.get("DW_CHECK_COLLECTIVES"):
+        dist.init_distributed(torch.device("cpu"))  # the group Run would start; Run then finds it started
+        check_collectives()
+        _write({"kind": "collectives", "ok": True})
+    install_probes()
+    main_guard(lambda: trainSSL.main(sys.argv[1:]))

@@ -1,0 +1,239 @@
+"""Data-parallel training under torchrun: gloo, 2 CPU processes, a demo-sized trainSSL.py run.
+
+tests/dist_worker.py is the program torchrun starts: trainSSL.py with probes that write, after every iteration,
+digests of each rank's student, teacher, optimiser, memory bank and class balancing, the dataset indices it
+drew, the memory rows it contributed and received, and every evaluation's confusion matrix. The checks:
+- after every step both ranks hold bit-identical student (parameters and BatchNorm buffers), teacher, optimiser,
+  memory bank, class-balancing histories and weights, while drawing disjoint batches;
+- the memory bank received the selected rows of both ranks (gathered count = sum of the ranks' counts);
+- the split evaluation equals evaluateSSL.py's single-process evaluation of the saved checkpoint;
+- the 2-rank latest.pth loads into a 1-process run (weights, memory, RNG of rank 0);
+- a rank that raises ends the whole job non-zero, with its message, well before any collective timeout;
+- before training, the same job checks the helpers of utils/distributed.py against hand-worked values
+  (tests/dist_worker.py: check_collectives), so the suite starts only two torchrun jobs (startup dominates).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from tests.dist_worker import digest
+from utils import distributed as dist
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, "tests", "dist_worker.py")
+CONFIG = os.path.join(ROOT, "configs", "demo.json")
+N = 4   # iterations
+R = 1   # ramp-up: memory from iteration 1 (offset 1), contrastive terms from iteration 2
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def tiny_args(run_dir: str) -> list[str]:
+    sets = {
+        "backbone.depth": 18, "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": N,
+        "training.data.input_size": "33,49", "training.data.labeled_samples": 4,
+        "synthetic.num_train": 12, "synthetic.num_val": 4, "synthetic.image_size": "40,60",
+        "method.ramp_up_iterations": R, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
+        "method.bn_refresh_iterations": 1, "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2,
+        "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False,
+        "utils.checkpoint_dir": run_dir,
+    }
+    args = ["--config", CONFIG, "--device", "cpu"]
+    for k, v in sets.items():
+        args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    return args
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list[str], out_dir: str, timeout: float, **env_extra: str) -> tuple[int, str, float]:
+    """tests/dist_worker.py under torchrun with 2 processes; (exit code, output, seconds). A job still running
+    after `timeout` is killed and the test fails (that is the hang the failure test guards against)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--max_restarts", "0", "--monitor_interval", "0.5", WORKER, *args]
+    env = {**os.environ, "DW_OUT": out_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env_extra}
+    t0 = time.time()
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail(f"torchrun job still running after {timeout} s (hang); output tail:\n{out[-4000:]}")
+    return p.returncode, out, time.time() - t0
+
+
+def records(out_dir: str, rank: int) -> list[dict]:
+    path = os.path.join(out_dir, f"rank{rank}.jsonl")
+    return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    out_dir = str(tmp_path_factory.mktemp("probes"))
+    code, out, _ = torchrun(tiny_args(run_dir), out_dir, timeout=400, DW_CHECK_COLLECTIVES="1")
+    assert code == 0, out[-6000:]
+    return run_dir, records(out_dir, 0), records(out_dir, 1)
+
+
+def test_ranks_identical_after_every_step(two_rank_run):
+    run_dir, rec0, rec1 = two_rank_run
+    steps0 = [r for r in rec0 if r["kind"] == "step"]
+    steps1 = [r for r in rec1 if r["kind"] == "step"]
+    assert [r["i"] for r in steps0] == [r["i"] for r in steps1] == list(range(N))
+    for a, b in zip(steps0, steps1):
+        for key in ("student", "teacher", "optimizer", "memory", "balancing", "class_weights", "lr"):
+            assert a[key] == b[key], f"{key} differs between the ranks after iteration {a['i']}"
+        # ... although the ranks trained on different images (disjoint shards of the same epoch)
+        assert a["labeled"] and b["labeled"] and not set(a["labeled"]) & set(b["labeled"]), (a, b)
+        assert a["unlabeled"] and not set(a["unlabeled"]) & set(b["unlabeled"])
+    # the config's learning rate at iteration 0, not scaled by the world size (the default)
+    assert steps0[0]["lr"] == json.load(open(CONFIG))["training"]["learning_rate"]
+    # every step changed the student (the digests would also agree if nothing trained)
+    assert len({r["student_params"] for r in steps0}) == N
+    # memory: from iteration R - offset + 1 = 1 on, every rank receives the rows of both ranks, in the same order
+    events = [(a["i"], ea, eb) for a, b in zip(steps0, steps1) for ea, eb in zip(a["gathered"], b["gathered"])]
+    assert [i for i, _, _ in events] == list(range(1, N))
+    for i, (n0, g0), (n1, g1) in events:
+        assert g0 == g1 == n0 + n1, (i, n0, n1, g0, g1)
+    assert any(ea[0] > 0 and eb[0] > 0 for _, ea, eb in events)
+    assert sum(steps0[-1]["memory_counts"]) > 0
+    log = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+    train_rows = {r["iteration"]: r for r in log if r["kind"] == "train"}
+    assert sorted(train_rows) == list(range(N))
+    for i, row in train_rows.items():
+        assert ("loss_contr_l" in row) == (i > R) and ("loss_contr_u" in row) == (i > R)
+
+
+def test_split_evaluation_equals_single_process(two_rank_run):
+    import evaluateSSL
+    from utils.checkpoint import load_checkpoint
+    from utils.metrics import class_iou
+
+    run_dir, rec0, rec1 = two_rank_run
+    evals0 = [r for r in rec0 if r["kind"] == "eval"]
+    evals1 = [r for r in rec1 if r["kind"] == "eval"]
+    assert len(evals0) == len(evals1) >= 3  # iteration 2, the final one, the BN-refreshed one
+    for a, b in zip(evals0, evals1):
+        assert a["model"] == b["model"] == a["model_after"] == b["model_after"]
+        assert a["confusion"] == b["confusion"] and a["miou"] == b["miou"]
+        assert not set(a["names"]) & set(b["names"]) and len(a["names"]) + len(b["names"]) == 4
+        assert sum(map(sum, a["confusion"])) > 0
+    best_path = os.path.join(run_dir, "best_model.pth")
+    best = load_checkpoint(best_path)
+    matching = [r for r in evals0 if r["model"] == digest(best["model"])]
+    assert matching, "best_model.pth holds a state that was never evaluated"
+    record = matching[-1]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same kernels as the single-threaded ranks
+    try:
+        report = evaluateSSL.main(["--model-path", best_path, "--device", "cpu"])
+    finally:
+        torch.set_num_threads(threads)
+    expected_iou = class_iou(torch.tensor(record["confusion"])).tolist()
+    got_iou = list(report["iou"].values())
+    assert len(got_iou) == len(expected_iou) == 8
+    for g, e in zip(got_iou, expected_iou):
+        assert (math.isnan(g) and math.isnan(e)) or g == e, (got_iou, expected_iou)
+    assert report["miou"] == record["miou"] == best["miou"]
+    assert report["loss"] == pytest.approx(record["loss"], rel=1e-9)
+
+
+def test_two_rank_checkpoint_resumes_in_one_process(two_rank_run, capsys):
+    from trainSSL import Run
+    from utils.checkpoint import load_checkpoint
+    from utils.variants import TRAIN_SSL
+
+    run_dir, rec0, _ = two_rank_run
+    latest_path = os.path.join(run_dir, "latest.pth")
+    latest = load_checkpoint(latest_path)
+    assert latest["iteration"] == N and latest["world_size"] == 2
+    rngs = latest["rng_ranks"]
+    assert len(rngs) == 2 and not torch.equal(rngs[0]["torch"], rngs[1]["torch"])  # per-rank augmentation draws
+    assert torch.equal(rngs[0]["torch"], latest["rng"]["torch"])
+    run = Run(TRAIN_SSL, tiny_args(run_dir) + ["--resume", latest_path])
+    try:
+        assert run.start_iteration == N and not run.iterations()
+        assert digest(run.student.state_dict()) == digest(latest["model"])
+        assert digest(run.teacher.state_dict()) == digest(latest["teacher"])
+        last_step = [r for r in rec0 if r["kind"] == "step"][-1]
+        assert digest(run.memory.state_dict()) == digest(latest["memory"]) == last_step["memory"]
+        assert torch.equal(run.memory.counts, latest["memory"]["counts"]) and int(run.memory.counts.sum()) > 0
+        assert torch.equal(torch.get_rng_state(), rngs[0]["torch"])
+    finally:
+        run.logger.close()
+    assert "resuming a run of 2 process(es) with 1" in capsys.readouterr().out
+
+
+def test_failing_rank_ends_the_job(tmp_path):
+    out_dir = str(tmp_path / "probes")
+    os.makedirs(out_dir)
+    args = tiny_args(str(tmp_path / "run"))
+    code, out, seconds = torchrun(args, out_dir, timeout=240, DW_FAIL_RANK="1", DW_FAIL_ITER="0",
+                                  SSL_DIST_TIMEOUT_MIN="30")
+    assert code != 0, out[-4000:]
+    assert "RuntimeError: injected failure on rank 1 after iteration 0" in out, out[-4000:]
+    # torchrun's summary names the failing rank as the root cause, with its error (utils.distributed records it)
+    root_cause = out.split("Root Cause (first observed failure)")[-1]
+    assert "rank      : 1" in root_cause and "injected failure on rank 1" in root_cause, out[-4000:]
+    # rank 0 got no further than iteration 0: it waited in iteration 1's first collective until torchrun stopped it
+    assert [r["i"] for r in records(out_dir, 0) if r["kind"] == "step"] == [0]
+    assert seconds < 240
+
+
+def test_collectives_by_hand(two_rank_run):
+    """all_gather_rows, average_gradients, average_buffers, broadcasts and the all-reduced class balancing on
+    2 gloo processes (the assertions run in tests/dist_worker.py:check_collectives; a failure fails the job)."""
+    _, rec0, rec1 = two_rank_run
+    assert rec0[0] == rec1[0] == {"kind": "collectives", "ok": True}
+
+
+def test_one_process_identity(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not dist.launched_by_torchrun() and not dist.is_distributed()
+    assert (dist.rank(), dist.world_size(), dist.is_main(), dist.rank_tag()) == (0, 1, True, "")
+    x, y = torch.randn(3, 2), torch.arange(3)
+    gx, gy = dist.all_gather_rows(x, y)
+    assert gx is x and gy is y and dist.all_gather_object(5) == [5] and dist.broadcast_object(7) == 7
+    lin = nn.Linear(2, 1)
+    lin.weight.grad = torch.ones(1, 2)
+    dist.average_gradients(lin)
+    assert lin.weight.grad.tolist() == [[1.0, 1.0]] and lin.bias.grad is None
+    assert dist.run_recording_errors(lambda: 3) == 3
+
+
+def test_sync_batchnorm_converts_only_the_network_body():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)))
+    net[1].weight.requires_grad_(False)  # frozen affine, as in the backbone
+    weight = net[1].weight
+    net[1].running_mean.fill_(0.25)
+    with pytest.raises(UserError, match="training.sync_batchnorm"):
+        dist.convert_sync_batchnorm(net, torch.device("cpu"))
+    assert type(net[1]) is nn.BatchNorm2d  # nothing changed
+    out = dist.convert_sync_batchnorm(net, torch.device("cuda"))  # conversion itself needs no GPU
+    assert out is net and type(net[1]) is nn.SyncBatchNorm and type(net[2][1]) is nn.BatchNorm1d
+    assert net[1].weight is weight and not net[1].weight.requires_grad
+    assert net[1].running_mean.tolist() == [0.25] * 4
+    assert set(net.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
+                                     "1.num_batches_tracked", "2.0.weight", "2.0.bias", "2.1.weight", "2.1.bias",
+                                     "2.1.running_mean", "2.1.running_var", "2.1.num_batches_tracked"}

@@ -1,0 +1,149 @@
+"""evaluateSSL.py: saved predictions and overlays, the per-class summary worst first, and the sliding-window
+protocol next to the paper's whole-image one (utils/evaluation.py predict_sliding)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluateSSL
+from data.synthetic import CLASS_NAMES, PALETTE, SyntheticStreets, export_folder
+from model import build_model
+from utils.config import load_config
+from utils.evaluation import predict_logits, predict_sliding
+from tests.test_resume import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
+
+SIZE = (40, 60)
+
+
+class Pointwise(torch.nn.Module):
+    """A 1x1 convolution: its logits at a pixel depend on that pixel only, so every window agrees with the whole
+    image and the sliding sum is (number of windows covering the pixel) x softmax."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, classes, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_sliding_windows_sum_softmax_over_overlaps():
+    model = Pointwise()
+    x = torch.randn(2, 3, 10, 14)
+    with torch.no_grad():
+        got = predict_sliding(model, x, (10, 14), window=(6, 8), overlap=1 / 3)
+        probs = torch.softmax(model(x), dim=1)
+    # by hand: rows stride int(6·2/3) = 4 -> windows at 0, 4 (= 10 - 6); columns stride int(8·2/3) = 5 -> 0, 5 and
+    # the last full window at 14 - 8 = 6
+    coverage = torch.zeros(10, 14)
+    for y in (0, 4):
+        for x0 in (0, 5, 6):
+            coverage[y:y + 6, x0:x0 + 8] += 1
+    assert coverage.min() == 1 and coverage.max() == 6
+    torch.testing.assert_close(got, probs * coverage, rtol=1e-5, atol=1e-6)
+
+
+def test_one_window_covering_the_image_is_the_whole_image_protocol():
+    model = build_model("2", 8, "imagenet", 18, None, verbose=False).eval()
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        whole = predict_logits(model, x, SIZE)
+        sliding = predict_sliding(model, x, SIZE, window=(64, 64))  # larger than the image: one window
+    torch.testing.assert_close(sliding, torch.softmax(whole, dim=1), rtol=1e-5, atol=1e-6)
+    assert sliding.argmax(1).equal(whole.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random ResNet-18 DeepLabv2 with the config of a folder dataset of 3 synthetic validation scenes."""
+    root = str(tmp_path_factory.mktemp("data"))
+    config = export_folder(root, num_train=4, num_val=3, image_size=SIZE)
+    cfg = load_config(config, ["training.data.input_size=33,49"])
+    torch.manual_seed(3)
+    model = build_model("2", 8, "imagenet", 18, None, verbose=False)
+    path = os.path.join(str(tmp_path_factory.mktemp("ckpt")), "best_model.pth")
+    torch.save({"model": model.state_dict(), "config": cfg, "iteration": 5}, path)
+    return path, model.eval()
+
+
+def reference_predictions(model) -> tuple[list[np.ndarray], float]:
+    """The paper's protocol computed here: (x - 127.5) / 255, one forward, bilinear upsampling, argmax; and the
+    mean cross-entropy over labeled pixels."""
+    val = SyntheticStreets(3, SIZE, seed_offset=1, train=False)
+    out, loss, pixels = [], 0.0, 0
+    with torch.no_grad():
+        for i in range(3):
+            image, label = val.scene(i)
+            x = (torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0) - 127.5) / 255.0
+            logits = F.interpolate(model(x), size=SIZE, mode="bilinear", align_corners=True)
+            out.append(logits.argmax(1)[0].numpy())
+            target = torch.from_numpy(label.astype(np.int64)).unsqueeze(0)
+            loss += float(F.cross_entropy(logits, target, ignore_index=250, reduction="sum"))
+            pixels += int((target != 250).sum())
+    return out, loss / pixels
+
+
+def iou_by_hand(preds: list[np.ndarray], labels: list[np.ndarray], classes: int) -> list[float]:
+    inter, union = np.zeros(classes), np.zeros(classes)
+    for p, t in zip(preds, labels):
+        valid = t < classes
+        for c in range(classes):
+            inter[c] += np.sum((p == c) & (t == c) & valid)
+            union[c] += np.sum(((p == c) | (t == c)) & valid)
+    return [inter[c] / union[c] if union[c] else math.nan for c in range(classes)]
+
+
+def test_saved_predictions_overlays_and_summary(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    out = tmp_path / "pred"
+    report = evaluateSSL.main(["--model-path", path, "--device", "cpu", "--save-output-images", str(out)])
+    printed = capsys.readouterr().out
+    names = [f"synthetic_1_{i:05d}" for i in range(3)]
+    assert sorted(os.listdir(out)) == sorted([n + ".png" for n in names] + [n + "_overlay.jpg" for n in names]
+                                             + ["summary.txt"])
+    expected, loss = reference_predictions(model)
+    val = SyntheticStreets(3, SIZE, seed_offset=1, train=False)
+    for i, name in enumerate(names):
+        saved = Image.open(out / f"{name}.png")
+        assert saved.mode == "P" and saved.getpalette()[:24] == [v for c in PALETTE for v in c]
+        assert np.array_equal(np.asarray(saved), expected[i])  # pixel values are the predicted classes
+        blend = np.asarray(Image.open(out / f"{name}_overlay.jpg").convert("RGB")).astype(float)
+        image = val.scene(i)[0].astype(float)
+        colours = np.array(PALETTE, dtype=float)[expected[i]]
+        error = np.abs(blend - (image + colours) / 2).mean()  # JPEG is lossy: a few levels on average
+        assert blend.shape == (*SIZE, 3) and error < 8 and error < np.abs(blend - image).mean() / 4
+    # the summary: per-class IoU worst first, absent classes apart, mIoU
+    labels = [val.scene(i)[1] for i in range(3)]
+    iou = iou_by_hand(expected, labels, 8)
+    present = sorted(((v, n) for n, v in zip(CLASS_NAMES, iou) if not math.isnan(v)), key=lambda vn: vn[0])
+    assert len({v for v, _ in present}) > 1  # not all equal, so the order is tested
+    assert [n for n, _ in report["iou_worst_first"]] == [n for _, n in present]
+    assert report["miou"] == pytest.approx(np.nanmean(iou)) and report["loss"] == pytest.approx(loss, rel=1e-4)
+    summary = (out / "summary.txt").read_text()
+    assert summary in printed
+    rows = [ln.split() for ln in summary.splitlines()[1:1 + len(present)]]
+    assert [r[0] for r in rows] == [n for _, n in present]
+    assert [float(r[1]) for r in rows] == pytest.approx([100 * v for v, _ in present], abs=0.006)
+    saved = json.load(open(path.replace(".pth", "_evaluation.json")))
+    assert saved["protocol"] == "whole" and saved["iteration"] == 5
+
+
+def test_sliding_protocol(checkpoint, capsys):
+    path, model = checkpoint
+    expected, loss = reference_predictions(model)
+    labels = [SyntheticStreets(3, SIZE, seed_offset=1, train=False).scene(i)[1] for i in range(3)]
+    # windows as large as the images: the whole-image protocol's predictions, IoU and loss
+    one_window = evaluateSSL.main(["--model-path", path, "--device", "cpu", "--protocol", "sliding",
+                                   "--set", "training.data.input_size=40,60"])
+    assert list(one_window["iou"].values()) == pytest.approx(iou_by_hand(expected, labels, 8), nan_ok=True)
+    assert one_window["loss"] == pytest.approx(loss, rel=1e-4)
+    # crop-sized windows (33x49 of 40x60): a valid, different evaluation
+    windows = evaluateSSL.main(["--model-path", path, "--device", "cpu", "--protocol", "sliding"])
+    assert windows["protocol"] == "sliding" and 0 <= windows["miou"] <= 1 and windows["loss"] != one_window["loss"]
+    assert "protocol sliding" in capsys.readouterr().out

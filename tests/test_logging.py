@@ -1,0 +1,176 @@
+"""Progress and logs: plain lines without control characters off a terminal, a tqdm bar on one, train_log.jsonl,
+and TensorBoard scalars and images (read back from the event files)."""
+import io
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import trainSSL
+from data.synthetic import PALETTE, SyntheticStreets, export_folder
+from tests.test_resume import one_thread, tiny_argv  # noqa: F401  (one_thread: autouse fixture)
+from utils.checkpoint import load_checkpoint
+from utils.logger import TrainLogger
+from utils.schedules import poly_lr
+from utils.visualize import GAP, IGNORE_COLOUR, colorize_labels, panel, to_rgb_uint8
+
+ITERATIONS = 4
+CLASSES = ["road", "sidewalk", "building", "pole", "vegetation", "sky", "person", "car"]
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """4 iterations on the synthetic scenes written out as a folder dataset (a user's own data), evaluations after
+    iteration 2 and after the loop, 2 images per evaluation; output captured as a file (not a terminal), as under
+    nohup or CI."""
+    run_dir = str(tmp_path_factory.mktemp("logged"))
+    config = export_folder(str(tmp_path_factory.mktemp("data")), num_train=24, num_val=2, image_size=(40, 60))
+    argv = tiny_argv(run_dir, ITERATIONS, config, **{"utils.val_per_iter": 2, "utils.log_every": 1,
+                                                     "utils.log_images": 2, "utils.save_latest_every": 100})
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdout", out)
+        mp.setattr("sys.stderr", out)
+        trainSSL.main(argv)
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return run_dir, out.getvalue(), ea
+
+
+def test_plain_lines_off_a_terminal(logged_run):
+    run_dir, text, _ = logged_run
+    assert "\r" not in text and "\x1b" not in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("[train]")]
+    assert [re.match(r"\[train\] it (\d+)/4 eta \d\d:\d\d:\d\d ", ln).group(1) for ln in lines] == ["1", "2", "3", "4"]
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [0, 1, 2, 3]
+    for line, row in zip(lines, train):  # the printed running terms are those of train_log.jsonl
+        for key in ("loss_sup", "loss_pseudo", "loss_entropy", "loss", "lr"):
+            assert f" {key}={row[key]:.4g}" in line
+    assert "loss_contr_l" in train[3] and "loss_contr_u" in train[3]
+    assert [r["iteration"] for r in rows if r["kind"] == "val"] == [2, 4]
+    assert "folder v2" in text  # trained on the folder dataset
+    # per-class quantities are rows too: {"iteration", "kind", "values": {class: value}}
+    per_class = {}
+    for r in rows:
+        if "values" in r:
+            per_class.setdefault(r["kind"], {})[r["iteration"]] = r["values"]
+    assert sorted(per_class) == ["class_weights", "memory_fill", "val_bn_refresh_iou", "val_iou"]
+    assert sorted(per_class["memory_fill"]) == [0, 1, 2, 3] and sorted(per_class["val_iou"]) == [2, 4]
+    counts = load_checkpoint(os.path.join(run_dir, "latest.pth"))["memory"]["counts"].tolist()
+    assert list(per_class["memory_fill"][3].values()) == counts and list(per_class["memory_fill"][3]) == CLASSES
+    report = json.load(open(os.path.join(run_dir, "evaluation.json")))
+    # evaluation.json holds the best evaluation's IoU: one of the logged ones
+    assert {k: (v if v == v else None) for k, v in report["iou"].items()} in (per_class["val_iou"][4],
+                                                                              per_class["val_iou"][2],
+                                                                              per_class["val_bn_refresh_iou"][4])
+
+
+def test_tensorboard_scalars(logged_run):
+    run_dir, _, ea = logged_run
+    tags = set(ea.Tags()["scalars"])
+    losses = {f"train/{k}" for k in ("loss_sup", "loss_pseudo", "loss_entropy", "loss_contr_l", "loss_contr_u", "loss")}
+    per_class = {f"{group}/{c}" for group in ("class_weights", "memory_fill") for c in CLASSES}
+    assert losses | {"train/lr", "train/ema_momentum", "val/miou"} | per_class <= tags
+    # values: the poly learning rate, the memory fill of the last iteration, per-class IoU of the evaluations
+    lr = {e.step: e.value for e in ea.Scalars("train/lr")}
+    base = json.load(open(os.path.join(run_dir, "config.json")))["training"]["learning_rate"]
+    assert lr == pytest.approx({i: poly_lr(base, i, ITERATIONS, 0.9) for i in range(ITERATIONS)}, rel=1e-6)
+    counts = load_checkpoint(os.path.join(run_dir, "latest.pth"))["memory"]["counts"].tolist()
+    assert counts == [ea.Scalars(f"memory_fill/{c}")[-1].value for c in CLASSES] and sum(counts) > 0
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
+    val = {r["iteration"]: r["miou"] for r in rows if r["kind"] == "val"}
+    assert {e.step: e.value for e in ea.Scalars("val/miou")} == pytest.approx(val)
+    report = json.load(open(os.path.join(run_dir, "evaluation.json")))
+    present = [c for c in CLASSES if report["iou"][c] == report["iou"][c]]  # not NaN
+    assert present and {f"val_iou/{c}" for c in present} <= tags
+
+
+def decode(event) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
+
+
+def test_tensorboard_images(logged_run):
+    _, _, ea = logged_run
+    tags = set(ea.Tags()["images"])
+    assert {"val_images/0", "val_images/1", "unlabeled_images/0"} <= tags  # batch 2: one unlabeled image
+    assert "val_images/2" not in tags
+    assert [e.step for e in ea.Images("val_images/0")] == [2, 4]           # every evaluation
+    assert [e.step for e in ea.Images("unlabeled_images/0")] == [2, 4]     # the batch of iterations 2 and 3
+
+    # validation panel: image | ground truth | prediction, compared with the scene drawn independently
+    image, label = SyntheticStreets(2, (40, 60), seed_offset=1, train=False).scene(1)
+    panel = decode(ea.Images("val_images/1")[-1])
+    assert panel.shape == (40, 3 * 60 + 2 * GAP, 3)
+    assert np.array_equal(panel[:, :60], image)
+    lut = np.array(PALETTE + [IGNORE_COLOUR] * (256 - len(PALETTE)), dtype=np.uint8)
+    assert np.array_equal(panel[:, 60 + GAP:120 + GAP], lut[label])
+    assert (panel[:, 60:60 + GAP] == 0).all()
+    prediction = panel[:, 120 + 2 * GAP:].reshape(-1, 3)
+    assert {tuple(c) for c in prediction} <= set(PALETTE)
+
+    # unlabeled panel: rows image | pseudo-label, then the two strong views (33x49 crops)
+    panel = decode(ea.Images("unlabeled_images/0")[-1])
+    assert panel.shape == (3 * 33 + 2 * GAP, 2 * 49 + GAP, 3)
+    pseudo = panel[:33, 49 + GAP:].reshape(-1, 3)
+    assert {tuple(c) for c in pseudo} <= set(PALETTE)  # teacher argmax: never the ignore colour
+    for view in (1, 2):
+        mixed_labels = panel[view * (33 + GAP):view * (33 + GAP) + 33, 49 + GAP:].reshape(-1, 3)
+        assert {tuple(c) for c in mixed_labels} <= set(PALETTE) | {IGNORE_COLOUR}
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
+    for stream in (FakeTerminal(), io.StringIO()):
+        log = TrainLogger(str(tmp_path), total=10, start=2, tensorboard=False, stream=stream)
+        for i in range(2, 5):
+            log.advance()
+            log.scalars(i, {"loss_sup": 0.5 + i, "loss": 1.25})
+        log.close()
+        text = stream.getvalue()
+        if isinstance(stream, FakeTerminal):  # tqdm: iteration count, ETA and the running terms
+            assert "\r" in text and "5/10" in text and "loss_sup=4.5" in text and "<" in text
+        else:
+            assert "\r" not in text and "\x1b" not in text
+            assert text.splitlines()[-1].startswith("[train] it 5/10 eta ") and "loss_sup=4.5 loss=1.25" in text
+
+
+def test_resumed_logger_supersedes_events_after_the_checkpoint(tmp_path):
+    """Events logged after the last latest.pth by an interrupted run are dropped from TensorBoard on resume, and
+    train_log.jsonl marks where the resumed rows start."""
+    first = TrainLogger(str(tmp_path), total=6, start=0, stream=io.StringIO())
+    for i in range(5):
+        first.scalars(i, {"loss": float(i)})
+    first.close()
+    second = TrainLogger(str(tmp_path), total=6, start=3, stream=io.StringIO())
+    for i in range(3, 6):
+        second.scalars(i, {"loss": 10.0 + i})
+    second.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(0, 0), (1, 1), (2, 2), (3, 13), (4, 14), (5, 15)]
+    rows = [json.loads(ln) for ln in open(tmp_path / "train_log.jsonl")]
+    assert [(r["kind"], r["iteration"]) for r in rows][4:6] == [("train", 4), ("resume", 3)]
+
+
+def test_picture_helpers():
+    rgb = torch.tensor([[[10.4]], [[20.6]], [[300.0]]])  # [3,1,1], values beyond 255 clip
+    assert to_rgb_uint8(rgb, "RGB").flatten().tolist() == [10, 21, 255]
+    assert to_rgb_uint8(rgb.flip(0), "BGR").flatten().tolist() == [10, 21, 255]  # BGR input shown as RGB
+    labels = torch.tensor([[0, 1, 250, 7, -1, 300]])
+    colours = colorize_labels(labels, PALETTE[:2], ignore_label=250)
+    assert colours.shape == (3, 1, 6)
+    assert [tuple(colours[:, 0, k].tolist()) for k in range(6)] == [PALETTE[0], PALETTE[1]] + [IGNORE_COLOUR] * 4
+    grid = panel([[torch.full((3, 2, 2), 9, dtype=torch.uint8), torch.full((3, 4, 4), 7, dtype=torch.uint8)]])
+    assert grid.shape == (3, 2, 4 + GAP) and (grid[:, :, :2] == 9).all() and (grid[:, :, 2 + GAP:] == 7).all()
+    assert (grid[:, :, 2:2 + GAP] == 0).all()

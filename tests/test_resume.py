@@ -1,0 +1,212 @@
+"""Exact resume: an interrupted run continued with --resume ends bit-identical to an uninterrupted one; a run
+killed mid-save keeps its previous latest.pth; a checkpoint of another config is refused with the keys listed."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import trainSSL
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+from utils.training import Run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "demo.json")
+N = 2  # the interrupted run stops after N of 2N iterations
+DEMO_LR = json.load(open(DEMO))["training"]["learning_rate"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these tiny convolutions run several times faster than with two on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra) -> list[str]:
+    """trainSSL.py arguments for the demo config (ResNet-18, class balancing) shrunk to a few CPU seconds: 33x49
+    crops of 40x60 scenes, batch 2, ramp-up 1 so that the memory is filled from iteration 1 on and the contrastive
+    terms, ClassMix of unlabeled views and class-balancing weights act from iteration 2 on; an evaluation after
+    every iteration (so the return to the best model happens); log rows every 3 iterations (an interval that spans
+    the interruption)."""
+    sets = {
+        "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": iterations,
+        "training.data.labeled_samples": 6, "training.data.input_size": "33,49",
+        "synthetic.num_train": 24, "synthetic.num_val": 2, "synthetic.image_size": "40,60",
+        "method.ramp_up_iterations": 1, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
+        "method.bn_refresh_iterations": 1,
+        "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 1, "utils.save_checkpoint_every": 1000,
+        "utils.save_latest_every": N, "utils.log_every": 3, "utils.log_images": 0,
+    }
+    sets.update(extra)
+    argv = ["--config", config, "--device", "cpu"]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    return argv
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def no_finish(monkeypatch):
+    """Skip the after-loop work (final evaluation, BN refresh): latest.pth of the last iteration is written before."""
+    monkeypatch.setattr(Run, "finish", lambda self: self.logger.close())
+
+
+def interrupt_after(monkeypatch, iteration: int) -> None:
+    """Make the run stop right after it wrote latest.pth for `iteration` completed iterations."""
+    save_latest = Run.save_latest
+
+    def save_then_stop(self, next_iteration):
+        save_latest(self, next_iteration)
+        if next_iteration == iteration:
+            self.logger.close()
+            raise Interrupted
+
+    monkeypatch.setattr(Run, "save_latest", save_then_stop)
+
+
+def train_rows(run_dir: str) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+    return {r["iteration"]: {k: v for k, v in r.items() if k != "time"} for r in rows if r["kind"] == "train"}
+
+
+def assert_same_state(a: dict, b: dict, path: str = "") -> None:
+    """Recursive bit-identity of two checkpoint trees (tensors with torch.equal, everything else with ==)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), path
+        for k, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{path}[{k}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), f"{path} differs"
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run of 2N iterations (num_workers 0)."""
+    run_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+    saves = []
+    save_latest = Run.save_latest
+
+    def spy(self, next_iteration):
+        saves.append(next_iteration)
+        save_latest(self, next_iteration)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Run, "finish", lambda self: self.logger.close())
+        mp.setattr(Run, "save_latest", spy)
+        trainSSL.main(tiny_argv(run_dir))
+    # every new best_model.pth is followed by latest.pth at once (else a resume could start from a state older
+    # than best_model.pth and, returning to the best model, read weights from its own future)
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+    val = [(r["iteration"], r["miou"]) for r in rows if r["kind"] == "val"]
+    new_best = [i for k, (i, miou) in enumerate(val) if all(miou > m for _, m in val[:k])]
+    assert saves == sorted(set([2, 4] + [i + 1 for i in new_best])) and 3 in saves
+    return run_dir
+
+
+@pytest.mark.parametrize("workers, resume", [(0, "auto"), (2, "path")])
+def test_interrupted_and_resumed_run_is_bit_identical(reference, tmp_path, monkeypatch, no_finish, capsys,
+                                                      workers, resume):
+    run_dir = str(tmp_path / "run")
+    argv = tiny_argv(run_dir, **{"training.num_workers": workers})
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, N)
+        with pytest.raises(Interrupted):
+            trainSSL.main(argv)
+    assert load_checkpoint(os.path.join(run_dir, "latest.pth"))["iteration"] == N
+    capsys.readouterr()
+    if resume == "auto":
+        trainSSL.main(argv + ["--resume", "auto"])
+    else:  # an explicit latest.pth continues in its own directory, whatever utils.checkpoint_dir says
+        elsewhere = str(tmp_path / "elsewhere")
+        trainSSL.main(tiny_argv(elsewhere, **{"training.num_workers": workers})
+                      + ["--resume", os.path.join(run_dir, "latest.pth")])
+        assert not os.path.exists(elsewhere)
+    out = capsys.readouterr().out
+    assert f"iterations from {N}" in out
+    assert "back to the best model" in out  # the resumed part reloads best_model.pth written before the interruption
+
+    ref = load_checkpoint(os.path.join(reference, "latest.pth"))
+    got = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    assert ref["iteration"] == got["iteration"] == 2 * N
+    # the interesting parts, named, then everything else in the run state
+    assert ref["memory"]["counts"].sum() > 0  # the memory was filled, so its equality means something
+    for key in ("model", "teacher", "memory", "optimizer", "balancing", "class_weights", "rng", "samplers"):
+        assert_same_state(ref[key], got[key], key)
+    for key in ("num_workers",):
+        ref["config"]["training"][key] = got["config"]["training"][key]
+    ref["config"]["utils"]["checkpoint_dir"] = got["config"]["utils"]["checkpoint_dir"]
+    assert_same_state(ref, got)
+    # the logged averages agree too, including the interval that spans the interruption (iterations 0..2)
+    ref_rows, got_rows = train_rows(reference), train_rows(run_dir)
+    assert sorted(ref_rows) == sorted(got_rows) == [2, 3]
+    assert "loss_contr_u" in ref_rows[3]
+    assert ref_rows == got_rows
+
+
+def test_resume_refuses_another_config(reference, tmp_path):
+    argv = tiny_argv(str(tmp_path), **{"training.learning_rate": 0.01, "method.memory_size": 128,
+                                       "training.num_workers": 1})
+    with pytest.raises(UserError) as e:
+        trainSSL.main(argv + ["--resume", os.path.join(reference, "latest.pth")])
+    msg = str(e.value)
+    assert f"training.learning_rate: {DEMO_LR} -> 0.01" in msg and "method.memory_size: 256 -> 128" in msg
+    assert "training.num_workers" not in msg  # keys that change no result may differ
+
+
+KILL_SCRIPT = r"""
+import os, sys, time, torch
+import trainSSL
+torch.set_num_threads(1)
+real_save = torch.save
+def slow_save(obj, f, *a, **k):
+    if isinstance(obj, dict) and obj.get("format") == "ssl-run-state-1" and obj["iteration"] == 2:
+        import io
+        buf = io.BytesIO(); real_save(obj, buf, *a, **k)
+        f.write(buf.getvalue()[: len(buf.getvalue()) // 2]); f.flush()
+        print("MID-SAVE", flush=True)
+        time.sleep(600)
+    return real_save(obj, f, *a, **k)
+torch.save = slow_save
+trainSSL.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
+    run_dir = str(tmp_path)
+    argv = tiny_argv(run_dir, iterations=3, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT] + argv, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:
+            if "MID-SAVE" in line or time.time() > deadline:
+                break
+        temp = [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
+        assert temp, "the save of iteration 2 should be in progress"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    assert latest["iteration"] == 1 and latest["format"] == "ssl-run-state-1"
+    assert set(latest["model"]) == set(latest["teacher"])
