@@ -201,6 +201,9 @@ def _check_semantics(cfg: dict, source: str) -> None:
             raise UserError(f"{source}: config key '{dotted}' must be at least 1, got {_get(cfg, dotted)}.")
     if t["batch_size"] < 2:
         raise UserError(f"{source}: 'training.batch_size' must be at least 2 (the unlabeled batch is B/2).")
+    if cfg["version"] == "3" and t["batch_size"] // 2 < 2:
+        raise UserError(f"{source}: DeepLabv3+ needs 'training.batch_size' of at least 4: its image-pooling "
+                        f"BatchNorm needs two images of the unlabeled batch (B/2) in training mode.")
     for dotted in ("training.data.input_size", "synthetic.image_size"):
         parse_size(_get(cfg, dotted), f"{source}: '{dotted}'")
     depth = cfg["backbone"]["depth"]
