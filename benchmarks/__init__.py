@@ -1,0 +1,1 @@
+"""Benchmarks: method components, whole training iterations, the semi-supervised synthetic benchmark."""
