@@ -59,6 +59,7 @@ from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix_masks
 from utils.contrastive import contrastive_loss, contrastive_loss_reference
 from utils.errors import UserError
+from utils.training import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import confusion_matrix
 
@@ -391,8 +392,4 @@ def _main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

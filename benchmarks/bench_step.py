@@ -66,6 +66,7 @@ from utils.class_balancing import ClassBalancing
 from utils.config import fidelity, load_config, parse_size
 from utils.ema import create_teacher
 from utils.errors import UserError
+from utils.training import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.training import Run, seed_everything
 from utils.variants import TRAIN_SSL
@@ -449,8 +450,4 @@ def _main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main_guard(main)

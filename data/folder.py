@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from data.common import READ_ERRORS, SegmentationDataset, random_crop, read_image, read_label
+from data.voc import voc_palette
 from utils.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -34,18 +35,8 @@ LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")  # lossless only: a JPEG la
 
 
 def default_palette(n: int) -> list[tuple[int, int, int]]:
-    """The VOC colour map (bits of the class index spread over R, G, B): distinct colours for up to 256 classes."""
-    out = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        out.append((r, g, b))
-    return out
+    """The VOC colour map: distinct colours for up to 256 classes."""
+    return voc_palette(n)
 
 
 def _walk(directory: str, extensions: tuple[str, ...]) -> dict[str, str]:
