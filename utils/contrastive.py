@@ -19,7 +19,7 @@ from torch import nn
 
 from utils.errors import UserError
 from utils.memory_bank import MemoryBank
-from utils.selectors import grouped_selector_scores, padded_selector_scores
+from utils.selectors import class_counts, grouped_selector_scores, padded_selector_scores
 
 __all__ = ["contrastive_loss", "contrastive_loss_reference"]
 
@@ -45,7 +45,7 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, memory: Memor
     device, dtype = features.device, features.dtype
     labels = labels.to(device=device, dtype=torch.int64)
 
-    n = torch.bincount(labels, minlength=C)[:C]                                    # [C] vectors per class
+    n = class_counts(labels, C)                                    # [C] vectors per class
     m = memory.counts.to(device)                                                    # [C] memory entries
     qualify = (n > 1) & (m > 1)                                                     # [C]
     row_q = qualify[labels]                                                         # [N]

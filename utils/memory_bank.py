@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.selectors import grouped_selector_scores
+from utils.selectors import class_counts, grouped_selector_scores
 
 __all__ = ["MemoryBank", "per_class_quota"]
 
@@ -74,7 +74,7 @@ class MemoryBank:
         x = features.detach().to(device=device, dtype=torch.float32)
         labels = labels.to(device=device, dtype=torch.int64)
 
-        n = torch.bincount(labels, minlength=C)[:C]                                 # [C] new vectors per class
+        n = class_counts(labels, C)                                 # [C] new vectors per class
         active = n > quota                                                          # classes that get ranked
         scores = torch.sigmoid(grouped_selector_scores(x, labels, selectors, active))  # [N]
         ar = torch.arange(N, device=device)

@@ -3,7 +3,8 @@
 A selector is `nn.Sequential(Linear(D,H), BatchNorm1d(H), LeakyReLU(s), Linear(H,1))`, one per class. The
 release called `selector_c(x[labels == c])` in a Python loop over classes; here the C modules' parameters are
 stacked (so gradients still reach every module) and all classes run in one pass:
-- the first Linear is a batched matmul over the vectors padded per class into [C, P, D];
+- the first Linear is a batched matmul over blocks of ceil(N/C) vectors, each block of one class ([K, P0, D] with
+  K <= 2C blocks fixed from N and C): no padding to the largest class, and no host sync;
 - BatchNorm1d uses per-class batch statistics (segment sums over the valid vectors of each class) in train
   mode, the running statistics in eval mode, and updates the running statistics exactly as
   `nn.BatchNorm1d` in train mode would;
@@ -19,7 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["grouped_selector_scores", "padded_selector_scores", "reference_selector_scores"]
+__all__ = ["class_counts", "grouped_selector_scores", "padded_selector_scores", "reference_selector_scores"]
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Vectors per class [C] for labels in [0, C), without the host sync of torch.bincount on CUDA."""
+    return torch.zeros(num_classes, dtype=torch.long, device=labels.device).index_add_(
+        0, labels, torch.ones_like(labels, dtype=torch.long))
 
 
 @dataclass
@@ -123,15 +130,17 @@ def _update_running_stats(p: _Stacked, update: torch.Tensor, mean: torch.Tensor,
 
 
 def _selector_rows(x_pad: torch.Tensor, row_class: torch.Tensor, row_slot: torch.Tensor, row_use: torch.Tensor,
-                   class_use: torch.Tensor, selectors: list[nn.Module]) -> torch.Tensor:
+                   class_use: torch.Tensor, selectors: list[nn.Module], block_class=None, row_block=None) -> torch.Tensor:
     """Core: x_pad [C,P,D] vectors padded per class; row r is x_pad[row_class[r], row_slot[r]] and counts when
     row_use[r]. Returns the pre-sigmoid score per row [R] (0 for unused rows); BN statistics over used rows."""
-    C = x_pad.shape[0]
+    C = len(selectors)
     p = _stack(selectors, x_pad)
-    if p.w1.shape[0] != C:
-        raise ValueError(f"{p.w1.shape[0]} selectors for {C} classes")
-    h_pad = torch.baddbmm(p.b1.unsqueeze(1), x_pad, p.w1.transpose(1, 2))          # [C, P, H]
-    h = h_pad[row_class, row_slot]                                                  # [R, H]
+    if block_class is None:
+        h_pad = torch.baddbmm(p.b1.unsqueeze(1), x_pad, p.w1.transpose(1, 2))          # [C, P, H]
+        h = h_pad[row_class, row_slot]                                                  # [R, H]
+    else:
+        h_pad = torch.baddbmm(p.b1[block_class].unsqueeze(1), x_pad, p.w1[block_class].transpose(1, 2))  # [K, P0, H]
+        h = h_pad[row_block, row_slot]
     H = h.shape[1]
     m = row_use.to(h.dtype)                                                         # [R]
     n = torch.zeros(C, device=h.device, dtype=h.dtype).index_add(0, row_class, m)  # [C] vectors per class
@@ -171,7 +180,7 @@ def grouped_selector_scores(x: torch.Tensor, groups: torch.Tensor, selectors: li
                             active: torch.Tensor | None = None) -> torch.Tensor:
     """Pre-sigmoid score of each vector x[n] [N,D] by its own class's selector selectors[groups[n]].
 
-    All classes in one pass (stacked weights, padded bmm, segment reductions); differentiable w.r.t. x and
+    All classes in one pass (stacked weights, bmm over fixed-size class blocks, segment reductions; no host sync); differentiable w.r.t. x and
     every selector's parameters. BatchNorm uses per-class batch statistics (train mode) or running statistics
     (eval mode) and, in train mode, updates the running statistics of each active class with more than one
     vector as nn.BatchNorm1d would. Vectors of inactive classes (active[c] False) score 0 and do not enter any
@@ -185,24 +194,31 @@ def grouped_selector_scores(x: torch.Tensor, groups: torch.Tensor, selectors: li
     device = x.device
     class_use = (torch.ones(C, dtype=torch.bool, device=device) if active is None
                  else active.to(device=device, dtype=torch.bool))
-    counts = torch.bincount(groups, minlength=C)[:C]                                # [C]
+    counts = class_counts(groups, C)                                                # [C]
     used = counts * class_use
-    # The one host sync: the padding size (largest active class).
-    P = int(used.max())
-    if P == 0:
-        return x.new_zeros(N)
-    order = torch.argsort(groups, stable=True)                                      # rows sorted by class
-    starts = torch.cumsum(counts, 0) - counts                                       # [C] first sorted row
+    P0 = -(-N // C)                                     # block size: ceil(N / C), known on the host
+    K = C + -(-N // P0)                                 # static bound on the number of blocks: sum ceil(n_c/P0)
+    blocks = (used + P0 - 1) // P0                                                   # [C] blocks per class
+    block_start = torch.cumsum(blocks, 0) - blocks                                  # [C]
+    order = torch.argsort(groups, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
     ar = torch.arange(N, device=device)
     pos = torch.empty_like(groups)
     pos[order] = ar - starts[groups[order]]                                         # index within own class
-    slot = torch.arange(P, device=device)
-    valid = slot[None, :] < used[:, None]                                           # [C, P]
-    src = order[(starts[:, None] + slot[None, :]).clamp(max=N - 1)]
-    src = torch.where(valid, src, torch.full_like(src, N))                          # N -> the zero row
-    x_pad = torch.cat([x, x.new_zeros(1, D)])[src]                                  # [C, P, D]
+    row_block = (block_start[groups] + pos // P0).clamp(max=K - 1)
+    row_slot = pos % P0
+    # block k -> its class (blocks beyond the used ones: class 0, all padding)
+    kk = torch.arange(K, device=device)
+    block_class = (torch.searchsorted(torch.cumsum(blocks, 0), kk, right=True)).clamp(max=C - 1)
+    within = kk - block_start[block_class]                                          # block index within class
+    slot = torch.arange(P0, device=device)
+    first = within[:, None] * P0 + slot[None, :]                                   # [K, P0] position in class
+    valid = (first < used[block_class][:, None]) & (kk[:, None] < blocks.sum())
+    src = order[(starts[block_class][:, None] + first).clamp(max=N - 1)]
+    src = torch.where(valid, src, torch.full_like(src, N))
+    x_pad = torch.cat([x, x.new_zeros(1, D)])[src]                                  # [K, P0, D]
     row_use = class_use[groups]
-    return _selector_rows(x_pad, groups, pos.clamp(max=P - 1), row_use, class_use, selectors)
+    return _selector_rows(x_pad, groups, row_slot, row_use, class_use, selectors, block_class, row_block)
 
 
 def padded_selector_scores(x_pad: torch.Tensor, valid: torch.Tensor, selectors: list[nn.Module]) -> torch.Tensor:
