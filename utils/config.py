@@ -47,7 +47,7 @@ SCHEMA: dict[str, Any] = {
         "save_teacher_test": ((bool,), False, "best/periodic checkpoints hold the teacher instead of the student"),
         "scale_lr_with_world_size": ((bool,), False, "multiply the lr by the number of processes under torchrun"),
         "sync_batchnorm": ((bool,), False, "SyncBatchNorm across processes under torchrun"),
-        "compile": ((bool,), False, "torch.compile the student and teacher networks"),
+        "compile": ((bool,), False, "torch.compile the student network (forwards; heads and checkpoints unaffected)"),
         "data": {
             "split_id_list": ((int,), 0, "0/1/2: fixed splits; any other value: random split from `seed`"),
             "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),

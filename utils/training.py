@@ -151,13 +151,19 @@ class Run:
         self.student.train()
         self.student_module = self.student
         self.teacher = create_teacher(self.student)
-        self.labeler = self.teacher if t["use_teacher_train"] else self.student
+        self.labeler = self.teacher if t["use_teacher_train"] else self.student_module
         lr = t["learning_rate"] * (dist.world_size() if t["scale_lr_with_world_size"] else 1)
         self.base_lr = lr
         self.optimizer = torch.optim.SGD(self.student.optim_parameters(lr), lr=lr, momentum=t["momentum"],
                                          weight_decay=t["weight_decay"])
         self.precision = cfg["precision"]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        if self.device.type == "cuda":  # NHWC convolutions on tensor cores
+            self.student.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
+        if t["compile"] and not self.args.dry_run:
+            # forwards go through the compiled graph; heads, selectors and state dicts use student_module
+            self.student = torch.compile(self.student_module)
 
         # Method state: memory bank and class balancing.
         m = self.method
@@ -373,12 +379,12 @@ class Run:
         """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA."""
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        dist.average_gradients(self.student)
+        dist.average_gradients(self.student_module)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
-        update_teacher(self.teacher, self.student, self.alpha)
-        dist.average_buffers(self.student, self.teacher)  # BatchNorm running statistics: the same on every rank
+        update_teacher(self.teacher, self.student_module, self.alpha)
+        dist.average_buffers(self.student_module, self.teacher)  # BatchNorm running statistics: the same on every rank
 
     def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights."""
@@ -524,7 +530,7 @@ class Run:
             if "optimizer" in ckpt:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             self.teacher = create_teacher(self.student_module)
-            self.labeler = self.teacher if self.cfg["training"]["use_teacher_train"] else self.student
+            self.labeler = self.teacher if self.cfg["training"]["use_teacher_train"] else self.student_module
             self.start_iteration = int(ckpt.get("iteration", 0))
             if dist.is_main():
                 print(f"resuming from {source}: weights and optimiser only (not a latest.pth run state); memory "
