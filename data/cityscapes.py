@@ -12,7 +12,7 @@ import random
 import numpy as np
 
 from data.cityscapes_labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, PALETTE, id_to_trainid_lut
-from data.common import SegmentationDataset, random_crop, read_image, read_label, resize_image, resize_label
+from data.common import SegmentationDataset, random_crop, read_pair, resize_image, resize_label
 from utils.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -104,11 +104,7 @@ class CityscapesDataset(SegmentationDataset):
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image_path, label_path = self.images[index], self.labels[index]
-        image = read_image(image_path)
-        raw = read_label(label_path)
-        if image.shape[:2] != raw.shape:
-            raise UserError(f"Cityscapes image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                            f"{label_path} is {raw.shape[1]}x{raw.shape[0]}; the files do not belong together.")
+        image, raw = read_pair(image_path, label_path, "Cityscapes")
         h, w = raw.shape
         half = (w // 2, h // 2)  # Pillow sizes are (W, H); int(size / 2) as released
         if self.train:

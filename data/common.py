@@ -72,6 +72,15 @@ def read_label(path: str) -> np.ndarray:
     return arr
 
 
+def read_pair(image_path: str, label_path: str, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image [H,W,3] and raw label [H,W]; a size mismatch names both files (they do not belong together)."""
+    image, label = read_image(image_path), read_label(label_path)
+    if image.shape[:2] != label.shape:
+        raise UserError(f"{dataset} image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
+                        f"{label_path} is {label.shape[1]}x{label.shape[0]}; the files do not belong together.")
+    return image, label
+
+
 def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
     """Pillow BILINEAR resize (filters when shrinking, as released) of an [H,W,3] uint8 image to (W, H)."""
     if (image.shape[1], image.shape[0]) == tuple(size_wh):

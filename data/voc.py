@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from data.common import SegmentationDataset, random_crop, read_image, read_label
+from data.common import SegmentationDataset, random_crop, read_pair
 from utils.errors import UserError
 
 NUM_CLASSES = 21
@@ -128,11 +128,7 @@ class VOCDataset(SegmentationDataset):
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image_path, label_path = self.images[index], self.labels[index]
-        image = read_image(image_path)
-        label = read_label(label_path)
-        if image.shape[:2] != label.shape:
-            raise UserError(f"Pascal VOC image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                            f"{label_path} is {label.shape[1]}x{label.shape[0]}.")
+        image, label = read_pair(image_path, label_path, "Pascal VOC")
         if self.ignore_label != IGNORE_LABEL:
             label = np.where(label == IGNORE_LABEL, np.uint8(self.ignore_label), label)
         if self.train:
