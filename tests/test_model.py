@@ -248,22 +248,28 @@ def test_backbone_bn_frozen_but_in_train_mode():
     ("2", "imagenet", 20),   # torchvision: shortcuts in layer2..4 only
     ("3", "imagenet", 20),
 ])
-def test_optim_parameters_groups(version, pretraining, n_backbone):
+def test_optim_parameters_one_group(version, pretraining, n_backbone):
+    """The release's optim_parameters: ONE group at the base lr with every trainable parameter, each once, in
+    its order: backbone, classifier/decoder, projection, prediction, then (feature c, memory c) per class."""
     C = 3
     model = build_model(version, C, pretraining, 18)
     groups = model.optim_parameters(0.01)
-    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
-    ids = [[id(p) for p in g["params"]] for g in groups]
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert len(set(ids[0]) | set(ids[1])) == len(ids[0]) + len(ids[1]) == len(trainable)
-    assert set(ids[0]) | set(ids[1]) == trainable
-    backbone = {id(p) for n, p in model.named_parameters() if n.split(".")[0] in BACKBONE_MODULES}
-    assert set(ids[0]) <= backbone and len(ids[0]) == n_backbone
+    assert len(groups) == 1 and groups[0]["lr"] == 0.01
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for p in groups[0]["params"]]
+    assert len(order) == len(set(order)) == sum(p.requires_grad for p in model.parameters())
     # v2: layer5 4 x (w, b); v3+: ASPP 4 x (conv, BN w, b) + pool (3) + conv1/bn1 (3) = 18, decoder
-    # conv1/bn1 (3) + last_conv 0, 1 (w, b), 4, 5 (w, b), 8 (w, b) = 11. Projection and prediction heads:
-    # 2 Linear (w, b) + BN1d (w, b) = 6 each, and 2C selectors of 6 each.
+    # conv1/bn1 (3) + last_conv 0, 1 (w, b), 4, 5 (w, b), 8 (w, b) = 11. Projection and prediction
+    # heads: 2 Linear (w, b) + BN1d (w, b) = 6 each, and 2C selectors of 6 each.
     decoder = 8 if version == "2" else 18 + 11
-    assert len(ids[1]) == decoder + 2 * 6 + 2 * C * 6
+    assert len(order) == n_backbone + decoder + 2 * 6 + 2 * C * 6
+    assert all(n.split(".")[0] in BACKBONE_MODULES for n in order[:n_backbone])
+    assert all(n.startswith(("layer5.", "aspp.", "decoder.")) for n in order[n_backbone:n_backbone + decoder])
+    heads = [n.split(".")[0] for n in order[n_backbone + decoder:]]
+    expected = ["projection_head"] * 6 + ["prediction_head"] * 6
+    for c in range(C):
+        expected += [f"contrastive_class_selector_{c}"] * 6 + [f"contrastive_class_selector_memory{c}"] * 6
+    assert heads == expected
 
 
 def test_released_init():

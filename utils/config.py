@@ -38,7 +38,7 @@ SCHEMA: dict[str, Any] = {
         "optimizer": ((str,), "SGD", "only \"SGD\""),
         "momentum": ((float,), 0.9, "SGD momentum"),
         "num_iterations": ((int,), REQUIRED, "N, training iterations"),
-        "learning_rate": ((float,), REQUIRED, "base lr (classifier, decoder and heads get 10x)"),
+        "learning_rate": ((float,), REQUIRED, "base lr of the one SGD group holding every trainable parameter"),
         "lr_schedule": ((str, type(None)), "Poly", "\"Poly\" or null (constant)"),
         "lr_schedule_power": ((float,), 0.9, "poly power"),
         "pretraining": ((str,), "COCO", "\"COCO\" (BGR input) or \"imagenet\" (RGB input)"),

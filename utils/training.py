@@ -297,7 +297,8 @@ class Run:
             + (f"; GTA5: {len(self.gta5)} images" if self.gta5 is not None else ""),
             f"model: {'DeepLabv2' if cfg['version'] == '2' else 'DeepLabv3+'} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
             f"pretrained weights: {self._pretrained_status()}",
-            f"optimiser: SGD lr {self.base_lr} (x10 for the classifier/heads), momentum {t['momentum']}, "
+            f"optimiser: SGD, one group of {sum(len(g['params']) for g in self.optimizer.param_groups)} trainable "
+            f"tensors at lr {self.base_lr}, momentum {t['momentum']}, "
             f"weight decay {t['weight_decay']}, {t['lr_schedule']} power {t['lr_schedule_power']}",
             f"memory: {self.num_classes} x {self.method['memory_size']} vectors, quota {self.memory_quota} per class "
             f"and update; class balancing: {'on' if self.balancing else 'off'}",
@@ -376,8 +377,11 @@ class Run:
         return self.method["use_contrastive"] and i > self.method["ramp_up_iterations"]
 
     def optimizer_step(self, i: int, loss: torch.Tensor) -> None:
-        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA.
+
+        Gradients are zeroed, not freed (torch 1.6's `zero_grad()`, as released): a parameter that ever had a
+        gradient keeps getting weight decay and momentum on steps whose loss does not reach it."""
+        self.optimizer.zero_grad(set_to_none=False)
         self.scaler.scale(loss).backward()
         dist.average_gradients(self.student_module)
         self.scaler.step(self.optimizer)
