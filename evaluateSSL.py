@@ -24,7 +24,7 @@ from PIL import Image
 
 from data import build_data
 from model import build_model
-from model.checkpoint_io import load_state_strict
+from model.checkpoint_io import backbone_depth_of, load_state_strict
 from utils.checkpoint import load_checkpoint, model_state_from
 from utils.config import fidelity, parse_size, resolve_config
 from utils.errors import UserError
@@ -81,9 +81,12 @@ def main(argv=None) -> dict:
     cfg = resolve_config(ckpt["config"], f"{args.model_path} (stored config)", args.overrides)
     device = choose_device(args.device)
     data = build_data(cfg, args.data_root, split=False)
-    model = build_model(cfg["version"], data.num_classes, cfg["training"]["pretraining"], cfg["backbone"]["depth"],
+    state = model_state_from(ckpt, args.model_path)
+    # backbone.depth null: the depth the weights have (DeepLabv3+ is ResNet-101 in domain adaptation, else 50)
+    depth = cfg["backbone"]["depth"] or backbone_depth_of(state)
+    model = build_model(cfg["version"], data.num_classes, cfg["training"]["pretraining"], depth,
                         None, v2_branches=fidelity(cfg).v2_branches)
-    load_state_strict(model, model_state_from(ckpt, args.model_path), args.model_path)
+    load_state_strict(model, state, args.model_path)
     model.to(device)
 
     stem = os.path.splitext(args.model_path)[0]

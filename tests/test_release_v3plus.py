@@ -1,11 +1,12 @@
-"""DeepLabv3+ exactly as released (issue 11, items 2 and 3; SPEC 3).
+"""DeepLabv3+ exactly as released (issue 11, items 2, 3 and 8; SPEC 3 and 9).
 
 The expected structure is written out here from the release's model/deeplabv3.py as read by hand, not taken
 from this project's model: the per-block strides and dilations of the backbone, the state-dict keys and shapes
 of a released ResNet-50 Cityscapes checkpoint, and a functional (F.conv2d / F.batch_norm) composition of the
 released forward. A checkpoint in the release's own layout ({'iteration', 'optimizer', 'config', 'model'},
 trainSSL.py's _save_checkpoint) must load strictly into evaluateSSL.py and give the mIoU that the functional
-reference gives.
+reference gives. The domain-adaptation script builds DeepLabv3+ on ResNet-101 and reads Cityscapes at half
+size (its RandomCrop_city / Resize_city), evaluating at full size only in its final evaluations.
 """
 import json
 import math
@@ -20,8 +21,11 @@ from torch import nn
 
 import evaluateSSL
 from model import build_model
+from model.checkpoint_io import backbone_depth_of
 from model.deeplabv3plus import Decoder
-from tests.fixtures_data import make_cityscapes_tree
+from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree
+from utils.training import Run
+from utils.variants import DOMAIN_ADAPTATION, LESS_MEMORY, TRAIN_SSL, backbone_depth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V3_CITY_CONFIG = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_v3.json")
@@ -297,3 +301,75 @@ def test_released_v3plus_checkpoint_evaluates(tmp_path):
     pred, gt = np.concatenate(preds), np.concatenate(gts)
     assert len(np.unique(pred)) >= 3  # the weights give varied predictions, so the mIoU tells networks apart
     assert report["miou"] == pytest.approx(_miou(pred, gt, C), abs=1e-12)
+
+
+# ------------------------------------------------------------------ the domain-adaptation script with a v3 config
+@pytest.fixture(scope="module")
+def city_gta5(tmp_path_factory):
+    city = str(tmp_path_factory.mktemp("CityScapes"))
+    files = make_cityscapes_tree(city, n_train=6, n_val=1, size=(64, 96), seed=5)
+    gta5 = str(tmp_path_factory.mktemp("GTA5"))
+    make_gta5_tree(gta5, n_train=4, n_val=1, size=(64, 96), seed=6)
+    return city, gta5, files
+
+
+def dry_run(variant, city_gta5, tmp_path, capsys) -> tuple[Run, str]:
+    city, gta5, _ = city_gta5
+    sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.batch_size": 4,
+            "training.num_workers": 0,
+            "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False}
+    argv = ["--config", V3_CITY_CONFIG, "--data-root", city, "--gta5-root", gta5, "--device", "cpu", "--dry-run"]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+    run = Run(variant, argv)
+    return run, capsys.readouterr().out
+
+
+def test_domain_adaptation_v3_is_resnet101_at_half_size(city_gta5, tmp_path, capsys):
+    _, _, files = city_gta5
+    run, out = dry_run(DOMAIN_ADAPTATION, city_gta5, tmp_path, capsys)
+    assert run.student.depth == 101 and len(run.student.layer3) == 23
+    assert block_geometry(run.student) == released_blocks(101)
+    assert "DeepLabv3+ ResNet-101" in out and "of half-size images" in out
+    image_path, label_path = files["train"][0]
+    # a 32 x 48 crop of the 32 x 48 half-size image is that whole image: Pillow bilinear resize, as released
+    half = np.asarray(Image.open(image_path).convert("RGB").resize((48, 32), Image.BILINEAR), np.float32)
+    img, _, _ = run.data.train[(0, 123)]
+    assert torch.equal(img, torch.from_numpy(half).permute(2, 0, 1))
+    # periodic evaluation: half-size image, full-size label; the final evaluations: full size
+    val_img, val_lbl, _ = run.data.val[0]
+    assert tuple(val_img.shape) == (3, 32, 48) and tuple(val_lbl.shape) == (64, 96)
+    final_img, final_lbl, _ = run.final_val[0]
+    assert tuple(final_img.shape) == (3, 64, 96) and tuple(final_lbl.shape) == (64, 96)
+
+
+def test_trainssl_v3_stays_resnet50_at_full_size(city_gta5, tmp_path, capsys):
+    _, _, files = city_gta5
+    run, out = dry_run(TRAIN_SSL, city_gta5, tmp_path, capsys)
+    assert run.student.depth == 50 and "DeepLabv3+ ResNet-50" in out and "half-size" not in out
+    full = np.asarray(Image.open(files["train"][0][0]).convert("RGB"), np.float32)
+    img, _, _ = run.data.train[(0, 123)]
+    assert tuple(img.shape) == (3, 32, 48)
+    crops = [full[y:y + 32, x:x + 48] for y in range(33) for x in range(49)]  # a crop of the full-size image
+    assert any(np.array_equal(img.permute(1, 2, 0).numpy(), c) for c in crops)
+    assert tuple(run.data.val[0][0].shape) == (3, 64, 96) and run.final_val is run.data.val
+
+
+def test_backbone_depth_read_from_released_weights():
+    """evaluateSSL.py takes the depth from the weights when the config leaves it null: the release's
+    domain-adaptation script saved ResNet-101 DeepLabv3+ weights with the same config as trainSSL.py's ResNet-50."""
+    assert backbone_depth_of(dict.fromkeys(released_v3plus_keys(C, 50))) == 50
+    assert backbone_depth_of(dict.fromkeys(released_v3plus_keys(C, 101))) == 101
+    assert backbone_depth_of({"module." + k: None for k in released_v3plus_keys(C, 101)}) == 101
+    assert backbone_depth_of({"conv1.weight": None}) is None
+
+
+def test_script_table_v3_depth_and_resolution():
+    """Release: trainSSL.py and trainSSL_less_memory.py build Res_Deeplab50 and crop v3 Cityscapes at full size
+    (RandomCrop_city_highres); the domain-adaptation script builds Res_Deeplab (101) and crops at half size."""
+    def cfg(version, depth=None):
+        return {"version": version, "backbone": {"depth": depth}}
+    rows = [(v.name, backbone_depth(cfg("3"), v), backbone_depth(cfg("2"), v), backbone_depth(cfg("3", 18), v),
+             v.cityscapes_half_size) for v in (TRAIN_SSL, LESS_MEMORY, DOMAIN_ADAPTATION)]
+    assert rows == [("trainSSL", 50, None, 18, False), ("trainSSL_less_memory", 50, None, 18, False),
+                    ("trainSSL_domain_adaptation_targetCity", 101, None, 18, True)]

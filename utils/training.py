@@ -35,7 +35,7 @@ from utils.logger import TrainLogger
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import format_iou_table
 from utils.schedules import poly_lr, set_lr
-from utils.variants import Variant
+from utils.variants import Variant, backbone_depth
 from utils.visualize import unlabeled_panel, validation_panel
 
 # Keys that may differ between a run and its resumption (they change no result).
@@ -123,8 +123,11 @@ class Run:
         self.batch_size = cfg["training"]["batch_size"]
         seed_everything(cfg["seed"])
 
-        # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation).
-        self.data = build_data(cfg, self.args.data_root)
+        # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
+        # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
+        self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
+        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
+        self.final_val = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
         self.num_classes = self.data.num_classes
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
@@ -137,12 +140,13 @@ class Run:
 
         # Networks: student, EMA teacher; the pseudo-labeler is the teacher or the student (eval mode).
         t = cfg["training"]
+        depth = backbone_depth(cfg, variant)
         if self.args.dry_run:  # shapes only: no allocation, no weights read
             with torch.device("meta"):
                 self.student = build_model(cfg["version"], self.num_classes, t["pretraining"],
-                                           cfg["backbone"]["depth"], None, v2_branches=self.fidelity.v2_branches)
+                                           depth, None, v2_branches=self.fidelity.v2_branches)
         else:
-            self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], cfg["backbone"]["depth"],
+            self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], depth,
                                        cfg["backbone"]["pretrained"], v2_branches=self.fidelity.v2_branches,
                                        verbose=dist.is_main()).to(self.device)
         if t["sync_batchnorm"] and dist.is_distributed():
@@ -293,7 +297,8 @@ class Run:
             f"fidelity '{cfg['fidelity']}': {self.fidelity}",
             f"data: {self.data.name}, {len(self.data.train)} train ({len(self.data.labeled_idx)} labeled, "
             f"{len(self.data.unlabeled_idx)} unlabeled), {len(self.data.val)} val, {self.num_classes} classes, "
-            f"crop {self.crop}, channel order {self.data.channel_order}"
+            f"crop {self.crop}{' of half-size images (full-size final evaluations)' if self.half_size else ''}, "
+            f"channel order {self.data.channel_order}"
             + (f"; GTA5: {len(self.gta5)} images" if self.gta5 is not None else ""),
             f"model: {'DeepLabv2' if cfg['version'] == '2' else 'DeepLabv3+'} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
             f"pretrained weights: {self._pretrained_status()}",
@@ -428,7 +433,8 @@ class Run:
         self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)
 
     # ------------------------------------------------------------------------------ evaluation, checkpoints
-    def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
+    def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val", val=None) -> dict:
+        """Evaluate on `val` (default: the periodic validation set) and log the result."""
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
         shown: list[torch.Tensor] = []
@@ -437,7 +443,8 @@ class Run:
             if len(shown) < n_images:
                 shown.append(validation_panel(image, label, pred, d.palette, self.ignore_label, d.channel_order))
 
-        result = evaluate(model, d.val, num_classes=self.num_classes, ignore_label=self.ignore_label,
+        val = d.val if val is None else val
+        result = evaluate(model, val, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
                           autocast=self.autocast, on_prediction=keep_image if n_images else None)
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
@@ -472,8 +479,8 @@ class Run:
             if name.startswith("checkpoint-iter") and name.endswith(".pth") and name != os.path.basename(path):
                 os.remove(os.path.join(self.run_dir, name))
 
-    def evaluate_and_keep_best(self, i: int) -> dict:
-        result = self.evaluate(self.student_module, i)
+    def evaluate_and_keep_best(self, i: int, val=None) -> dict:
+        result = self.evaluate(self.student_module, i, val=val)
         if result["miou"] > self.best_miou:
             self.best_miou, self.best_result = result["miou"], result
             self.since_best = 0
@@ -588,12 +595,12 @@ class Run:
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
-        result = self.evaluate_and_keep_best(N)
+        result = self.evaluate_and_keep_best(N, self.final_val)
         if dist.is_main():
             save_atomic(self._checkpoint(N, miou=result["miou"]), os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
             self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
-            refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
+            refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh", val=self.final_val)
             if refreshed["miou"] > self.best_miou:
                 self.best_miou, self.best_result = refreshed["miou"], refreshed
                 if dist.is_main() and self.cfg["utils"]["save_best_model"]:
