@@ -10,7 +10,7 @@ One iteration i (SPEC section 4; R = ramp-up iterations):
   3. class-balancing statistics from labels and pseudo-labels (Cityscapes)
   4. weak augmentation of the labeled batch (ClassMix on labels with probability 0.2)
   5. two strong views of the unlabeled batch (ClassMix with probability 0.75 each, after R)
-  6. student forward on both
+  6. student forward: unlabeled views first, then the labeled batch (sets the BatchNorm running statistics)
   7. class weights (ones; Cityscapes after R: class balancing)
   8. supervised CE + ramp(i)·p^6-weighted pseudo-label CE + 0.01·entropy
   9. memory update from the teacher's confident, correct labeled pixels (after R − 1000)
@@ -28,13 +28,10 @@ from utils.training import Run, main_guard
 from utils.variants import TRAIN_SSL
 
 
-def labeled_losses(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
-                   update_memory: bool = True) -> dict[str, torch.Tensor]:
-    """Steps 4, 6, 8, 9, 10 for the labeled batch; returns the weighted loss terms."""
-    # 4. weak augmentation, ClassMix on the labels with probability 0.2
-    images, labels = step.augment_labeled(run, images, labels)
-    # 6. student forward
-    logits, features = step.forward_student(run, images)
+def labeled_terms(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor,
+                  features: torch.Tensor, class_weights: torch.Tensor, update_memory: bool = True
+                  ) -> dict[str, torch.Tensor]:
+    """Steps 8, 9, 10 for the augmented labeled batch and its student outputs; returns the weighted loss terms."""
     # 8. supervised CE
     terms = {"loss_sup": step.supervised_loss(run, logits, labels, class_weights)}
     # 9. memory update from the teacher's confident, correct pixels
@@ -46,17 +43,13 @@ def labeled_losses(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor,
     return terms
 
 
-def unlabeled_losses(run: Run, i: int, unlabeled: torch.Tensor, confidence: torch.Tensor, pseudo: torch.Tensor,
-                     class_weights: torch.Tensor, broadcast_entropy_mask: bool = False) -> dict[str, torch.Tensor]:
-    """Steps 5, 6, 8, 10 for the unlabeled batch; returns the weighted loss terms."""
-    R = run.method["ramp_up_iterations"]
-    # 5. two strong views, ClassMix with probability 0.75 each after the ramp-up
-    images, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
-    # 6. student forward
-    logits, features = step.forward_student(run, images)
-    # 8. ramp(i)·p^6-weighted pseudo-label CE and the entropy term
-    loss_pseudo, loss_entropy = step.unlabeled_losses(run, i, logits, pseudo, confidence, class_weights,
-                                                      broadcast_entropy_mask)
+def unlabeled_terms(run: Run, i: int, logits: torch.Tensor, features: torch.Tensor, pseudo: torch.Tensor,
+                    confidence: torch.Tensor, class_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Steps 8 and 10 for the strong views' student outputs; returns the weighted loss terms."""
+    # 8. ramp(i)·p^6-weighted pseudo-label CE and the entropy term (the released less-memory and domain-adaptation
+    # scripts broadcast the entropy mask across the batch: fidelity "code" keeps that)
+    broadcast = run.fidelity.entropy_mask_broadcast and run.variant.entropy_mask_broadcast
+    loss_pseudo, loss_entropy = step.unlabeled_losses(run, i, logits, pseudo, confidence, class_weights, broadcast)
     terms = {"loss_pseudo": loss_pseudo, "loss_entropy": loss_entropy}
     # 10. unlabeled contrastive term
     if run.contrastive_active(i):
@@ -70,24 +63,43 @@ def draw_labeled(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return images, labels, True
 
 
+def supervised_terms(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, from_target: bool
+                     ) -> dict[str, torch.Tensor]:
+    """The supervised-only ablation (method.use_unlabeled false): steps 3-10 on the labeled batch alone."""
+    class_weights = run.update_class_weights(i, labels if from_target else None, None)
+    images, labels = step.augment_labeled(run, images, labels)
+    logits, features = step.forward_student(run, images)
+    return labeled_terms(run, i, images, labels, logits, features, class_weights, update_memory=from_target)
+
+
 def train(run: Run, draw_labeled=draw_labeled) -> dict:
     """The training loop; returns the best evaluation."""
+    R = run.method["ramp_up_iterations"]
     for i in run.iterations():
         # 1. learning rate and batches
         run.set_learning_rate(i)
         images, labels, from_target = draw_labeled(run, i)
-        unlabeled = run.unlabeled.next()[0]
-        if run.method["use_unlabeled"]:
+        if not run.method["use_unlabeled"]:
+            terms = supervised_terms(run, i, images, labels, from_target)
+        else:
+            unlabeled = run.unlabeled.next()[0]
             # 2. pseudo-labels from the teacher
             confidence, pseudo = step.pseudo_label(run, unlabeled)
-            # 3 + 7. class-balancing statistics (target labels only) and this iteration's class weights
-            class_weights = run.update_class_weights(i, labels if from_target else None, pseudo)
-            # 4, 6, 8, 9, 10 (labeled) and 5, 6, 8, 10 (unlabeled)
-            terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
-            terms |= unlabeled_losses(run, i, unlabeled, confidence, pseudo, class_weights)
-        else:  # supervised-only ablation
-            class_weights = run.update_class_weights(i, labels if from_target else None, None)
-            terms = labeled_losses(run, i, images, labels, class_weights, update_memory=from_target)
+            # 3 + 7. class-balancing statistics (target iterations only) and this iteration's class weights
+            class_weights = run.update_class_weights(i, labels if from_target else None,
+                                                     pseudo if from_target else None)
+            # 4. weak augmentation of the labeled batch, ClassMix on its labels with probability 0.2
+            images, labels = step.augment_labeled(run, images, labels)
+            # 5. two strong views of the unlabeled batch, ClassMix with probability 0.75 each after the ramp-up
+            views, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
+            # 6. student forward: the unlabeled views first, then the labeled batch (this order sets the BatchNorm
+            #    running statistics that evaluation uses)
+            logits_u, features_u = step.forward_student(run, views)
+            logits_l, features_l = step.forward_student(run, images)
+            # 8, 9, 10. losses, memory update, contrastive terms
+            terms = labeled_terms(run, i, images, labels, logits_l, features_l, class_weights,
+                                  update_memory=from_target)
+            terms |= unlabeled_terms(run, i, logits_u, features_u, pseudo, confidence, class_weights)
         loss = sum(terms.values())
         # 11. backward, SGD step, EMA teacher
         run.optimizer_step(i, loss)

@@ -3,11 +3,13 @@
 
     python3 trainSSL_domain_adaptation_targetCity.py --config configs/configSSL_city_1_30_split0_imagenet.json
 
-Cityscapes is the target (its labeled subset and unlabeled rest); the whole GTA5 set is an extra labeled source.
+Cityscapes is the target (its labeled subset and unlabeled rest); GTA5's `train` split is an extra labeled source.
 The labeled batch of iteration i comes from GTA5 or Cityscapes by the schedule of the fidelity preset
-(utils/variants.py, `uses_gta5_batch`); the memory bank is filled from Cityscapes batches only; the labeled
-contrastive term uses the current batch's own labels. Constants that differ from trainSSL.py (contrastive
-weight 0.2, labeled ClassMix 0.25, EMA warm-up 1 − 1/(i+1)) are in utils/variants.py.
+(utils/variants.py, `uses_gta5_batch`); class-balancing statistics (labels and pseudo-labels) and the memory bank
+are updated on Cityscapes iterations only; the labeled contrastive term uses the current batch's own labels.
+Constants that differ from trainSSL.py (contrastive weight 0.2, labeled ClassMix 0.25, EMA warm-up 1 − 1/(i+1),
+the release's batch-broadcast entropy mask under fidelity "code", the student in periodic checkpoints) are in
+utils/variants.py.
 """
 from __future__ import annotations
 

@@ -3,34 +3,54 @@
 
     python3 trainSSL_less_memory.py --config configs/configSSL_pascal_1_50_split2_COCO_reduced.json
 
-Even iterations are labeled-only steps (supervised CE, memory update, labeled contrastive term); odd iterations
-are unlabeled-only steps (pseudo-label CE, entropy, unlabeled contrastive term). Only one batch is on the device
-at a time. The class-balancing statistics are added on the matching step; the EMA warm-up is 1 − 1/(i+1).
-In fidelity "code" the entropy term keeps the release's batch-broadcast mask (utils/config.py, Fidelity).
-Flags, outputs and checkpoints are those of trainSSL.py.
+As released, the loop runs 2N steps for N = training.num_iterations: even steps are labeled-only (supervised CE,
+memory update, labeled contrastive term), odd steps unlabeled-only (pseudo-label CE, entropy, unlabeled
+contrastive term), and every schedule — poly learning rate, EMA momentum, ramp-up and memory gates, evaluation,
+checkpoints, the return to the best model after 2N/5 steps without improvement — counts steps. Only one batch
+is on the device at a time. The class-balancing statistics are added on the matching step (the labeled step
+uses the weights after the ramp-up, the unlabeled step always); the EMA warm-up is 1 − 1/(i+1). In fidelity
+"code" the entropy term keeps the release's batch-broadcast mask (utils/config.py, Fidelity).
+Flags, outputs and checkpoints are those of trainSSL.py (the final checkpoint is checkpoint-iter<2N>.pth).
 """
 from __future__ import annotations
 
-from trainSSL import labeled_losses, unlabeled_losses
+import torch
+
+from trainSSL import labeled_terms, unlabeled_terms
 from utils import ssl_steps as step
 from utils.training import Run, main_guard
 from utils.variants import LESS_MEMORY
 
 
+def labeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
+    """Even step: steps 3-10 of trainSSL.py for a labeled batch alone."""
+    images, labels = run.labeled.next()[:2]
+    # 3 + 7. labeled statistics; class weights only after the ramp-up
+    class_weights = run.update_class_weights(i, labels, None)
+    images, labels = step.augment_labeled(run, images, labels)
+    logits, features = step.forward_student(run, images)
+    return labeled_terms(run, i, images, labels, logits, features, class_weights)
+
+
+def unlabeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
+    """Odd step: steps 2-10 of trainSSL.py for an unlabeled batch alone."""
+    R = run.method["ramp_up_iterations"]
+    unlabeled = run.unlabeled.next()[0]
+    confidence, pseudo = step.pseudo_label(run, unlabeled)
+    # 3 + 7. unlabeled statistics (they advance the histories' counter); the release applies the class weights
+    # here at every step, without the i > R gate (they are ones until the histories are full)
+    class_weights = run.update_class_weights(i, None, pseudo, after_ramp_up=False)
+    views, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
+    logits, features = step.forward_student(run, views)
+    return unlabeled_terms(run, i, logits, features, pseudo, confidence, class_weights)
+
+
 def train(run: Run) -> dict:
-    """The alternating loop; returns the best evaluation."""
+    """The alternating loop over 2N steps; returns the best evaluation."""
     for i in run.iterations():
         run.set_learning_rate(i)
-        if i % 2 == 0 or not run.method["use_unlabeled"]:
-            images, labels = run.labeled.next()[:2]
-            class_weights = run.update_class_weights(i, labels, None)
-            terms = labeled_losses(run, i, images, labels, class_weights)
-        else:
-            unlabeled = run.unlabeled.next()[0]
-            confidence, pseudo = step.pseudo_label(run, unlabeled)
-            class_weights = run.update_class_weights(i, None, pseudo)
-            terms = unlabeled_losses(run, i, unlabeled, confidence, pseudo, class_weights,
-                                     broadcast_entropy_mask=run.fidelity.entropy_mask_broadcast)
+        labeled_turn = i % 2 == 0 or not run.method["use_unlabeled"]
+        terms = labeled_step(run, i) if labeled_turn else unlabeled_step(run, i)
         loss = sum(terms.values())
         run.optimizer_step(i, loss)
         run.end_iteration(i, {**terms, "loss": loss})

@@ -98,19 +98,20 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
         raise UserError(f"dataset {name!r} is not supported by build_data; use \"cityscapes\", \"pascal_voc\" "
                         f"(alias \"pascal\"), \"synthetic\" or \"folder\".")
     labeled, unlabeled = make_split(len(train), d["labeled_samples"], d["split_id_list"], cfg["seed"],
-                                    names=train.names, split_file=d.get("split_file")) if split else ([], [])
+                                    names=train.names, split_file=d.get("split_file"), dataset=name) if split \
+        else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),
                       ignore_label=ignore, mean_rgb=mean, channel_order=order, train_names=list(train.names))
 
 
 def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:
-    """The whole GTA5 set, train and val (half size, random crops of training.data.input_size): the extra
-    labeled source of domain adaptation."""
+    """GTA5's `train` split (half size, random crops of training.data.input_size): the extra labeled source of
+    domain adaptation. The release's loader reads `images/train` only; `val` is not used."""
     t = cfg["training"]
     root = root or t["data"].get("gta5_root") or default_root("gta5")
     crop = parse_size(t["data"]["input_size"], "training.data.input_size")
-    return GTA5Dataset(root, "all", crop, channel_order_for(t["pretraining"]), cfg["ignore_label"])
+    return GTA5Dataset(root, "train", crop, channel_order_for(t["pretraining"]), cfg["ignore_label"])
 
 
 __all__ = ["DataBundle", "build_data", "build_gta5", "CityscapesDataset", "VOCDataset", "GTA5Dataset",

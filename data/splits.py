@@ -1,12 +1,15 @@
 """Labeled / unlabeled splits of the training list (SPEC 6.4).
 
-Split ids 0, 1, 2 are fixed permutations of the sorted training list, seeded by the split id with numpy's legacy
-RandomState (the same on every machine and numpy version); other ids use the config seed. The first L indices are
-labeled, the rest unlabeled. A split file may replace this: a text list of labeled image ids, or the original
-release's pickled index array.
+Split ids 0, 1, 2 of Cityscapes and Pascal VOC are the original release's published permutations
+(`data/release_splits/`, see its README) applied to the sorted training list; for the other datasets they are fixed
+permutations seeded by the split id. Other ids draw a permutation from the config seed with numpy's legacy
+RandomState (the same on every machine and numpy version; the release's `np.random.shuffle` after seeding draws the
+same one). The first L indices are labeled, the rest unlabeled. A split file may replace this: a text list of
+labeled image ids, or the original release's pickled index array.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -19,11 +22,45 @@ from utils.errors import UserError
 
 FIXED_SPLITS = (0, 1, 2)
 _STRIP_SUFFIXES = ("_leftImg8bit", "_gtFine_labelIds")
+RELEASE_SPLITS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "release_splits")
+RELEASE_SPLIT_PREFIX = {"cityscapes": "city", "pascal_voc": "voc"}
+# SHA-256 of the release's VOC training list (its data/voc_list/train_aug.txt: 10,582 sorted ids joined by "\n"),
+# which its published VOC permutations index.
+VOC_TRAIN_LIST_SHA256 = "855dff350b7f447bf43cb98ea626a32e0d0b3b7c5786e03b2712a21355b635bf"
+
+
+def release_permutation(dataset: str, split_id: int) -> np.ndarray:
+    """The release's published permutation `split_id` (0, 1, 2) of `dataset` ("cityscapes" or "pascal_voc")."""
+    path = os.path.join(RELEASE_SPLITS_DIR, f"{RELEASE_SPLIT_PREFIX[dataset]}_split_{split_id}.txt")
+    with open(path) as f:
+        return np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+
+
+def names_fingerprint(names: Sequence[str]) -> str:
+    """SHA-256 of the training list, one name per line (compared with the release's list)."""
+    return hashlib.sha256("\n".join(names).encode()).hexdigest()
+
+
+def _release_split(dataset: str, split_id: int, num_train: int, names: Sequence[str] | None) -> np.ndarray:
+    perm = release_permutation(dataset, split_id)
+    if perm.size != num_train:
+        raise UserError(f"split_id_list {split_id} selects the original release's published {dataset} split, a "
+                        f"permutation of {perm.size} training images, but this training set has {num_train}; use the "
+                        f"full dataset, or set training.data.split_id_list to another value (a random split from "
+                        f"seed) or training.data.split_file.")
+    if dataset == "pascal_voc" and names is not None and names_fingerprint(names) != VOC_TRAIN_LIST_SHA256:
+        warnings.warn(f"the VOC training list ({num_train} ids from SegmentationClassAug minus val.txt) differs from "
+                      f"the release's train_aug.txt, so split_id_list {split_id} does not select the paper's labeled "
+                      f"images; check the dataset folder.", stacklevel=3)
+    return perm
 
 
 def make_split(num_train: int, labeled_samples: int, split_id: int, seed: int, names: Sequence[str] | None = None,
-               split_file: str | None = None) -> tuple[list[int], list[int]]:
+               split_file: str | None = None, dataset: str | None = None) -> tuple[list[int], list[int]]:
     """(labeled indices, unlabeled indices) into the training list of `num_train` items.
+
+    `dataset` "cityscapes" or "pascal_voc" with split_id 0, 1 or 2: the release's published permutation (its length
+    must be `num_train`); `names` (the sorted training list) lets a VOC list be checked against the release's.
 
     With `split_file`: a `.pkl` index array of the original release (its first L entries are labeled, the rest and
     any index it lacks unlabeled), or a text file of labeled image ids matched against `names` (by relative path,
@@ -42,8 +79,10 @@ def make_split(num_train: int, labeled_samples: int, split_id: int, seed: int, n
                         f"{num_train} images; use at most {num_train}.")
     if labeled_samples < 0:
         raise UserError(f"training.data.labeled_samples must not be negative, got {labeled_samples}.")
-    rs = np.random.RandomState(split_id if split_id in FIXED_SPLITS else seed)
-    perm = rs.permutation(num_train)
+    if split_id in FIXED_SPLITS and dataset in RELEASE_SPLIT_PREFIX:
+        perm = _release_split(dataset, split_id, num_train, names)
+    else:
+        perm = np.random.RandomState(split_id if split_id in FIXED_SPLITS else seed).permutation(num_train)
     return [int(i) for i in perm[:labeled_samples]], [int(i) for i in perm[labeled_samples:]]
 
 
@@ -83,8 +122,9 @@ def load_index_pickle(path: str) -> np.ndarray:
 def _split_from_pickle(path: str, num_train: int, labeled_samples: int) -> tuple[list[int], list[int]]:
     arr = load_index_pickle(path)
     warnings.warn(f"split file {path}: the indices of the original release's .pkl splits refer to its own file order "
-                  f"(os.walk order for Cityscapes, its list file for VOC), which may differ from this project's "
-                  f"sorted order; prefer a .txt list of image ids to select the same images.", stacklevel=3)
+                  f"(its sorted train_aug.txt for VOC, the same as this project's sorted list of a standard folder; an "
+                  f"unsorted os.walk order for Cityscapes, which differs), and the published ones are built in "
+                  f"(split_id_list 0, 1, 2); prefer a .txt list of image ids to select given images.", stacklevel=3)
     bad = arr[(arr < 0) | (arr >= num_train)]
     if bad.size:
         raise UserError(f"split file {path} holds indices outside 0..{num_train - 1} (e.g. {bad[:5].tolist()}); it "

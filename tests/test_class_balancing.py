@@ -39,7 +39,7 @@ def test_scripted_sequence_c3():
     # median 4 -> w = (1, 1/2, 4) -> sqrt = (1, 1/sqrt2, 2)
     w = cb.update(t([2, 2, 2, 2]), t([2, 0, IGN, 7]))
     assert_weights(w, [1.0, math.sqrt(0.5), 2.0])
-    assert cb.labeled_count == 2 and cb.unlabeled_count == 4
+    assert cb.count == 4  # the release's one counter: one step per unlabeled update
 
 
 def test_ones_until_unlabeled_history_is_full():
@@ -70,10 +70,65 @@ def test_median_zero_keeps_released_behaviour():
 def test_separate_updates_with_none():
     cb = ClassBalancing(2, 1, 1)
     assert_weights(cb.update(torch.tensor([0, 1, 1]), None), [1.0, 1.0])
-    assert cb.unlabeled_count == 0
+    assert cb.count == 0  # a labeled update does not advance the counter
     # f = (1,2) + (1,0) = (2,2) -> ones, but now because the weights are equal
     assert_weights(cb.update(None, torch.tensor([0])), [1.0, 1.0])
-    assert cb.filled and cb.labeled_count == 1
+    assert cb.filled and cb.count == 1
+
+
+# Labeled and unlabeled batches of the counter tests below (C = 3) and their counts, by hand.
+L1, U1 = t([0, 0, 0, 1]), t([1, 1, 2, 2])      # (3,1,0), (0,2,2)
+L2, U2 = t([0, 1, 1, 1]), t([2, 2, 2, 0])      # (1,3,0), (1,0,3)
+L3, U3 = t([0, 0, 2, IGN]), t([1, 1, 1, 1])    # (2,0,1), (0,4,0)
+# After three labeled and three unlabeled updates with 3 labeled slots and 2 unlabeled ones: labeled (6,4,1),
+# unlabeled U3 (ring slot 0) + U2 = (1,4,3); f = (7,8,4), median 7 -> sqrt(7/7, 7/8, 7/4).
+AFTER_THREE = [1.0, math.sqrt(7 / 8), math.sqrt(7 / 4)]
+
+
+def test_counter_train_ssl_more_labeled_slots_than_unlabeled():
+    """trainSSL.py adds both each iteration; full once the counter reaches max(3, 2) = 3."""
+    cb = ClassBalancing(3, labeled_slots=3, unlabeled_slots=2)
+    assert_weights(cb.update(L1, U1), [1.0] * 3)
+    assert_weights(cb.update(L2, U2), [1.0] * 3)  # the unlabeled history is full, the labeled one is not
+    assert_weights(cb.update(L3, U3), AFTER_THREE)
+    assert cb.count == 3 and cb.labeled.tolist() == [[3, 1, 0], [1, 3, 0], [2, 0, 1]]
+
+
+def test_counter_less_memory_alternation_more_labeled_slots():
+    """trainSSL_less_memory.py: labeled steps write slot `count` without advancing it; unlabeled steps advance it.
+    The third labeled step (count 2 < 3) still gives ones although all three labeled slots are written."""
+    cb = ClassBalancing(3, labeled_slots=3, unlabeled_slots=2)
+    expected_count = [0, 1, 1, 2, 2, 3]
+    for k, (labels, pseudo) in enumerate([(L1, None), (None, U1), (L2, None), (None, U2), (L3, None)]):
+        assert_weights(cb.update(labels, pseudo), [1.0] * 3)
+        assert cb.count == expected_count[k], k
+    assert cb.labeled.tolist() == [[3, 1, 0], [1, 3, 0], [2, 0, 1]]
+    assert_weights(cb.update(None, U3), AFTER_THREE)
+    assert cb.count == 3
+    assert_weights(cb.update(t([2, 2, 2, 2]), None), AFTER_THREE)  # labeled history full: not counted
+    assert cb.count == 3 and cb.labeled.tolist() == [[3, 1, 0], [1, 3, 0], [2, 0, 1]]
+
+
+def test_counter_less_memory_alternation_more_unlabeled_slots():
+    """1 labeled slot, 2 unlabeled: the second labeled batch (count 1) is not counted; full after U2.
+    f = (3,1,0) + (0,2,2) + (1,0,3) = (4,3,5), median 4 -> sqrt(1, 4/3, 4/5)."""
+    cb = ClassBalancing(3, labeled_slots=1, unlabeled_slots=2)
+    for labels, pseudo in [(L1, None), (None, U1), (L2, None)]:
+        assert_weights(cb.update(labels, pseudo), [1.0] * 3)
+    assert cb.labeled.tolist() == [[3, 1, 0]] and cb.count == 1
+    assert_weights(cb.update(None, U2), [1.0, math.sqrt(4 / 3), math.sqrt(4 / 5)])
+
+
+def test_old_state_dict_counter():
+    """A state written before the single counter (labeled_count / unlabeled_count) resumes with the unlabeled count."""
+    a = ClassBalancing(3, 3, 2)
+    for labels, pseudo in [(L1, U1), (L2, U2)]:
+        a.update(labels, pseudo)
+    old = {"labeled": a.labeled.clone(), "unlabeled": a.unlabeled.clone(), "labeled_count": 2, "unlabeled_count": 2}
+    b = ClassBalancing(3, 3, 2)
+    b.load_state_dict(old)
+    assert b.count == 2
+    assert_weights(b.update(L3, U3), AFTER_THREE)
 
 
 def test_slot_helpers():
@@ -91,7 +146,7 @@ def test_state_dict_round_trip_and_mismatch():
     b = ClassBalancing(3, 2, 2)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.weights(), b.weights())
-    assert b.unlabeled_count == 3
+    assert b.count == 3
     # the restored ring buffer continues where it stopped
     assert torch.equal(a.update(t([0] * 4), t([2, 0, IGN, 7])), b.update(t([0] * 4), t([2, 0, IGN, 7])))
     with pytest.raises(UserError, match="unlabeled history"):

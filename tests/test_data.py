@@ -292,6 +292,52 @@ def test_pickle_split_of_the_release(tmp_path):
         make_split(9, 3, 0, seed=0, split_file=str(f))
 
 
+def synthetic_voc_ids(n: int = 10582) -> list[str]:
+    """n made-up VOC-style ids in sorted order (the training list the release's VOC permutations index)."""
+    return sorted(f"{2007 + k % 6}_{k:06d}" for k in range(n))
+
+
+def test_voc_paper_split_0_names_the_release_images(monkeypatch):
+    ids = synthetic_voc_ids()
+    with pytest.warns(UserWarning, match="differs from the release's train_aug.txt"):
+        labeled, unlabeled = make_split(len(ids), 212, 0, seed=7, names=ids, dataset="pascal_voc")
+    # the first three indices of the release's splits/voc/split_0.pkl (issue 11): 9237, 2061, 3313
+    assert [ids[k] for k in labeled[:3]] == [ids[9237], ids[2061], ids[3313]]
+    assert len(labeled) == 212 and len(unlabeled) == 10582 - 212
+    assert sorted(labeled + unlabeled) == list(range(10582))
+    # the seed plays no part; split 1 is another published permutation
+    with pytest.warns(UserWarning):
+        assert make_split(len(ids), 212, 0, seed=8, names=ids, dataset="pascal_voc")[0] == labeled
+        assert make_split(len(ids), 212, 1, seed=7, names=ids, dataset="pascal_voc")[0][:2] == [4993, 8195]
+    # a training list with the release's fingerprint (here: pretend the made-up one is it) gives no warning
+    import hashlib
+    import warnings
+    monkeypatch.setattr("data.splits.VOC_TRAIN_LIST_SHA256", hashlib.sha256("\n".join(ids).encode()).hexdigest())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert make_split(len(ids), 212, 0, seed=7, names=ids, dataset="pascal_voc")[0] == labeled
+
+
+def test_cityscapes_paper_splits_and_random_splits():
+    # first indices of the release's splits/city/split_{0,1}.pkl, applied to the sorted list
+    assert make_split(2975, 100, 0, seed=5555, dataset="cityscapes")[0][:3] == [1559, 1613, 1913]
+    labeled, unlabeled = make_split(2975, 372, 1, seed=5555, dataset="cityscapes")
+    assert labeled[:3] == [241, 1323, 548] and len(unlabeled) == 2975 - 372
+    # any other split id: a permutation drawn from the seed (numpy's legacy generator)
+    assert make_split(2975, 100, 3, seed=5555, dataset="cityscapes")[0] == \
+        np.random.RandomState(5555).permutation(2975)[:100].tolist()
+    # the published permutations cover the full datasets only
+    with pytest.raises(UserError, match="permutation of 2975 training images, but this training set has 4"):
+        make_split(4, 2, 0, seed=0, dataset="cityscapes")
+
+
+def test_build_data_paper_split_needs_the_full_voc_list(tmp_path):
+    voc = str(tmp_path / "voc")
+    make_voc_tree(voc, 5, 2, size=(20, 24))
+    with pytest.raises(UserError, match="10582 training images, but this training set has 5"):
+        build_data(_resolved_cfg("pascal", ignore=255, labeled=2, input_size="16,16", split_id=2), data_root=voc)
+
+
 # -------------------------------------------------------------------------------------------- synthetic
 def test_synthetic_deterministic_and_diverse():
     ds = SyntheticStreets(8, image_size=(64, 128), seed_offset=0, train=False)
@@ -434,16 +480,17 @@ def test_build_data_synthetic():
 
 def test_build_data_cityscapes_and_voc(city, tmp_path):
     root, _ = city
-    d = build_data(_resolved_cfg("cityscapes", pretraining="COCO", labeled=2), data_root=root)
+    # split ids 0/1/2 select the release's published splits of the full datasets: a tiny tree takes a random one
+    d = build_data(_resolved_cfg("cityscapes", pretraining="COCO", labeled=2, split_id=-1), data_root=root)
     assert d.name == "cityscapes" and d.num_classes == 19 and d.channel_order == "BGR"
     assert d.mean_rgb == CITYSCAPES_MEAN_RGB and len(d.train) == 4 and len(d.val) == 2
     assert d.val[0][0].shape == (3, H // 2, W // 2)  # version 2
     assert d.train_names[0] == "aachen/aachen_000000_000019_leftImg8bit.png"
-    d3 = build_data(_resolved_cfg("cityscapes", version="3", root=root, labeled=2))
+    d3 = build_data(_resolved_cfg("cityscapes", version="3", root=root, labeled=2, split_id=-1))
     assert d3.val[0][0].shape == (3, H, W)
     voc = str(tmp_path / "voc")
     make_voc_tree(voc, 5, 2, size=(20, 24))
-    v = build_data(_resolved_cfg("pascal", ignore=255, labeled=2, input_size="16,16"), data_root=voc)
+    v = build_data(_resolved_cfg("pascal", ignore=255, labeled=2, input_size="16,16", split_id=-1), data_root=voc)
     assert v.name == "pascal_voc" and v.num_classes == 21 and v.mean_rgb == VOC_MEAN_RGB
     assert v.palette[:3] == [(0, 0, 0), (128, 0, 0), (0, 128, 0)] and v.class_names[15] == "person"
 
@@ -460,5 +507,6 @@ def test_build_gta5(tmp_path):
     make_gta5_tree(str(tmp_path), 2, 1, size=(32, 64))
     ds = build_gta5(_resolved_cfg("cityscapes", pretraining="COCO", input_size="8,16"), str(tmp_path))
     image, label, _ = ds[(0, 0)]
-    # the whole set, train and val, is the extra labeled source
-    assert len(ds) == 3 and image.shape == (3, 8, 16) and ds.channel_order == "BGR"
+    # the train split only is the extra labeled source (the release's gtaLoader reads images/train)
+    assert len(ds) == 2 and image.shape == (3, 8, 16) and ds.channel_order == "BGR"
+    assert all(os.sep + os.path.join("images", "train") + os.sep in path for path in ds.images)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+import trainSSL
 import trainSSL_domain_adaptation_targetCity as da_script
 import trainSSL_less_memory as less_memory
 from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree, make_voc_tree
@@ -48,6 +49,8 @@ def overrides(run_dir: str, iterations: int, **extra) -> list[str]:
         "training.learning_rate": 0.001, "training.data.labeled_samples": 4, "training.data.input_size": "33,49",
         "method.ramp_up_iterations": R, "method.memory_start_offset": R + 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1,
+        # the paper configs' split ids 0/1/2 are the release's splits of the full datasets: random ones here
+        "training.data.split_id_list": -1,
         "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 3, "utils.save_checkpoint_every": 4,
         "utils.save_latest_every": 6, "utils.log_every": 1, "utils.tensorboard": False,
         **extra,
@@ -65,8 +68,9 @@ def classes_of(labels: torch.Tensor, num_classes: int) -> set[int]:
 class Spy:
     """Records, per iteration, the batches a real run draws and the steps it calls.
 
-    Wraps the Run's batch sources, learning-rate setter (which marks the start of iteration i) and class-weight
-    update, and the step functions of utils/ssl_steps.py (the scripts call them through the module). `stop`
+    Wraps the Run's batch sources, learning-rate setter (which marks the start of iteration i), class-weight
+    update and return to the best model, the step functions of utils/ssl_steps.py (the scripts call them through
+    the module) and the scripts' labeled / unlabeled loss terms (which mark the phase). `stop`
     ends the loop early (iterations start..stop-1 of an N-iteration run), so schedules that depend on N can be
     observed without running N iterations. Batch sources are named "labeled" (the run's labeled subset: the
     Cityscapes one in domain adaptation), "gta5" and "unlabeled".
@@ -78,6 +82,7 @@ class Spy:
         self.phase: str | None = None     # "labeled" / "unlabeled": which half of the method is running
         self.events: list[tuple] = []     # (iteration, kind, detail)
         self.stop = stop
+        self.scripted_miou: dict[int, float] = {}  # validation mIoU to report instead of the real one, by iteration
         spy = self
         orig_init = Run.__init__
 
@@ -89,6 +94,9 @@ class Spy:
         for name in ("pseudo_label", "augment_labeled", "augment_unlabeled", "update_memory", "contrastive_term",
                      "unlabeled_losses"):
             monkeypatch.setattr(ssl_steps, name, getattr(self, "_" + name)(getattr(ssl_steps, name)))
+        for module in (trainSSL, less_memory):
+            for name, phase in (("labeled_terms", "labeled"), ("unlabeled_terms", "unlabeled")):
+                monkeypatch.setattr(module, name, self._phase(phase, getattr(module, name)))
 
     def at(self, kind: str) -> list[tuple]:
         """(iteration, detail) of every event of `kind` inside the loop."""
@@ -99,23 +107,37 @@ class Spy:
 
     def _attach(self, run: Run) -> None:
         self.run = run
-        set_lr, update_cw, finish = run.set_learning_rate, run.update_class_weights, run.finish
+        set_lr, update_cw, finish, back = run.set_learning_rate, run.update_class_weights, run.finish, run.return_to_best
 
         def set_learning_rate(i):
             self.i, self.phase = i, None
             return set_lr(i)
 
-        def update_class_weights(i, labels, pseudo):
-            self._record("class_weights", (labels is not None, pseudo is not None))
-            return update_cw(i, labels, pseudo)
+        def update_class_weights(i, labels, pseudo, after_ramp_up=True):
+            self._record("class_weights", (labels is not None, pseudo is not None, after_ramp_up))
+            return update_cw(i, labels, pseudo, after_ramp_up)
+
+        def return_to_best(i):
+            self._record("return_to_best")
+            return back(i)
 
         def finish_():
             self.i = "after"
             return finish()
 
         run.set_learning_rate, run.update_class_weights, run.finish = set_learning_rate, update_class_weights, finish_
+        run.return_to_best = return_to_best
         if self.stop is not None:
             run.iterations = lambda: range(run.start_iteration, min(run.num_iterations, self.stop))
+        evaluate = run.evaluate
+
+        def evaluate_(model, i, tag="val"):
+            result = evaluate(model, i, tag)
+            if tag == "val" and self.i != "after" and i in self.scripted_miou:
+                result = {**result, "miou": self.scripted_miou[i]}
+            return result
+
+        run.evaluate = evaluate_
         sources = {"labeled": run.labeled, "unlabeled": run.unlabeled, "gta5": run.gta5_batches}
         for source, batches in sources.items():
             if batches is not None:
@@ -135,16 +157,20 @@ class Spy:
             return f(run, unlabeled)
         return wrapped
 
+    def _phase(self, phase, f):
+        def wrapped(*args, **kwargs):
+            self.phase = phase
+            return f(*args, **kwargs)
+        return wrapped
+
     def _augment_labeled(self, f):
         def wrapped(*args, **kwargs):
-            self.phase = "labeled"
             self._record("augment_labeled")
             return f(*args, **kwargs)
         return wrapped
 
     def _augment_unlabeled(self, f):
         def wrapped(*args, **kwargs):
-            self.phase = "unlabeled"
             self._record("augment_unlabeled")
             return f(*args, **kwargs)
         return wrapped
@@ -209,19 +235,39 @@ def spied(stop: int | None = None):
 
 
 # ------------------------------------------------------------------------------------ trainSSL_less_memory.py
-N_LM = 6
+N_LM = 6  # steps: the release runs 2N for training.num_iterations N = 3
+# validation every step with a scripted mIoU: a best at step 1, then no improvement
+SCRIPTED_MIOU = {1: 0.5, 2: 0.1, 3: 0.1, 4: 0.1, 5: 0.1}
 
 
 @pytest.fixture(scope="module")
 def less_memory_run(tmp_path_factory):
-    """VOC (the script's documented config), fidelity code, 6 iterations: L U L U L U."""
+    """VOC (the script's documented config), fidelity code, num_iterations 3: 6 steps L U L U L U."""
     root = str(tmp_path_factory.mktemp("VOC2012"))
     make_voc_tree(root, n_train=8, n_val=2, size=(40, 60))
     run_dir = str(tmp_path_factory.mktemp("run_less_memory"))
     with spied() as spy:
+        spy.scripted_miou = SCRIPTED_MIOU
         result = less_memory.main(["--config", VOC_CONFIG, "--data-root", root, "--device", "cpu"]
-                                  + overrides(run_dir, N_LM))
+                                  + overrides(run_dir, N_LM // 2, **{"utils.val_per_iter": 1}))
     return run_dir, spy, result
+
+
+def test_less_memory_runs_2n_steps_and_schedules_count_steps(less_memory_run):
+    """The release doubles num_iterations: poly lr, EMA momentum, checkpoints and the return to the best model
+    (after more than 2N/5 = 1.2 steps without improvement) all count the 2N = 6 steps."""
+    run_dir, spy, _ = less_memory_run
+    assert spy.run.num_iterations == 6
+    rows = train_rows(run_dir)
+    assert sorted(rows) == list(range(6))
+    for i, row in rows.items():
+        assert row["lr"] == pytest.approx(0.001 * (1 - i / 6) ** 0.9, rel=1e-9), i
+        assert row["ema_momentum"] == pytest.approx(1 - 0.005 * (math.cos(math.pi * i / 6) + 1) / 2, abs=1e-12), i
+    assert rows[5]["lr"] == pytest.approx(0.001 * (1 / 6) ** 0.9)  # the last step; 0 would be reached at step 6
+    # mIoU 0.5 at step 1, then 0.1: steps without improvement 1, 2 -> back at 3; 1, 2 -> back at 5
+    assert [i for i, _ in spy.at("return_to_best")] == [3, 5]
+    # periodic checkpoint at step 4 (save_checkpoint_every 4), the final one named after 2N
+    assert {"checkpoint-iter4.pth", "checkpoint-iter6.pth"} <= set(os.listdir(run_dir))
 
 
 def test_less_memory_rows_alternate(less_memory_run):
@@ -253,9 +299,10 @@ def test_less_memory_steps_per_iteration(less_memory_run):
     assert [i for i, _ in spy.at("pseudo_label")] == odd
     assert [i for i, _ in spy.at("update_memory")] == even  # memory active from i = 0 (offset R + 1)
     assert [(i, d[0]) for i, d in spy.at("contrastive")] == [(3, "unlabeled"), (4, "labeled"), (5, "unlabeled")]
-    # class-balancing statistics on the matching step: labels on labeled steps, pseudo-labels on unlabeled ones
-    assert [(i, d) for i, d in spy.at("class_weights")] == [(i, (True, False) if i % 2 == 0 else (False, True))
-                                                            for i in range(N_LM)]
+    # class-balancing statistics on the matching step: labels on labeled steps (weights after the ramp-up),
+    # pseudo-labels on unlabeled ones (weights at every step, as released)
+    assert [(i, d) for i, d in spy.at("class_weights")] == [
+        (i, (True, False, True) if i % 2 == 0 else (False, True, False)) for i in range(N_LM)]
     # fidelity "code" keeps the release's batch-broadcast entropy mask (weight 0.01); here n = 2 (two views of
     # B/2 = 1 image), so the term is about twice the per-image one
     entropy = spy.at("entropy")
@@ -289,18 +336,24 @@ def test_less_memory_memory_and_outputs(less_memory_run):
 @pytest.fixture(scope="module")
 def city_gta5(tmp_path_factory):
     city = str(tmp_path_factory.mktemp("CityScapes"))
-    make_cityscapes_tree(city, n_train=6, n_val=2, size=(70, 100))
+    files = make_cityscapes_tree(city, n_train=6, n_val=2, size=(70, 100))
     gta5 = str(tmp_path_factory.mktemp("GTA5"))
     make_gta5_tree(gta5, n_train=3, n_val=1, size=(70, 100), seed=1)
-    return city, gta5
+    # labeled: images 5, 2, 1, 3 of the sorted list; with them the memory holds two vectors of a batch's class by
+    # i = R + 1 on this tree, so every contrastive term is non-zero
+    split = os.path.join(city, "labeled.txt")
+    with open(split, "w") as f:
+        f.write("".join(os.path.basename(files["train"][k][0]) + "\n" for k in (5, 2, 1, 3)))
+    return city, gta5, split
 
 
 def run_da(city_gta5, tmp_path_factory, fidelity: str, iterations: int, stop: int | None = None, **extra):
-    city, gta5 = city_gta5
+    city, gta5, split = city_gta5
     run_dir = str(tmp_path_factory.mktemp(f"run_da_{fidelity}"))
     with spied(stop) as spy:
-        result = da_script.main(["--config", CITY_CONFIG, "--data-root", city, "--gta5-root", gta5,
-                                 "--device", "cpu"] + overrides(run_dir, iterations, fidelity=fidelity, **extra))
+        result = da_script.main(["--config", CITY_CONFIG, "--data-root", city, "--gta5-root", gta5, "--device",
+                                 "cpu"] + overrides(run_dir, iterations, fidelity=fidelity,
+                                                    **{"training.data.split_file": split, **extra}))
     return run_dir, spy, result
 
 
@@ -391,11 +444,32 @@ def test_da_constants_and_outputs(da_code_run):
     # every iteration: one labeled step and one unlabeled step, pseudo-labels once
     assert [i for i, _ in spy.at("pseudo_label")] == list(range(N_DA))
     assert [i for i, _ in spy.at("augment_labeled")] == list(range(N_DA))
-    entropy = spy.at("entropy")  # per-image mask: the broadcast is the less-memory script's alone
-    assert [(i, d["broadcast"]) for i, d in entropy] == [(i, False) for i in range(N_DA)]
+    # the released domain-adaptation script broadcasts the entropy mask like the less-memory one (fidelity code)
+    entropy = spy.at("entropy")
+    assert [(i, d["broadcast"]) for i, d in entropy] == [(i, True) for i in range(N_DA)]
     for i, d in entropy:
-        assert d["term"] == pytest.approx(0.01 * d["per_image"], rel=1e-4), i
+        assert d["term"] == pytest.approx(0.01 * d["broadcast_form"], rel=1e-4), i
     assert_run_outputs(run_dir, N_DA, 19)
+
+
+@pytest.mark.parametrize("which", ["code", "paper"])
+def test_da_class_balancing_and_gta5_source(which, da_code_run, da_paper_run):
+    """As released: labels and pseudo-labels enter the class-balancing histories on Cityscapes iterations only
+    (the counter counts those), and GTA5 batches come from its train split."""
+    _, spy, _ = da_code_run if which == "code" else da_paper_run
+    source_at = {i: d[0] for i, d in spy.at("draw") if d[0] != "unlabeled"}
+    assert [(i, d) for i, d in spy.at("class_weights")] == [
+        (i, (True, True, True) if source == "labeled" else (False, False, True)) for i, source in source_at.items()]
+    city_iterations = sum(source == "labeled" for source in source_at.values())
+    assert spy.run.balancing.count == city_iterations == (3 if which == "code" else 4)
+    gta5 = spy.run.gta5
+    assert len(gta5) == 3 and all(os.sep + os.path.join("images", "train") + os.sep in p for p in gta5.images)
+
+
+def test_da_paper_entropy_mask_per_image(da_paper_run):
+    _, spy, _ = da_paper_run
+    for i, d in spy.at("entropy"):
+        assert not d["broadcast"] and d["term"] == pytest.approx(0.01 * d["per_image"], rel=1e-4), i
 
 
 def test_da_paper_outputs(da_paper_run):

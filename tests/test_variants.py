@@ -18,12 +18,16 @@ CITY_CONFIG = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_imagenet
 def test_variant_table():
     # SPEC 4, 5.5, 9: EMA warm-up 1 - 1/(10 i + 1) only in trainSSL.py; contrastive 0.2 and labeled ClassMix 0.25
     # only in domain adaptation; alternating steps only in the less-memory script; GTA5 only in domain adaptation
-    rows = [(v.name, v.ema_warmup_div, v.contrastive_weight, v.labeled_classmix_prob, v.alternating_steps, v.uses_gta5)
+    # As read in the released scripts: only the less-memory one doubles num_iterations; only trainSSL.py puts the
+    # teacher in periodic checkpoints under save_teacher_test; the other two multiply the entropy by the
+    # unsqueezed [n,1,h,w] mask.
+    rows = [(v.name, v.ema_warmup_div, v.contrastive_weight, v.labeled_classmix_prob, v.alternating_steps, v.uses_gta5,
+             v.steps_per_iteration, v.teacher_in_periodic_checkpoint, v.entropy_mask_broadcast)
             for v in (TRAIN_SSL, LESS_MEMORY, DOMAIN_ADAPTATION)]
     assert rows == [
-        ("trainSSL", 10, 0.1, 0.2, False, False),
-        ("trainSSL_less_memory", 1, 0.1, 0.2, True, False),
-        ("trainSSL_domain_adaptation_targetCity", 1, 0.2, 0.25, False, True),
+        ("trainSSL", 10, 0.1, 0.2, False, False, 1, True, False),
+        ("trainSSL_less_memory", 1, 0.1, 0.2, True, False, 2, False, True),
+        ("trainSSL_domain_adaptation_targetCity", 1, 0.2, 0.25, False, True, 1, False, True),
     ]
 
 
@@ -73,7 +77,7 @@ def trees(tmp_path_factory):
     city = str(tmp_path_factory.mktemp("CityScapes"))
     make_cityscapes_tree(city, n_train=6, n_val=1, size=(40, 60))
     gta5 = str(tmp_path_factory.mktemp("GTA5"))
-    make_gta5_tree(gta5, n_train=1, n_val=1, size=(40, 60))
+    make_gta5_tree(gta5, n_train=2, n_val=1, size=(40, 60))  # batches of 2 from the train split
     return city, gta5
 
 
@@ -83,6 +87,7 @@ def resolved_method(variant, config: str, trees, tmp_path, *sets: str) -> dict:
     argv = ["--config", config, "--data-root", city, "--gta5-root", gta5, "--device", "cpu", "--dry-run",
             "--set", "backbone.depth=18", "--set", "training.data.labeled_samples=4",
             "--set", "training.batch_size=2", "--set", "training.num_workers=0",
+            "--set", "training.data.split_id_list=-1",  # split 0 is the release's split of all 2975 images
             "--set", f"utils.checkpoint_dir={tmp_path / 'run'}"]
     for s in sets:
         argv += ["--set", s]

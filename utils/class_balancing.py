@@ -3,8 +3,10 @@
 Two histories of per-class pixel counts: the labeled one has one slot per labeled batch of an epoch
 and is filled once; the unlabeled one has one slot per unlabeled batch of an epoch and is a ring
 buffer once full. Weights are sqrt(median(f) / f) of the summed counts f once both are full.
-Everything stays on the device; the slot counters are Python ints (they do not depend on tensor
-values), so an update does no host sync.
+As released, one counter indexes both histories and advances on unlabeled updates only: a labeled
+update writes the slot of the current count, and the histories count as full once the counter
+reaches the longer history's length. Everything stays on the device; the counter is a Python int (it
+does not depend on tensor values), so an update does no host sync.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ class ClassBalancing:
         self.unlabeled_slots = unlabeled_slots
         self.labeled = torch.zeros(labeled_slots, num_classes, dtype=torch.int64, device=device)
         self.unlabeled = torch.zeros(unlabeled_slots, num_classes, dtype=torch.int64, device=device)
-        self.labeled_count = 0  # updates that reached the labeled history (stops at labeled_slots)
-        self.unlabeled_count = 0  # updates of the unlabeled history (keeps growing; slot = count % slots)
+        # The release's one counter: unlabeled updates so far. A labeled update writes labeled slot `count` (while
+        # count < labeled_slots) without advancing it; the unlabeled slot is count % unlabeled_slots (a ring).
+        self.count = 0
         # Sums a batch's counts over processes under torchrun (utils.distributed.all_reduce_sum), so every rank
         # stores the counts of the global batch and holds identical histories and weights.
         self.reduce = reduce
@@ -66,27 +69,27 @@ class ClassBalancing:
 
     @property
     def filled(self) -> bool:
-        """Whether both histories have been filled once (weights are ones before)."""
-        return self.labeled_count >= self.labeled_slots and self.unlabeled_count >= self.unlabeled_slots
+        """Whether the counter has reached the longer history's length (weights are ones before), as released."""
+        return self.count >= max(self.labeled_slots, self.unlabeled_slots)
 
     def update(self, labeled_labels: Tensor | None, pseudo_labels: Tensor | None) -> Tensor:
         """Add one labeled batch's labels and one unlabeled batch's pseudo-labels; return weights [C].
 
         Either input may be None to update only the other history (for scripts that see labeled and
-        unlabeled batches on different steps).
+        unlabeled batches on different steps). The labeled batch goes to slot `count`, then the unlabeled
+        one to slot `count % unlabeled_slots`, which advances the counter; a labeled-only update does not.
         """
-        if labeled_labels is not None and self.labeled_count < self.labeled_slots:
+        if labeled_labels is not None and self.count < self.labeled_slots:
             counts = _class_counts(labeled_labels.to(self.labeled.device), self.num_classes)
             if self.reduce is not None:
                 counts = self.reduce(counts)
-            self.labeled[self.labeled_count] = counts
-            self.labeled_count += 1
+            self.labeled[self.count] = counts
         if pseudo_labels is not None:
             counts = _class_counts(pseudo_labels.to(self.unlabeled.device), self.num_classes)
             if self.reduce is not None:
                 counts = self.reduce(counts)
-            self.unlabeled[self.unlabeled_count % self.unlabeled_slots] = counts
-            self.unlabeled_count += 1
+            self.unlabeled[self.count % self.unlabeled_slots] = counts
+            self.count += 1
         return self.weights()
 
     def weights(self) -> Tensor:
@@ -103,13 +106,8 @@ class ClassBalancing:
         return w.sqrt().to(torch.float32)
 
     def state_dict(self) -> dict:
-        """Histories and counters, for checkpoints."""
-        return {
-            "labeled": self.labeled.clone(),
-            "unlabeled": self.unlabeled.clone(),
-            "labeled_count": self.labeled_count,
-            "unlabeled_count": self.unlabeled_count,
-        }
+        """Histories and counter, for checkpoints."""
+        return {"labeled": self.labeled.clone(), "unlabeled": self.unlabeled.clone(), "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`; the history shapes must match this instance's."""
@@ -122,5 +120,5 @@ class ClassBalancing:
                 )
         self.labeled.copy_(state["labeled"])
         self.unlabeled.copy_(state["unlabeled"])
-        self.labeled_count = int(state["labeled_count"])
-        self.unlabeled_count = int(state["unlabeled_count"])
+        # states written before the single counter: their unlabeled count is the release's counter
+        self.count = int(state["count"] if "count" in state else state["unlabeled_count"])

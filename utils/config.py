@@ -39,19 +39,19 @@ SCHEMA: dict[str, Any] = {
         "num_workers": ((int,), 3, "data-loading worker processes"),
         "optimizer": ((str,), "SGD", "only \"SGD\""),
         "momentum": ((float,), 0.9, "SGD momentum"),
-        "num_iterations": ((int,), REQUIRED, "N, training iterations"),
+        "num_iterations": ((int,), REQUIRED, "N, training iterations (trainSSL_less_memory.py runs 2N alternating steps)"),
         "learning_rate": ((float,), REQUIRED, "base lr of the one SGD group holding every trainable parameter"),
         "lr_schedule": ((str, type(None)), "Poly", "\"Poly\" or null (constant)"),
         "lr_schedule_power": ((float,), 0.9, "poly power"),
         "pretraining": ((str,), "COCO", "\"COCO\" (BGR input) or \"imagenet\" (RGB input)"),
         "weight_decay": ((float,), 5e-4, "SGD weight decay"),
-        "use_teacher_train": ((bool,), True, "pseudo-labels and memory from the EMA teacher (else the student)"),
-        "save_teacher_test": ((bool,), False, "best/periodic checkpoints hold the teacher instead of the student"),
+        "use_teacher_train": ((bool,), True, "pseudo-labels and memory features from the EMA teacher (else the student, eval mode)"),
+        "save_teacher_test": ((bool,), False, "best checkpoints (and trainSSL.py's periodic ones) hold the teacher"),
         "scale_lr_with_world_size": ((bool,), False, "multiply the lr by the number of processes under torchrun"),
         "sync_batchnorm": ((bool,), False, "SyncBatchNorm across processes under torchrun"),
         "compile": ((bool,), False, "torch.compile the student network (forwards; heads and checkpoints unaffected)"),
         "data": {
-            "split_id_list": ((int,), 0, "0/1/2: fixed splits; any other value: random split from `seed`"),
+            "split_id_list": ((int,), 0, "0/1/2: the release's published splits; any other value: random split from `seed`"),
             "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),
             "input_size": ((str,), REQUIRED, "\"H,W\" crop size"),
             "root": ((str, type(None)), None, "dataset folder (default ../data/CityScapes, ../data/VOC2012)"),
@@ -125,7 +125,7 @@ class Fidelity:
     memory_keep: str               # which q vectors enter memory: "lowest" (code) or "highest" selector scores
     memory_weights: str            # memory-side weights in the contrastive loss: "ones" (code) or "mean"
     da_source_schedule: str        # GTA5 batches: "last100_odd" (code) or "alternate" (paper)
-    entropy_mask_broadcast: bool   # less-memory script's n×n broadcast of the entropy mask (code only)
+    entropy_mask_broadcast: bool   # n×n broadcast of the entropy mask in the less-memory and domain-adaptation scripts
 
 
 FIDELITY_PRESETS = {

@@ -105,7 +105,8 @@ def unlabeled_losses(run, i: int, logits: torch.Tensor, pseudo: torch.Tensor, co
 
 def update_memory(run, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Step 9: the teacher's projected features of confidently and correctly predicted labeled pixels
-    enter the class-wise memory bank."""
+    enter the class-wise memory bank. With use_teacher_train false the student (eval mode) gives predictions,
+    features and projections, but the EMA teacher's selectors still rank them, as released."""
     net = run.labeler
     with torch.no_grad(), eval_mode(net, enabled=net is run.student_module), run.autocast():
         logits, features = net(normalize(images, run.data.mean_rgb, run.data.channel_order), return_features=True)
@@ -124,7 +125,7 @@ def update_memory(run, images: torch.Tensor, labels: torch.Tensor) -> None:
             projected = net.projection_head(vectors).float()       # [n, 256]
     with torch.no_grad():
         projected, vectors_labels = run.gather_rows(projected, vectors_labels)
-        run.memory.add(projected, vectors_labels, net.feature_selectors(), quota=run.memory_quota,
+        run.memory.add(projected, vectors_labels, run.teacher.feature_selectors(), quota=run.memory_quota,
                        keep=run.fidelity.memory_keep)
 
 

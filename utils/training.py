@@ -118,7 +118,8 @@ class Run:
         self.fidelity = fidelity(cfg)
         self.method = self._resolve_method(cfg)
         self.run_dir = cfg["utils"]["checkpoint_dir"]
-        self.num_iterations = cfg["training"]["num_iterations"]
+        # steps of the loop: 2N in trainSSL_less_memory.py, where every schedule counts steps (utils/variants.py)
+        self.num_iterations = cfg["training"]["num_iterations"] * variant.steps_per_iteration
         self.crop = parse_size(cfg["training"]["data"]["input_size"], "training.data.input_size")
         self.batch_size = cfg["training"]["batch_size"]
         seed_everything(cfg["seed"])
@@ -362,12 +363,14 @@ class Run:
                 (self.evaluation_due(i) or self.evaluation_due(i + 1)):
             self._unlabeled_views = (images.detach(), pseudo.detach(), mixed_images.detach(), mixed_pseudo.detach())
 
-    def update_class_weights(self, i: int, labels: torch.Tensor | None, pseudo: torch.Tensor | None) -> torch.Tensor:
-        """Steps 3 and 7: class-balancing statistics (Cityscapes) and the class weights of this iteration."""
+    def update_class_weights(self, i: int, labels: torch.Tensor | None, pseudo: torch.Tensor | None,
+                             after_ramp_up: bool = True) -> torch.Tensor:
+        """Steps 3 and 7: class-balancing statistics (Cityscapes) and the class weights of this iteration (ones
+        until i > R unless `after_ramp_up` is False: the less-memory script's unlabeled step, as released)."""
         if self.balancing is None:
             return self.ones
         weights = self.balancing.update(labels, pseudo)
-        self.class_weights = weights if i > self.method["ramp_up_iterations"] else self.ones
+        self.class_weights = weights if i > self.method["ramp_up_iterations"] or not after_ramp_up else self.ones
         return self.class_weights
 
     def gather_rows(self, *tensors: torch.Tensor):
@@ -463,29 +466,37 @@ class Run:
         self.logger.message(f"[{tag}] iteration {i}: mIoU {100 * result['miou']:.2f}  loss {result['loss']:.4f}")
         return result
 
-    def _model_for_saving(self) -> torch.nn.Module:
-        return self.teacher if self.cfg["training"]["save_teacher_test"] else self.student_module
+    def _model_for_saving(self, kind: str) -> torch.nn.Module:
+        """The network a checkpoint of `kind` holds, as released: with save_teacher_test, the teacher in best
+        checkpoints written during the loop and (trainSSL.py only) in periodic ones; the student otherwise, and
+        always in the final checkpoint and in best models written after the loop."""
+        teacher = self.cfg["training"]["save_teacher_test"] and (
+            kind == "best" or (kind == "periodic" and self.variant.teacher_in_periodic_checkpoint))
+        return self.teacher if teacher else self.student_module
 
-    def _checkpoint(self, i: int, **extra) -> dict:
-        return {"model": self._model_for_saving().state_dict(), "config": self.cfg,
+    def _checkpoint(self, i: int, kind: str, **extra) -> dict:
+        return {"model": self._model_for_saving(kind).state_dict(), "config": self.cfg,
                 "optimizer": self.optimizer.state_dict(), "iteration": i, **extra}
 
     def save_periodic(self, i: int) -> None:
         if not dist.is_main():
             return
         path = os.path.join(self.run_dir, f"checkpoint-iter{i}.pth")
-        save_atomic(self._checkpoint(i), path)
+        save_atomic(self._checkpoint(i, "periodic"), path)
         for name in os.listdir(self.run_dir):
             if name.startswith("checkpoint-iter") and name.endswith(".pth") and name != os.path.basename(path):
                 os.remove(os.path.join(self.run_dir, name))
 
-    def evaluate_and_keep_best(self, i: int, val=None) -> dict:
+    def evaluate_and_keep_best(self, i: int, final: bool = False, val=None) -> dict:
+        """Evaluate the student on `val` (default: the periodic validation set); a new best is saved as
+        best_model.pth (after the loop, `final`: the student)."""
         result = self.evaluate(self.student_module, i, val=val)
         if result["miou"] > self.best_miou:
             self.best_miou, self.best_result = result["miou"], result
             self.since_best = 0
             if self.cfg["utils"]["save_best_model"] and dist.is_main():
-                save_atomic(self._checkpoint(i, miou=result["miou"]), os.path.join(self.run_dir, "best_model.pth"))
+                save_atomic(self._checkpoint(i, "final" if final else "best", miou=result["miou"]),
+                            os.path.join(self.run_dir, "best_model.pth"))
         else:
             self.since_best += self.cfg["utils"]["val_per_iter"]
         return result
@@ -595,9 +606,10 @@ class Run:
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
-        result = self.evaluate_and_keep_best(N, self.final_val)
+        result = self.evaluate_and_keep_best(N, final=True, val=self.final_val)
         if dist.is_main():
-            save_atomic(self._checkpoint(N, miou=result["miou"]), os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
+            save_atomic(self._checkpoint(N, "final", miou=result["miou"]),
+                        os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
             self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
             refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh", val=self.final_val)

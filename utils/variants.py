@@ -1,7 +1,7 @@
 """What differs between the three training scripts, in one table.
 
 The scripts share every building block; these constants and schedules are the only places they differ
-(SPEC sections 4, 5.5, 8 and 9). A `null` method constant in a config takes the script's value from here.
+(SPEC sections 4, 5.5, 8 and 9), each as read in the corresponding released script. A `null` method constant in a config takes the script's value from here.
 """
 from __future__ import annotations
 
@@ -18,6 +18,17 @@ class Variant:
     labeled_classmix_prob: float   # ClassMix on the labeled batch
     alternating_steps: bool        # even iterations labeled-only, odd unlabeled-only
     uses_gta5: bool                # GTA5 as an extra labeled source
+    # The loop runs num_iterations x this many steps, and every schedule (poly lr, EMA momentum, ramp-up and memory
+    # gates, evaluation, checkpoints, the N/5 return to the best model) counts steps: the release's less-memory
+    # script doubles num_iterations on reading the config.
+    steps_per_iteration: int
+    # save_teacher_test also puts the teacher in the periodic checkpoints (the release's trainSSL.py; the other two
+    # scripts save the student there). Best checkpoints follow save_teacher_test in all three; final ones hold the
+    # student.
+    teacher_in_periodic_checkpoint: bool
+    # The released script multiplies the per-pixel entropy [n,h,w] by the unsqueezed mask [n,1,h,w] (an n x n
+    # broadcast); kept under fidelity "code" (Fidelity.entropy_mask_broadcast).
+    entropy_mask_broadcast: bool
     v3_depth: int                  # DeepLabv3+ ResNet depth when backbone.depth is null
     # Cityscapes training crops and periodic evaluations from half-size images whatever the version (else by
     # version: v2 half, v3 full). The final evaluations (after training, after the BatchNorm refresh) always
@@ -26,11 +37,16 @@ class Variant:
 
 
 TRAIN_SSL = Variant("trainSSL", ema_warmup_div=10, contrastive_weight=0.1, labeled_classmix_prob=0.2,
-                    alternating_steps=False, uses_gta5=False, v3_depth=50, cityscapes_half_size=False)
+                    alternating_steps=False, uses_gta5=False, steps_per_iteration=1,
+                    teacher_in_periodic_checkpoint=True, entropy_mask_broadcast=False, v3_depth=50,
+                    cityscapes_half_size=False)
 LESS_MEMORY = Variant("trainSSL_less_memory", ema_warmup_div=1, contrastive_weight=0.1, labeled_classmix_prob=0.2,
-                      alternating_steps=True, uses_gta5=False, v3_depth=50, cityscapes_half_size=False)
+                      alternating_steps=True, uses_gta5=False, steps_per_iteration=2,
+                      teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True, v3_depth=50,
+                      cityscapes_half_size=False)
 DOMAIN_ADAPTATION = Variant("trainSSL_domain_adaptation_targetCity", ema_warmup_div=1, contrastive_weight=0.2,
-                            labeled_classmix_prob=0.25, alternating_steps=False, uses_gta5=True, v3_depth=101,
+                            labeled_classmix_prob=0.25, alternating_steps=False, uses_gta5=True, steps_per_iteration=1,
+                            teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True, v3_depth=101,
                             cityscapes_half_size=True)
 
 
