@@ -3,7 +3,6 @@ trainable parameter, and gradients zeroed rather than freed between steps (torch
 a parameter that once had a gradient keeps getting weight decay and momentum when a later loss does not reach it.
 SGD values are worked out by hand below (torch's SGD: d = g + wd p; buf = d on the first step, else
 momentum buf + d; p -= lr buf)."""
-import json
 import os
 
 import pytest
