@@ -1,12 +1,18 @@
 """Augmentations of SPEC 5.1 on small CPU tensors, with hand-worked or independently computed expectations."""
+import ast
 import math
+import os
+import pathlib
 import random
+import warnings
 
 import pytest
 import torch
 
 import utils.augmentations as aug
-from utils.augmentations import (CITYSCAPES_MEAN_RGB, STRONG, VOC_MEAN_RGB, WEAK, color_jitter, flip, gaussian_blur,
+from utils.augmentations import (CITYSCAPES_MEAN_RGB, STRONG, VOC_MEAN_RGB, WEAK, JitterParams, adjust_brightness,
+                                 adjust_contrast, adjust_hue, adjust_saturation, apply_jitter, color_jitter, flip,
+                                 gaussian_blur, sample_jitter,
                                  mean_for_dataset, normalize, random_scale, strong_augment, weak_augment)
 from utils.classmix import classmix
 from utils.errors import UserError
@@ -157,31 +163,6 @@ def test_color_jitter_range_shape_and_zero_strength():
     assert torch.equal(color_jitter(images, 0.0, "RGB"), images)
 
 
-def test_color_jitter_grey_image_only_brightness_within_bounds():
-    # on a constant grey image contrast, saturation and hue do nothing: out = v·b with b in [1 − s, 1 + s]
-    s = 0.25
-    images = torch.full((20, 3, 4, 5), 100.0)
-    out = color_jitter(images, s, "RGB")
-    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out), atol=1e-3)   # still grey, still constant
-    ratio = out[:, 0, 0, 0] / 100
-    assert bool((ratio >= 1 - s - 1e-4).all()) and bool((ratio <= 1 + s + 1e-4).all())
-    assert float(ratio.std()) > 0.02                                             # factors differ per image
-
-
-def test_color_jitter_converts_bgr_to_rgb():
-    # the same draws on the BGR version of an image give the BGR version of the RGB result; saturation and hue
-    # are not symmetric in the channels, so a missing conversion would show
-    images = torch.rand(2, 3, 6, 7) * 255
-    torch.manual_seed(5)
-    out_rgb = color_jitter(images, 0.25, "RGB")
-    torch.manual_seed(5)
-    out_bgr = color_jitter(images.flip(1), 0.25, "BGR")
-    assert torch.allclose(out_bgr, out_rgb.flip(1), atol=1e-3)
-    torch.manual_seed(5)
-    wrong = color_jitter(images.flip(1), 0.25, "RGB")
-    assert not torch.allclose(wrong, out_rgb.flip(1), atol=1e-1)
-
-
 def _batch():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 17, 23, generator=g) * 255
@@ -189,6 +170,187 @@ def _batch():
     labels[:, :2] = IGNORE
     conf = torch.rand(2, 17, 23, generator=g)
     return images, labels, conf
+
+
+# --- colour jitter and blur against kornia 0.4.1, the version the release pins (requirements-test.txt) -------------
+
+@pytest.fixture(scope="module")
+def kornia():
+    """kornia 0.4.1 as the oracle: the release called ColorJitter and GaussianBlur2d of exactly this version."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # torch.jit.script deprecation inside kornia 0.4.1
+            import kornia as k
+    except ImportError:                                     # an oracle that is missing must not turn into a skip
+        pytest.fail("kornia 0.4.1 is the test oracle: pip install -r requirements-test.txt")
+    assert k.__version__ == "0.4.1"
+    return k
+
+
+def _jitter_images():
+    """[6,3,12,16] images in [0, 1] with the hard cases: grey, black, white, pure and saturated colours, ties of
+    the maximum between channels, near-grey pixels, values at 0 and 1."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 3, 12, 16, generator=g)
+    x[0, :, :3] = 0.5                                                     # grey
+    x[1, :, :, :2] = 0.0                                                  # black
+    x[1, :, :, 2:4] = 1.0                                                 # white
+    x[2, :, :3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)             # pure red (hue wraps around 0)
+    x[2, :, 3:6] = torch.tensor([0.9, 0.9, 0.2]).view(3, 1, 1)            # R = G maximum
+    x[2, :, 6:9] = torch.tensor([0.6, 0.1, 0.6]).view(3, 1, 1)            # R = B maximum
+    x[2, :, 9:] = torch.tensor([0.3, 0.8, 0.8]).view(3, 1, 1)             # G = B maximum
+    x[3, :, :4] = 0.4 + 1e-4 * torch.rand(3, 4, 16, generator=g)          # near grey
+    x[4] = x[4] * 0.05                                                    # dark
+    return x
+
+
+# per-image factors spanning the ranges, with extremes: saturation 2 clips S at 1, hue ±0.5 reverses the colour
+_OP_FACTORS = {
+    "brightness": torch.tensor([0.75, 1.25, 0.0, 2.0, 1.0, 0.9]),
+    "contrast": torch.tensor([0.75, 1.25, 0.0, 2.0, 1.0, 1.1]),
+    "saturation": torch.tensor([0.875, 1.125, 0.0, 2.0, 1.0, 1.5]),
+    "hue": torch.tensor([-1 / 12, 1 / 12, 0.5, -0.5, 0.0, 0.03]),
+}
+_OURS = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+         "hue": adjust_hue}
+
+
+@pytest.mark.parametrize("op", list(_OP_FACTORS))
+def test_each_jitter_operation_matches_kornia(kornia, op):
+    from kornia.augmentation import functional as KF
+    x = _jitter_images()
+    factors = _OP_FACTORS[op]
+    expected = getattr(KF, f"apply_adjust_{op}")(x, {f"{op}_factor": factors})
+    out = _OURS[op](x, factors)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.allclose(out, expected, rtol=0, atol=1e-5)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1                # as kornia's: no rounding outside
+
+
+def test_jitter_operations_hand_worked():
+    def px(*rgb):
+        return torch.tensor(rgb).view(1, 3, 1, 1)
+
+    def one(v):
+        return torch.tensor([v])
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-6)
+    # brightness adds b − 1 and clips (not a multiplication)
+    assert close(adjust_brightness(px(0.5, 0.1, 0.95), one(1.2)), px(0.7, 0.3, 1.0))
+    assert close(adjust_brightness(px(0.5, 0.1, 0.95), one(0.8)), px(0.3, 0.0, 0.75))
+    # contrast multiplies about 0 and clips (not a blend with the mean)
+    assert close(adjust_contrast(px(0.6, 0.2, 0.8), one(1.5)), px(0.9, 0.3, 1.0))
+    assert close(adjust_contrast(px(0.6, 0.2, 0.8), one(0.5)), px(0.3, 0.1, 0.4))
+    # saturation: (0.8, 0.4, 0.2) has V = 0.8, S = 0.75; S·1.5 clips at 1 (min -> 0); S·0.5 = 0.375
+    assert close(adjust_saturation(px(0.8, 0.4, 0.2), one(1.5)), px(0.8, 0.8 - 0.4 * 4 / 3, 0.0))
+    assert close(adjust_saturation(px(0.8, 0.4, 0.2), one(0.5)), px(0.8, 0.6, 0.5))
+    assert close(adjust_saturation(px(0.0, 0.0, 0.0), one(1.5)), px(0.0, 0.0, 0.0))       # V = 0: S = 0
+    # hue: (0.8, 0.4, 0.2) has H = 1/18; + 1/12 -> 5/36: (V, V(1 − S/6), V(1 − S)) = (0.8, 0.7, 0.2)
+    assert close(adjust_hue(px(0.8, 0.4, 0.2), one(1 / 12)), px(0.8, 0.7, 0.2))
+    assert close(adjust_hue(px(1.0, 0.0, 0.0), one(1 / 3)), px(0.0, 1.0, 0.0))           # red -> green
+    assert close(adjust_hue(px(1.0, 0.0, 0.0), one(-1 / 12)), px(1.0, 0.0, 0.5))         # wraps: H = 11/12
+    # the order of the operations matters: brightness then contrast vs contrast then brightness
+    p = JitterParams(one(1.2), one(1.5), one(1.0), one(0.0), (0, 1, 2, 3))
+    assert close(apply_jitter(px(0.5, 0.5, 0.5), p), px(1.0, 1.0, 1.0))                   # (0.5 + 0.2)·1.5
+    p = JitterParams(one(1.2), one(1.5), one(1.0), one(0.0), (1, 0, 2, 3))
+    assert close(apply_jitter(px(0.5, 0.5, 0.5), p), px(0.95, 0.95, 0.95))                # 0.5·1.5 + 0.2
+
+
+@pytest.mark.parametrize("s", [0.125, 0.25])
+def test_sampled_factors_equal_kornias_under_the_same_seed(kornia, s):
+    # the release: ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3) on the whole batch (p = 1)
+    x = _jitter_images()
+    jitter = kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s / 2.0, hue=s / 3.0)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        jitter(x)
+        ref, after_ref = jitter._params, torch.rand(3)
+        torch.manual_seed(seed)
+        ours, after_ours = sample_jitter(x.shape[0], s), torch.rand(3)
+        assert bool(ref["batch_prob"].all())                                  # every image is jittered
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            assert torch.equal(getattr(ours, name), ref[f"{name}_factor"]), name
+        assert ours.order == tuple(ref["order"].tolist())
+        assert torch.equal(after_ours, after_ref)                            # the same number of draws
+
+
+@pytest.mark.parametrize("s", [0.125, 0.25])
+def test_sampled_factor_ranges(s):
+    torch.manual_seed(0)
+    n = 4000
+    p = sample_jitter(n, s)
+    for f, lo, hi in ((p.brightness, 1 - s, 1 + s), (p.contrast, 1 - s, 1 + s),
+                      (p.saturation, 1 - s / 2, 1 + s / 2), (p.hue, -s / 3, s / 3)):
+        assert f.shape == (n,) and f.dtype == torch.float32
+        width = hi - lo
+        assert float(f.min()) >= lo - 1e-7 and float(f.max()) <= hi + 1e-7
+        assert float(f.min()) < lo + 0.01 * width and float(f.max()) > hi - 0.01 * width
+        # uniform: each quarter of the range holds a quarter of the draws (binomial sd ≈ 27)
+        counts = torch.histc(f, bins=4, min=lo, max=hi)
+        assert bool(((counts - n / 4).abs() < 150).all()), counts
+    assert sorted(p.order) == [0, 1, 2, 3]
+
+
+def test_color_jitter_matches_kornia_colorjitter_on_0_255_images(kornia):
+    # the release: ColorJitter(s, s, s/2, s/3)(images / 255) * 255 on the batch as it is, BGR included
+    images = _jitter_images() * 255
+    orders = set()
+    for s in (0.125, 0.25):
+        jitter = kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s / 2.0, hue=s / 3.0)
+        for seed in range(6):
+            torch.manual_seed(seed)
+            expected = jitter(images / 255.0) * 255.0
+            orders.add(tuple(jitter._params["order"].tolist()))
+            for channel_order in ("BGR", "RGB"):
+                torch.manual_seed(seed)
+                out = color_jitter(images, s, channel_order)
+                assert torch.allclose(out, expected, rtol=0, atol=2e-3), (s, seed, channel_order)
+    assert len(orders) >= 4                                  # several orders of the operations were exercised
+
+
+def test_bgr_batch_gets_the_opposite_hue_shift():
+    # what feeding BGR to an RGB hue rotation means: the true hue moves by −δ (same distribution, δ symmetric)
+    x = _jitter_images()
+    shift = torch.tensor([0.05, -0.08, 0.02, 0.1, -0.03, 0.07])
+    assert torch.allclose(adjust_hue(x.flip(1), shift).flip(1), adjust_hue(x, -shift), rtol=0, atol=1e-5)
+    assert not torch.allclose(adjust_hue(x.flip(1), shift).flip(1), adjust_hue(x, shift), atol=1e-2)
+
+
+def test_gaussian_blur_matches_kornia(kornia):
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 19, 37, generator=g) * 255                 # non-square, borders reflected on all sides
+    expected = kornia.filters.GaussianBlur2d(kernel_size=(23, 23), sigma=(0.1, 1.5))(images)
+    assert torch.allclose(gaussian_blur(images), expected, rtol=0, atol=1e-3)
+    with pytest.raises(UserError, match="too small"):
+        gaussian_blur(torch.zeros(1, 3, 11, 40))
+
+
+def test_jitter_gate_jitters_the_whole_batch(monkeypatch):
+    images, labels, conf = _batch()
+    # strong: scale no, flip no, jitter yes, blur no -> exactly color_jitter(images, 0.25) under the same torch seed
+    draws = iter([0.9, 0.9, 0.1, 0.9])
+    monkeypatch.setattr(aug.random, "random", lambda: next(draws))
+    torch.manual_seed(11)
+    oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    torch.manual_seed(11)
+    assert torch.equal(oi, color_jitter(images, 0.25, "BGR"))
+    assert torch.equal(ol, labels) and torch.equal(oc, conf)
+    assert bool(((oi - images).abs().amax(dim=(1, 2, 3)) > 1).all())     # every image changed
+
+
+def test_training_code_does_not_import_kornia():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and d not in ("tests", "runs")]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = pathlib.Path(folder, name)
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n.split(".")[0] == "kornia" for n in names), f"{path} imports kornia"
 
 
 @pytest.mark.parametrize("fn", [weak_augment, strong_augment])
