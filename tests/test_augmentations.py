@@ -66,9 +66,10 @@ def test_random_scale_down_pads_centred_odd_right_and_top(W, left, right):
 
 
 def test_random_scale_up_is_a_crop_of_the_upscaled_batch(monkeypatch):
-    # 6 x 10, factor 1.5 -> 9 x 15; crop offsets y in [0, 3], x in [0, 5] from random.randint
+    # 6 x 10, factor 1.5 -> 9 x 15; crop offsets from random.randint, as released the column offset x in [0, 5]
+    # first, then the row offset y in [0, 3]
     calls = []
-    offsets = iter([2, 4])
+    offsets = iter([4, 2])
 
     def fake_randint(a, b):
         calls.append((a, b))
@@ -79,7 +80,7 @@ def test_random_scale_up_is_a_crop_of_the_upscaled_batch(monkeypatch):
     images = torch.stack([labels.float(), labels.float() * 2, labels.float() + 1], dim=1)
     conf = labels.float() / 100
     out_img, out_lab, out_conf = random_scale(images, labels, conf, 1.5, IGNORE)
-    assert calls == [(0, 3), (0, 5)]
+    assert calls == [(0, 5), (0, 3)]
     assert out_img.shape == (2, 3, 6, 10) and out_lab.shape == (2, 6, 10) and out_conf.shape == (2, 6, 10)
     # nearest, independent: source row floor(i·6/9), source col floor(j·10/15), on the crop rows 2..7, cols 4..13
     rows = torch.tensor([math.floor(i * 6 / 9) for i in range(2, 8)])
@@ -328,8 +329,9 @@ def test_gaussian_blur_matches_kornia(kornia):
 
 def test_jitter_gate_jitters_the_whole_batch(monkeypatch):
     images, labels, conf = _batch()
-    # strong: scale no, flip no, jitter yes, blur no -> exactly color_jitter(images, 0.25) under the same torch seed
-    draws = iter([0.9, 0.9, 0.1, 0.9])
+    # strong: flip no, jitter yes, blur no, (grayscale, solarize), scale no -> exactly color_jitter(images, 0.25)
+    # under the same torch seed
+    draws = iter([0.9, 0.1, 0.9, 0.5, 0.5, 0.9])
     monkeypatch.setattr(aug.random, "random", lambda: next(draws))
     torch.manual_seed(11)
     oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
@@ -347,7 +349,10 @@ def test_training_code_does_not_import_kornia():
             if not name.endswith(".py"):
                 continue
             path = pathlib.Path(folder, name)
-            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            text = path.read_text()
+            if "kornia" not in text:
+                continue
+            for node in ast.walk(ast.parse(text, filename=str(path))):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 assert not any(n.split(".")[0] == "kornia" for n in names), f"{path} imports kornia"
@@ -370,14 +375,14 @@ def test_weak_strong_all_steps_keep_shapes_and_dtypes(monkeypatch, fn, order):
         assert float(oi.min()) >= 0 and float(oi.max()) <= 255 + 1e-3
 
 
-@pytest.mark.parametrize("fn, draws", [(weak_augment, 3), (strong_augment, 4)])
+@pytest.mark.parametrize("fn, draws", [(weak_augment, 6), (strong_augment, 6)])
 def test_no_step_taken_returns_inputs(monkeypatch, fn, draws):
     images, labels, conf = _batch()
     calls = []
     monkeypatch.setattr(aug.random, "random", lambda: calls.append(1) or 0.99)
     oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
     assert torch.equal(oi, images) and torch.equal(ol, labels) and torch.equal(oc, conf)
-    assert len(calls) == draws                                     # one draw per decision (weak: no blur)
+    assert len(calls) == draws            # flip, jitter, blur, grayscale, solarize, scale gate (as released)
     # with masks, only ClassMix is applied
     masks = torch.zeros(2, 17, 23, dtype=torch.bool)
     masks[1, 3:9, 4:20] = True
@@ -389,14 +394,16 @@ def test_no_step_taken_returns_inputs(monkeypatch, fn, draws):
 
 def test_decisions_thresholds_and_order(monkeypatch):
     images, labels, conf = _batch()
-    # strong: scale no (0.85 >= 0.8), flip yes (0.1 < 0.5), jitter no (0.9 >= 0.8), blur yes (0.1 < 0.2)
-    draws = iter([0.85, 0.1, 0.9, 0.1])
+    # strong, in the release's order: flip yes (0.1 < 0.5), jitter no (0.9 >= 0.8), blur yes (0.1 < 0.2),
+    # grayscale and solarize (unused), scale no (0.85 >= 0.8)
+    draws = iter([0.1, 0.9, 0.1, 0.0, 0.0, 0.85])
     monkeypatch.setattr(aug.random, "random", lambda: next(draws))
     oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
     assert torch.equal(ol, labels.flip(-1)) and torch.equal(oc, conf.flip(-1))
     assert torch.allclose(oi, gaussian_blur(images.flip(-1)))
-    # weak: scale yes with factor 1.5 (crop at 0, 0), flip no, jitter no (0.2 is not < 0.2)
-    draws = iter([0.4, 0.5, 0.2])
+    # weak: flip no (0.5), jitter no (0.2 is not < 0.2), blur never (0.0 is not < 0), grayscale, solarize,
+    # scale yes (0.4 < 0.5) with factor 1.5 (crop at 0, 0)
+    draws = iter([0.5, 0.2, 0.0, 0.0, 0.0, 0.4])
     monkeypatch.setattr(aug.random, "random", lambda: next(draws))
     monkeypatch.setattr(aug.random, "uniform", lambda a, b: 1.5 if (a, b) == (0.75, 1.75) else None)
     monkeypatch.setattr(aug.random, "randint", lambda a, b: 0)
@@ -404,3 +411,42 @@ def test_decisions_thresholds_and_order(monkeypatch):
     ei, el, ec = random_scale(images, labels, conf, 1.5, IGNORE)
     assert torch.equal(oi, ei) and torch.equal(ol, el) and torch.equal(oc, ec)
     assert not torch.equal(ol, labels)
+
+
+class _RecordingRandom:
+    """Stands in for Python's `random` module: logs every call, answers from a script."""
+
+    def __init__(self, randoms, factor=1.5, offsets=(0, 0)):
+        self.log, self._randoms, self._factor, self._offsets = [], iter(randoms), factor, iter(offsets)
+
+    def random(self):
+        self.log.append("random")
+        return next(self._randoms)
+
+    def uniform(self, a, b):
+        self.log.append(("uniform", a, b))
+        return self._factor
+
+    def randint(self, a, b):
+        self.log.append(("randint", a, b))
+        return next(self._offsets)
+
+
+@pytest.mark.parametrize("fn", [weak_augment, strong_augment])
+def test_python_random_draws_in_the_release_order(monkeypatch, fn):
+    # the release's augment_samples: flip, jitter, blur, grayscale, solarize, scale gate, factor, then inside the
+    # scale step the column offset and the row offset of the crop. 17 x 23 at 1.5 -> 25 x 34: x in [0, 11],
+    # y in [0, 8]. Draws of 0.99 leave flip, jitter and blur off; the scale gate fires with 0.0.
+    images, labels, conf = _batch()
+    rec = _RecordingRandom([0.99, 0.99, 0.99, 0.99, 0.99, 0.0], factor=1.5, offsets=(11, 8))
+    monkeypatch.setattr(aug, "random", rec)
+    oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    assert rec.log == ["random"] * 6 + [("uniform", 0.75, 1.75), ("randint", 0, 11), ("randint", 0, 8)]
+    # the crop takes rows 8..24 and columns 11..33 of the enlarged batch
+    big = torch.nn.functional.interpolate(images, size=(25, 34), mode="bilinear", align_corners=True)
+    assert torch.equal(oi, big[..., 8:25, 11:34])
+    # 1 < f < 1 + 1/H keeps the size; the two offsets (both 0) are still drawn
+    rec = _RecordingRandom([], offsets=(0, 0))
+    monkeypatch.setattr(aug, "random", rec)
+    out = random_scale(images, labels, conf, 1.01, IGNORE)
+    assert rec.log == [("randint", 0, 0), ("randint", 0, 0)] and torch.equal(out[0], images)

@@ -72,14 +72,18 @@ def random_scale(images: torch.Tensor, labels: torch.Tensor | None, confidences:
 
     New size (⌊H·f⌋, ⌊W·f⌋): images and confidences bilinear (align_corners=True), labels nearest. Shrunk: pad
     back centred, the odd pixel on the right and the top, with 0 (images, confidences) and the ignore label
-    (labels). Enlarged: one random crop (offsets from Python `random.randint`) for the whole batch."""
+    (labels). Enlarged (f > 1): one random crop for the whole batch, offsets from Python `random.randint`,
+    the column offset drawn first, then the row offset (the release's order), even when both ranges are 0."""
     if factor <= 0:
         raise UserError(f"random_scale: factor must be > 0, got {factor}")
     H, W = images.shape[-2:]
     h, w = int(H * factor), int(W * factor)                      # floor for positive sizes
     if h < 1 or w < 1:
         raise UserError(f"random_scale: factor {factor} shrinks {H}x{W} to nothing; use a larger factor")
-    if (h, w) == (H, W):
+    if factor == 1:
+        return images, labels, confidences
+    if (h, w) == (H, W):                                         # 1 < f < 1 + 1/H: the crop offsets are 0
+        random.randint(0, 0), random.randint(0, 0)               # drawn all the same, as released
         return images, labels, confidences
     images = F.interpolate(images, size=(h, w), mode="bilinear", align_corners=True)
     if labels is not None:
@@ -95,8 +99,8 @@ def random_scale(images: torch.Tensor, labels: torch.Tensor | None, confidences:
         confidences = None if confidences is None else F.pad(confidences, pad, value=0.0)
         return images, labels, confidences
     # enlarged: one random crop of the input size for the whole batch
+    x = random.randint(0, w - W)                                 # column offset first, as released
     y = random.randint(0, h - H)
-    x = random.randint(0, w - W)
     images = images[..., y:y + H, x:x + W]
     labels = None if labels is None else labels[..., y:y + H, x:x + W]
     confidences = None if confidences is None else confidences[..., y:y + H, x:x + W]
@@ -282,18 +286,27 @@ def augment(images: torch.Tensor, labels: torch.Tensor | None, confidences: torc
             params: AugmentParams, *, ignore_label: int, channel_order: str,
             classmix_masks: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """ClassMix (when masks are given) -> random scale -> flip -> colour jitter -> blur; one `random.random()`
-    draw per decision, for the whole batch (none for a step whose probability is 0, e.g. the weak blur)."""
+    """ClassMix (when masks are given) -> random scale -> flip -> colour jitter -> blur, each decided for the
+    whole batch.
+
+    Python `random` is drawn in the release's order and number: flip, jitter, blur (drawn even when its
+    probability is 0, as for the weak blur), two draws for the release's disabled grayscale and solarize steps,
+    the scale gate, then the factor when the gate fires (and the crop offsets inside `random_scale`). With the
+    same `random` state the decisions are the release's."""
+    do_flip = random.random() < params.flip_p
+    do_jitter = random.random() < params.jitter_p
+    do_blur = random.random() < params.blur_p
+    random.random(), random.random()                          # the release's grayscale and solarize (p = 0)
+    factor = random.uniform(*params.scale_range) if random.random() < params.scale_p else 1.0
     if classmix_masks is not None:
         images, labels, confidences = classmix(classmix_masks, images, labels, confidences)
-    if random.random() < params.scale_p:
-        factor = random.uniform(*params.scale_range)
+    if factor != 1.0:
         images, labels, confidences = random_scale(images, labels, confidences, factor, ignore_label)
-    if random.random() < params.flip_p:
+    if do_flip:
         images, labels, confidences = flip(images, labels, confidences)
-    if random.random() < params.jitter_p:
+    if do_jitter:
         images = color_jitter(images, params.jitter_strength, channel_order)
-    if params.blur_p > 0 and random.random() < params.blur_p:
+    if do_blur:
         images = gaussian_blur(images)
     return images, labels, confidences
 
