@@ -209,9 +209,6 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return (v - (v - x) * ratio).clamp(min=0.0)       # the clipped minimum may round to −1e-8; HSV gives exactly 0
 
 
-_HUE_OFFSETS = (5.0, 3.0, 1.0)     # R, G, B: channel value V − (V − min)·clamp(min(k, 4 − k), 0, 1), k = (n + 6H) mod 6
-
-
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """HSV hue rotated by δ turns per image ((H + δ) mod 1), saturation and V kept (δ: [B]); channel 0 is red."""
     r, g, b = x.unbind(dim=1)                                        # [B,H,W] each
@@ -222,7 +219,9 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # hue in sixths of a turn, from the channel holding the maximum (red first on ties, then green)
     h6 = torch.where(v == r, (g - b) / d_safe, torch.where(v == g, 2 + (b - r) / d_safe, 4 + (r - g) / d_safe))
     hue = torch.remainder(h6 / 6 + shift.to(device=x.device, dtype=x.dtype).view(-1, 1, 1), 1.0)
-    n = torch.tensor(_HUE_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    # channel value V − (V − min)·clamp(min(k, 4 − k), 0, 1) with k = (n + 6H) mod 6, n = 5, 3, 1 for R, G, B
+    # (made on the device: a host tensor would cost a blocking copy)
+    n = torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     k = torch.remainder(n + 6 * hue.unsqueeze(1), 6.0)               # [B,3,H,W]
     w = torch.minimum(k, 4 - k).clamp(0.0, 1.0)
     return v.unsqueeze(1) - d.unsqueeze(1) * w
