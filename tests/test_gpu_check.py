@@ -109,19 +109,32 @@ def command_step(name: str, code: str) -> gpu_check.Step:
     return gpu_check.Step(name, name, 5, "command", command, result)
 
 
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return False
+
+
 def test_step_statuses_and_one_failure_does_not_stop_the_next(tmp_path):
     plan = gpu_check.plan_for(True)
     results = {}
+    pid_file = tmp_path / "grandchild.pid"
     steps = [
-        command_step("sleeps", "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
-                               "'import time; time.sleep(60)']); print('started', flush=True); time.sleep(60)"),
+        command_step("sleeps", "import subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', "
+                               "'import time; time.sleep(60)']); "
+                               f"open({str(pid_file)!r}, 'w').write(str(g.pid)); print('started', flush=True); "
+                               "time.sleep(60)"),
         command_step("fails", "import sys; print('about to fail'); sys.exit('boom: bad thing')"),
         command_step("works", "print('fine')"),
     ]
     t0 = time.monotonic()
     for step, timeout in zip(steps, (1.5, 30, 30)):
         results[step.name] = gpu_check.run_step(step, plan, str(tmp_path), timeout, True, results)
-    assert time.monotonic() - t0 < 20                                  # the sleeping group was killed
+    assert time.monotonic() - t0 < 20                                  # the sleeping group was killed ...
+    assert not alive(int(pid_file.read_text()))                         # ... grandchildren included
     slept, failed, worked = results["sleeps"], results["fails"], results["works"]
     assert slept["status"] == "timed out" and "killed after 2 s" in slept["error"] and "started" in slept["error"]
     assert failed["status"] == "failed" and "boom: bad thing" in failed["error"]
@@ -247,6 +260,28 @@ def test_targets_fail():
                                "steps": [], "results": results})
     assert "| bf16 / fp32 iterations/s, v2 COCO B=5 512x512 | 1.7 x | >= 1.8 | FAIL |" in text
     assert "Test GPU" in text and "DRY RUN" not in text
+
+
+def test_torchrun_figure_and_unmeasured_targets():
+    results, plan = fake_results(bf16_ips=2.0, method_ms=5.0, reserved_gib=8, eval_s=30.0, eval_complete=True,
+                                 miou_diff=0.0)
+    results["torchrun_nccl"] = {"status": "failed", "data": {"backend": "nccl", "device": "cuda", "iterations": 4,
+                                                             "rank_identical": False, "steps_recorded": [0, 0]}}
+    results["torchrun_gloo"] = {"status": "ok", "data": {"backend": "gloo", "device": "cuda", "iterations": 4,
+                                                         "rank_identical": True, "steps_recorded": [4, 4]}}
+    del results["eval_full_size"]
+    results["bench_step"]["status"] = "failed"
+    results["bench_step"]["data"] = {}
+    figures = gpu_check.figures(results, plan)
+    torchrun = [f for f in figures if f["figure"].startswith("torchrun")]
+    assert [(f["step"], f["value"], f["result"]) for f in torchrun] == [("torchrun_gloo", "yes", "PASS")]
+    unmeasured = {f["figure"]: f["value"] for f in figures if str(f["value"]).startswith("not measured")}
+    assert unmeasured == {"bf16 / fp32 iterations/s": "not measured (bench_step: failed)",
+                          "method parts share of an iteration": "not measured (bench_step: failed)",
+                          "peak memory (the target)": "not measured (bench_step: failed)",
+                          "evaluation of": "not measured (eval_full_size: not run)",
+                          "cuda tests": "not measured (cuda_tests: not run)"}
+    assert all(f["result"] == "n/a" for f in figures if f["figure"] in unmeasured)
 
 
 # ------------------------------------------------------------------------------------ rank-identical check
