@@ -444,7 +444,8 @@ def _main(args: argparse.Namespace) -> dict:
     t = base["training"]
     report = {
         "benchmark": "step", "config": args.config, "overrides": overrides, "env": environment(device),
-        "setup": {"script": args.script, "dataset": base["dataset"], "version": base["version"], "depth": base["backbone"]["depth"],
+        "setup": {"script": args.script, "dataset": base["dataset"], "version": base["version"],
+                  "depth": base["backbone"]["depth"],
                   "pretraining": t["pretraining"], "batch_size": t["batch_size"],
                   "unlabeled_batch": t["batch_size"] // 2, "crop": t["data"]["input_size"],
                   "fidelity": base["fidelity"], "memory_size": base["method"]["memory_size"],

@@ -51,7 +51,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as a script: make the repository root importable
@@ -796,7 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None,
                    help="Markdown report (default benchmarks/gpu_check.md; dry run: in --work)")
     p.add_argument("--work", default=None, help="logs, checkpoints, step records (default runs/gpu_check[_dry])")
-    p.add_argument("--only", default=None, help=f"comma-separated steps to run (others skipped): {','.join(STEP_NAMES)}")
+    p.add_argument("--only", default=None,
+                   help=f"comma-separated steps to run (others skipped): {','.join(STEP_NAMES)}")
     p.add_argument("--budget-s", type=float, default=None,
                    help=f"wall-clock budget of all steps together (default {DEFAULT_BUDGET_S}; dry run: none)")
     p.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="one step's time limit")

@@ -195,7 +195,8 @@ def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
     steps = [[r for r in rank if r["kind"] == "step"] for rank in records]
     for r, rank_steps in enumerate(steps):
         if [s["i"] for s in rank_steps] != list(range(iterations)):
-            problems.append(f"rank {r} recorded iterations {[s['i'] for s in rank_steps]}, expected 0..{iterations - 1}")
+            problems.append(f"rank {r} recorded iterations {[s['i'] for s in rank_steps]}, "
+                            f"expected 0..{iterations - 1}")
     if problems or len(steps) < 2:
         return problems or [f"{len(steps)} rank(s) recorded, expected at least 2"]
     for per_rank in zip(*steps):

@@ -5,8 +5,8 @@ ClassMix, the augmentations, the confusion matrix and the losses.
 Inputs are made on the CPU and copied to the device; modules are deep copies of the same CPU modules. Random
 decisions are identical on both sides: Python's `random` and torch's CPU generator are seeded alike, and
 `random_draws_on_cpu` makes the draws that the code takes on its input's device (ClassMix) come from the CPU
-generator. Tolerances: integer results and copies exact; float32 arithmetic to 1e-5 relative (1e-4 where long
-reductions run in a different order on the device); augmented images to 0.05 on the 0..255 scale (bilinear
+generator. Tolerances (TF32 off): integer results and copies exact; float32 arithmetic to 1e-5 relative (1e-4 where
+long reductions run in a different order on the device); augmented images to 0.05 on the 0..255 scale (bilinear
 resampling and the hue rotation).
 """
 from __future__ import annotations
@@ -36,6 +36,16 @@ def one_thread():
     """Small ops: on a shared CPU (the dry run) two torch threads wait on each other far more than they gain."""
     with cpu_threads(1):
         yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def full_float32():
+    """TF32 off: convolutions (the Gaussian blur's among them) run in TF32 on Ampere and later GPUs by default;
+    the comparison is of the code, not of TF32's 10-bit mantissa."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 CPU = torch.device("cpu")

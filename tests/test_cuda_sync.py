@@ -26,8 +26,7 @@ from benchmarks.common import cpu_threads
 import utils.ssl_steps as step
 from benchmarks.bench_step import LoopClock, build_run, run_iterations
 from model.heads import class_selector
-from tests.cuda_support import (CUDA_MARKS, DEVICE, HostSyncError, allowing_boolean_selections, no_host_sync,
-                                random_draws_on_cpu)
+from tests.cuda_support import CUDA_MARKS, DEVICE, HostSyncError, allowing_boolean_selections, no_host_sync
 from utils.augmentations import strong_augment, weak_augment
 from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix, classmix_masks
