@@ -208,19 +208,27 @@ def wait_command(started: Started, timeout: float) -> Completed:
         code = p.wait(timeout=max(started.t0 + timeout - time.monotonic(), 0.1))
     except subprocess.TimeoutExpired:
         code = None
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(p.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                p.wait(timeout=KILL_GRACE_S)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        terminate(p)
+    except BaseException:  # Ctrl-C: the step's group is in its own session, so it would not get the SIGINT
+        terminate(p)
+        raise
     with open(started.log_path, errors="replace") as f:
         output = f.read()
     return Completed(code, output, time.monotonic() - started.t0)
+
+
+def terminate(p: subprocess.Popen) -> None:
+    """SIGTERM to the process group of p, SIGKILL KILL_GRACE_S later if it is still there."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_command(cmd: list[str], timeout: float, log_path: str, env: dict | None = None) -> Completed:
