@@ -667,7 +667,7 @@ def figures(results: dict, plan: Plan) -> list[dict]:
                                 round(train["best_miou"], 4), "", "", None, "demo"))
         ev = demo.get(f"evaluate_{precision}")
         if ev:
-            figs.append(_figure(f"demo {precision} checkpoint: evaluateSSL.py |mIoU {ev['device']} - mIoU cpu|",
+            figs.append(_figure(f"demo {precision} checkpoint: evaluateSSL.py mIoU difference, {ev['device']} vs cpu",
                                 round(ev["abs_difference"], 6), "", f"<= {MIOU_TOLERANCE}",
                                 ev["abs_difference"] <= MIOU_TOLERANCE, "demo"))
     rows = _rows(results, "bench_step") + _rows(results, "bench_step_compile")
@@ -714,7 +714,8 @@ def figures(results: dict, plan: Plan) -> list[dict]:
     for prefix, target, step in EXPECTED_FIGURES:  # a target that a failed or skipped step left unmeasured
         if not any(f["figure"].startswith(prefix) for f in figs):
             status = results.get(step, {}).get("status", "not run")
-            figs.append(_figure(prefix, f"not measured ({step}: {status})", "", target, None, step))
+            why = f"{step}: {status}" if status != "ok" else f"not in this run's plan of {step}"
+            figs.append(_figure(prefix, f"not measured ({why})", "", target, None, step))
     return figs
 
 
@@ -725,6 +726,11 @@ def _cell(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
+
+
+def _md(text) -> str:
+    """A table cell: pipes escaped, one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown(report: dict) -> str:
@@ -739,14 +745,14 @@ def markdown(report: dict) -> str:
               "| figure | measured | target | result |", "|---|---:|---|:---:|"]
     for f in report["figures"]:
         value = f"{_cell(f['value'])} {f['unit']}".strip()
-        lines.append(f"| {f['figure']} | {value} | {f['target'] or '—'} | {f['result']} |")
+        lines.append(f"| {_md(f['figure'])} | {_md(value)} | {_md(f['target'] or '—')} | {f['result']} |")
     lines += ["", "| step | status | seconds | limit |", "|---|---|---:|---:|"]
     for s in report["steps"]:
         status = s["status"] + (f" ({s['note']})" if s.get("note") else "")
         if s.get("error"):
             first = next((line for line in reversed(s["error"].splitlines()) if line.strip()), "")
-            status += f": {first.strip()[:160]}".replace("|", "\\|")
-        lines.append(f"| {s['name']} | {status} | {s['seconds']:.0f} | {s['limit_s']:.0f} |")
+            status += f": {first.strip()[:160]}"
+        lines.append(f"| {s['name']} | {_md(status)} | {s['seconds']:.0f} | {s['limit_s']:.0f} |")
     rows = _rows(report["results"], "bench_step") + _rows(report["results"], "bench_step_compile")
     if rows:
         lines += ["", "bench_step.py (peak: PyTorch allocator, allocated / reserved; method: everything but the "

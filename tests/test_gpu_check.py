@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 
@@ -91,11 +92,23 @@ def test_dry_run_figures_and_markdown(dry_run):
         assert heading in text
     for name in gpu_check.STEP_NAMES:
         assert f"| {name} |" in text
+    assert_tables_well_formed(text)
     # the work folder holds every step's log or record
     work = paths["work"]
     assert os.path.isfile(os.path.join(work, "logs", "cuda_tests.log"))
     assert json.load(open(os.path.join(work, "steps", "demo.json")))["done"] is True
     print(f"dry run: {seconds:.1f} s")
+
+
+def assert_tables_well_formed(text: str) -> None:
+    """Every row of every Markdown table has as many cells as its header (pipes in cells escaped)."""
+    widths = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            widths.append(len(re.split(r"(?<!\\)\|", line)))
+        elif widths:
+            assert len(set(widths)) == 1, (widths, text)
+            widths = []
 
 
 # ----------------------------------------------------------------------------------------- step machinery
@@ -259,6 +272,13 @@ def test_targets_fail():
                                "started": "now", "wall_s": 1.0, "budget_s": 465.0, "figures": figures,
                                "steps": [], "results": results})
     assert "| bf16 / fp32 iterations/s, v2 COCO B=5 512x512 | 1.7 x | >= 1.8 | FAIL |" in text
+    assert_tables_well_formed(text)
+    broken = gpu_check.markdown({"dry_run": False, "env": {}, "started": "now", "wall_s": 1.0, "budget_s": None,
+                                 "results": {}, "figures": [gpu_check._figure("a | b", "x|y", "", "", None, "s")],
+                                 "steps": [{"name": "s", "status": "failed", "seconds": 1, "limit_s": 2,
+                                            "error": "Traceback\nValueError: a | b"}]})
+    assert "| a \\| b | x\\|y |" in broken and "failed: ValueError: a \\| b |" in broken
+    assert_tables_well_formed(broken)
     assert "Test GPU" in text and "DRY RUN" not in text
 
 
