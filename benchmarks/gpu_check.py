@@ -108,9 +108,11 @@ class Plan:
     eval_chunk: int
     dist_iterations: int
     dist_sets: tuple[str, ...]
+    child_steps: tuple[str, ...]          # Python steps run in a process of their own (with a time limit)
 
 
 TOY_NET = ("backbone.depth=18", "training.data.input_size=33,33")
+PY_STEP_NAMES = ("demo", "bench_step", "bench_components", "eval_full_size", "bench_step_compile")
 DIST_ITERATIONS = 4
 
 
@@ -127,9 +129,11 @@ def plan_for(dry_run: bool) -> Plan:
             bench_args=("--iterations", "4", "--warmup", "2", "--channels-last"),
             components_args=(),
             eval_images=500, eval_size=(1024, 2048), eval_depth=101, eval_chunk=10,
-            dist_iterations=DIST_ITERATIONS, dist_sets=())
+            dist_iterations=DIST_ITERATIONS, dist_sets=(), child_steps=tuple(PY_STEP_NAMES))
     # The dry run leaves bf16 out (autocast to bf16 on a CPU without bf16 units is ~20x slower; tests/test_precision.py
-    # runs it) and v3+ (batch >= 4): the steps loop over precisions and runs with the same code.
+    # runs it) and v3+ (batch >= 4): the steps loop over precisions and runs with the same code. Its Python steps run
+    # in this process (no interpreter start-up each), except eval_full_size, which takes the GPU run's path (a child
+    # process) beside the others.
     return Plan(
         dry_run=True, device="cpu", demo_precisions=("fp32",), demo_iterations=3,
         demo_sets=("version=2", "backbone.depth=18", "training.batch_size=2", "training.data.input_size=33,49",
@@ -145,7 +149,7 @@ def plan_for(dry_run: bool) -> Plan:
         bench_args=("--iterations", "1", "--warmup", "0", "--threads", "1", "--compile-backend", "eager"),
         components_args=("--quick", "--repeats", "1", "--warmup", "0", "--threads", "1"),
         eval_images=3, eval_size=(64, 128), eval_depth=18, eval_chunk=2,
-        dist_iterations=2, dist_sets=("training.data.input_size=33,49",))
+        dist_iterations=2, dist_sets=("training.data.input_size=33,49",), child_steps=("eval_full_size",))
 
 
 # ------------------------------------------------------------------------------------- records and processes
@@ -440,6 +444,7 @@ PY_STEPS: dict[str, Callable[[StepContext], None]] = {
     "demo": step_demo, "bench_step": step_bench_step, "bench_step_compile": step_bench_step_compile,
     "bench_components": step_bench_components, "eval_full_size": step_eval_full_size,
 }
+assert set(PY_STEPS) == set(PY_STEP_NAMES)
 
 
 # ------------------------------------------------------------------------------------------ command steps
@@ -565,10 +570,18 @@ def command_log(work: str, step: Step) -> str:
     return os.path.join(work, "logs", f"{step.name}.log")
 
 
+def step_command(step: Step, plan: Plan, work: str) -> tuple[list[str], dict]:
+    """The command of a command step, or the child process of a Python step."""
+    if step.kind == "command":
+        return step.command(plan, work)
+    return [PYTHON, THIS, "--child", step.name, "--work", work] + (["--dry-run"] if plan.dry_run else []), {}
+
+
 def run_step(step: Step, plan: Plan, work: str, timeout: float, in_process: bool, results: dict,
              started: Started | None = None) -> dict:
-    """Run one step; returns its record {name, title, status, seconds, limit_s, data, error}. `started`: the
-    step's command, already started (the dry run starts its commands first, to use both CPU cores)."""
+    """Run one step; returns its record {name, title, status, seconds, limit_s, data, error}. in_process: a Python
+    step in this process (no time limit), else in a child process. `started`: the step's process, already started
+    (the dry run starts them first, to use both CPU cores)."""
     record = {"name": step.name, "title": step.title, "limit_s": round(timeout, 1), "status": "ok", "seconds": 0.0,
               "data": {}, "error": None}
     reason = step.skip(plan, results) if step.skip else None
@@ -580,10 +593,10 @@ def run_step(step: Step, plan: Plan, work: str, timeout: float, in_process: bool
         return record
     log = command_log(work, step)
     t0 = started.t0 if started is not None else time.monotonic()
+    if started is None and (step.kind == "command" or not in_process):
+        cmd, env = step_command(step, plan, work)
+        started = start_command(cmd, log, env)
     if step.kind == "command":
-        if started is None:
-            cmd, env = step.command(plan, work)
-            started = start_command(cmd, log, env)
         done = wait_command(started, timeout)
         data, error = step.result(plan, work, done)
     elif in_process:
@@ -596,8 +609,7 @@ def run_step(step: Step, plan: Plan, work: str, timeout: float, in_process: bool
             ctx.error(step.name)
         data, error = ctx.data, "\n\n".join(ctx.errors) or None
     else:
-        cmd = [PYTHON, THIS, "--child", step.name, "--work", work] + (["--dry-run"] if plan.dry_run else [])
-        done = run_command(cmd, timeout, log)
+        done = wait_command(started, timeout)
         stored = read_json(os.path.join(work, "steps", f"{step.name}.json")) or {}
         data = stored.get("data", {})
         error = "\n\n".join(stored.get("errors", [])) or None
@@ -816,8 +828,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"wall-clock budget of all steps together (default {DEFAULT_BUDGET_S}; dry run: none)")
     p.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="one step's time limit")
     p.add_argument("--isolation", choices=("subprocess", "inprocess"), default=None,
-                   help="Python steps in their own process with a time limit (default on a GPU) or in this one "
-                        "(default of the dry run: no interpreter start-up per step)")
+                   help="every Python step in its own process with a time limit (default on a GPU) or in this one "
+                        "(default: the dry run keeps all but eval_full_size in this process)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -855,7 +867,10 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
     only = None if args.only is None else {x.strip() for x in args.only.split(",") if x.strip()}
     if only is not None and only - set(STEP_NAMES):
         raise SystemExit(f"--only: unknown step(s) {sorted(only - set(STEP_NAMES))}; steps: {', '.join(STEP_NAMES)}")
-    in_process = (args.isolation or ("inprocess" if args.dry_run else "subprocess")) == "inprocess"
+    def in_process(step: Step) -> bool:
+        if args.isolation is not None:
+            return args.isolation == "inprocess"
+        return step.name not in plan.child_steps
     json_path = args.json or (os.path.join(work, "gpu_check.json") if args.dry_run else
                               os.path.join(ROOT, "benchmarks", "gpu_check.json"))
     md_path = args.markdown or (os.path.join(work, "gpu_check.md") if args.dry_run else
@@ -871,10 +886,10 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
               "env": environment(plan), "steps": [], "figures": [], "results": results, "wall_s": 0.0}
     selected = [s for s in STEPS if only is None or s.name in only]
     prestarted: dict[str, Started] = {}
-    if args.dry_run and in_process:  # commands run beside the in-process steps: the dry run uses both CPU cores
+    if args.dry_run:  # processes run beside the in-process steps: the dry run uses both CPU cores
         for step in selected:
-            if step.kind == "command" and not (step.skip and step.skip(plan, results)):
-                cmd, env = step.command(plan, work)
+            if (step.kind == "command" or not in_process(step)) and not (step.skip and step.skip(plan, results)):
+                cmd, env = step_command(step, plan, work)
                 prestarted[step.name] = start_command(cmd, command_log(work, step), env)
     for k, step in enumerate(STEPS, 1):
         if step not in selected:
@@ -883,7 +898,7 @@ def main(argv: list[str] | None = None, t_start: float | None = None) -> int:
         else:
             print(f"gpu-check [{k}/{len(STEPS)}] {step.name}: {step.title}", flush=True)
             timeout = min(limits[step.name], deadline - time.monotonic())
-            record = run_step(step, plan, work, timeout, in_process, results, prestarted.pop(step.name, None))
+            record = run_step(step, plan, work, timeout, in_process(step), results, prestarted.pop(step.name, None))
             print(f"gpu-check [{k}/{len(STEPS)}] {step.name}: {record['status']} ({record['seconds']:.0f} s)"
                   + (f"\n{tail(record['error'], 12)}" if record.get("error") else ""), flush=True)
         results[step.name] = record

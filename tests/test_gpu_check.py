@@ -93,10 +93,13 @@ def test_dry_run_figures_and_markdown(dry_run):
     for name in gpu_check.STEP_NAMES:
         assert f"| {name} |" in text
     assert_tables_well_formed(text)
-    # the work folder holds every step's log or record
+    # the work folder holds every step's log or record; eval_full_size ran as on a GPU, in a child process
     work = paths["work"]
     assert os.path.isfile(os.path.join(work, "logs", "cuda_tests.log"))
     assert json.load(open(os.path.join(work, "steps", "demo.json")))["done"] is True
+    assert not os.path.exists(os.path.join(work, "logs", "demo.log"))
+    assert json.load(open(os.path.join(work, "steps", "eval_full_size.json")))["done"] is True
+    assert os.path.isfile(os.path.join(work, "logs", "eval_full_size.log"))
     print(f"dry run: {seconds:.1f} s")
 
 
@@ -171,14 +174,13 @@ def test_python_step_failure_keeps_finished_actions(tmp_path, monkeypatch):
     assert record["data"] == {"first": {"value": 1}, "third": {"value": 3}}
 
 
-def test_child_process_of_a_step(tmp_path):
-    """The path of a GPU run: a Python step in its own process, its record read back from the work folder."""
-    step = next(s for s in gpu_check.STEPS if s.name == "eval_full_size")
-    record = gpu_check.run_step(step, gpu_check.plan_for(True), str(tmp_path), 300, False, {})
-    assert record["status"] == "ok", record["error"]
-    ev = record["data"]["evaluation"]
+def test_child_entry_writes_the_step_record(tmp_path):
+    """What the child process of a Python step runs (`--child STEP`): its record, done, in the work folder."""
+    assert gpu_check.main(["--child", "eval_full_size", "--dry-run", "--work", str(tmp_path)]) == 0
+    stored = json.load(open(tmp_path / "steps" / "eval_full_size.json"))
+    assert stored["done"] is True and stored["errors"] == []
+    ev = stored["data"]["evaluation"]
     assert ev["complete"] and ev["images"] == 3 and ev["size"] == [64, 128]
-    assert os.path.isfile(tmp_path / "logs" / "eval_full_size.log")
 
 
 def test_no_gpu_says_so_and_writes_nothing(tmp_path, monkeypatch, capsys):
