@@ -26,6 +26,10 @@ step and figure (--json, default benchmarks/gpu_check.json) and a Markdown repor
 into the README (--markdown, default benchmarks/gpu_check.md); logs, checkpoints and per-step records under
 --work (default runs/gpu_check/). Without CUDA and without --dry-run it says so and exits 0.
 
+--dry-run: the same steps at toy sizes on the CPU (ResNet-18, 33x33 crops, a few iterations, fp32 only, no time
+budget), the cuda tests with the CPU standing in for the device (SSL_CUDA_TESTS_ON_CPU=1), NCCL skipped; its
+figures are not GPU figures. Output under runs/gpu_check_dry/.
+
 Targets (PASS/FAIL in the report): bf16 >= 1.8x fp32 iterations/s at paper size on v2; method parts (everything
 but the network's forward and backward) < 10 % of an iteration; peak memory of the v2 Cityscapes config in fp32
 fits a 16 GB V100 (trainSSL_less_memory.py with the reduced VOC config, and bf16, reported against it too);
