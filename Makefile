@@ -1,11 +1,11 @@
-# Set-up and the two commands of the README. Both create .venv and install on first use.
+# Set-up and the commands of the README. Each creates .venv and installs on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR := runs/demo
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test gpu-check install clean-demo
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a machine with CUDA: tests, demo training, benchmarks and targets in at most 8 minutes; writes
+# benchmarks/gpu_check.json and benchmarks/gpu_check.md. Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

@@ -61,7 +61,9 @@ def normalize(images: torch.Tensor, mean_rgb: tuple[float, float, float], channe
     """(x − mean) / 255 for [B,3,H,W] 0..255 images, with the mean given in RGB, reordered for BGR input."""
     _check_order(channel_order, "normalize")
     mean = list(mean_rgb)[::-1] if channel_order == "BGR" else list(mean_rgb)
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    # Built on the host and copied without waiting: torch.tensor(..., device=cuda) is a blocking copy, a host sync
+    # in every forward (pseudo-labels, student, memory update, evaluation).
+    mean_t = torch.tensor(mean, dtype=images.dtype).to(images.device, non_blocking=True).view(1, 3, 1, 1)
     return (images - mean_t) / 255.0
 
 
