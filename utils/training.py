@@ -23,6 +23,7 @@ from data.sampler import InfiniteBatches
 from model import build_model
 from model.checkpoint_io import load_state_strict
 from model.pretrained import default_weights
+from model.weights_download import cache_status
 from utils import distributed as dist
 from utils.augmentations import normalize
 from utils.checkpoint import load_checkpoint, model_state_from, save_atomic
@@ -316,11 +317,10 @@ class Run:
                                             self.student.depth)
             except UserError as e:
                 return f"unavailable: {e}"
-        else:
-            path, url = source, None
-        if os.path.isfile(path):
-            return f"{path} (found; not loaded in a dry run)"
-        return f"{path} MISSING" + (f" — download {url} to that path before training" if url else "")
+            return cache_status(path, url)
+        if os.path.isfile(source):
+            return f"{source} (found; not loaded in a dry run)"
+        return f"{source} MISSING (backbone.pretrained: give an existing file, \"default\" or \"none\")"
 
     # --------------------------------------------------------------------------------------- per iteration
     def iterations(self) -> range:
