@@ -425,6 +425,7 @@ class Run:
 
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
+        self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
         shown: list[torch.Tensor] = []
@@ -450,6 +451,7 @@ class Run:
                                           d.palette, self.ignore_label, d.channel_order)
                 self.logger.images(i, f"unlabeled_images/{k}", picture.unsqueeze(0))
         self.logger.message(f"[{tag}] iteration {i}: mIoU {100 * result['miou']:.2f}  loss {result['loss']:.4f}")
+        self.logger.evaluation_finished()  # ETA without evaluation time; curves.png redrawn
         return result
 
     def _model_for_saving(self) -> torch.nn.Module:
