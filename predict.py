@@ -48,10 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def list_inputs(spec: str) -> list[tuple[str, str]]:
-    """(image path, output name without extension) of every input; output names keep the input's folders."""
+def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:
+    """(image path, output name without extension) of every input; output names keep the input's folders. A folder
+    input leaves out the files under `out_dir` (earlier predictions, when the output folder is inside it)."""
     if os.path.isdir(spec):
-        found = walk_files(spec, IMAGE_EXTENSIONS)
+        skip = os.path.join(os.path.abspath(out_dir), "") if out_dir else None
+        found = {rel: path for rel, path in walk_files(spec, IMAGE_EXTENSIONS).items()
+                 if skip is None or not os.path.abspath(path).startswith(skip)}
         if not found:
             raise UserError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) under {spec} (--input).")
         return [(path, rel) for rel, path in found.items()]
@@ -93,7 +96,7 @@ def write_outputs(out_dir: str, name: str, image: np.ndarray, classes: np.ndarra
 def main(argv=None) -> dict:
     """Predict every input; returns {"written": [paths], "failed": [(image, reason)], "out": folder}."""
     args = parse_args(argv)
-    items = list_inputs(args.input)
+    items = list_inputs(args.input, args.out)
     device = choose_device(args.device)
     trained = load_trained_model(args.model_path, device, args.overrides)
     os.makedirs(args.out, exist_ok=True)

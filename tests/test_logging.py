@@ -238,3 +238,17 @@ def test_eta_leaves_out_evaluation_time(tmp_path, monkeypatch):
             etas = re.findall(r"eta (\d\d:\d\d:\d\d)", stream.getvalue())
             assert etas == ["00:00:09", "00:00:08", "00:00:07", "00:00:06"]
         log.close()
+
+
+def test_curves_redrawn_at_evaluations_at_most_every_30_s_and_at_close(tmp_path, monkeypatch):
+    clock, drawn = [1000.0], []
+    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
+    log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, stream=io.StringIO())
+    for t in (1010.0, 1040.0, 1050.0, 1075.0):  # evaluations ending at these times
+        clock[0] = t
+        log.evaluation_started()
+        log.evaluation_finished()
+    clock[0] = 1080.0
+    log.close()
+    assert drawn == [1040.0, 1075.0, 1080.0]

@@ -106,6 +106,10 @@ def test_inputs_one_image_or_a_list(tmp_path):
     assert predict.list_inputs(str(tmp_path / "list.txt")) == [(str(tmp_path / "x/one.png"), "x/one"),
                                                                (str(tmp_path / "two.webp"), "two")]
     assert predict.list_inputs(str(tmp_path / "x/one.png")) == [(str(tmp_path / "x/one.png"), "one")]
+    (tmp_path / "x" / "out").mkdir()
+    (tmp_path / "x" / "out" / "one_color.png").write_bytes(b"")  # an earlier run's output inside the input folder
+    assert predict.list_inputs(str(tmp_path / "x"), str(tmp_path / "x" / "out")) == [(str(tmp_path / "x/one.png"),
+                                                                                      "one")]
     (tmp_path / "clash.txt").write_text("x/one.png\nx/one.png\n")
     with pytest.raises(predict.UserError, match="would write the same outputs x/one_"):
         predict.list_inputs(str(tmp_path / "clash.txt"))

@@ -18,6 +18,7 @@ from utils.curves import draw_curves
 
 CURVES_MIN_INTERVAL = 30.0  # seconds between redraws of curves.png at evaluations (always redrawn at close)
 
+
 class TrainLogger:
     """Writes every logged row to train_log.jsonl, scalars and images to TensorBoard, and shows progress."""
 
@@ -30,7 +31,7 @@ class TrainLogger:
         self.run_dir = run_dir
         self.not_training = 0.0      # seconds spent in evaluations, left out of the ETA
         self._eval_t0: float | None = None
-        self._curves_t = -math.inf   # when curves.png was last drawn
+        self._curves_t = self.t0     # when curves.png was last drawn (a run's first seconds need no picture)
         self._curves_warned = False
         self.jsonl = None
         self.tb = None
