@@ -14,11 +14,16 @@ $(STAMP): requirements.txt requirements-test.txt
 
 install: $(STAMP)
 
-# Train on the embedded synthetic dataset on CPU, then evaluate the best checkpoint.
+# Train on the embedded synthetic dataset on CPU, evaluate the best checkpoint, then segment a few scenes written
+# out as image files (at another size than in training) with predict.py.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(PY) trainSSL.py --config configs/demo.json --device cpu --set utils.checkpoint_dir=$(DEMO_DIR)
 	$(PY) evaluateSSL.py --model-path $(DEMO_DIR)/best_model.pth --device cpu
+	$(PY) -m data.synthetic --export $(DEMO_DIR)/scenes --num-train 0 --num-val 4 --image-size 120,200 > /dev/null
+	$(PY) predict.py --model-path $(DEMO_DIR)/best_model.pth --input $(DEMO_DIR)/scenes/val/images \
+		--out $(DEMO_DIR)/predictions --overlay --device cpu
+	@echo "pictures: $(DEMO_DIR)/predictions/ (*_color.png, *_classes.png, *_overlay.jpg); training curves: $(DEMO_DIR)/curves.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
