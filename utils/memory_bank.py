@@ -99,8 +99,8 @@ class MemoryBank:
         jq = j[:q]
         new = x.index_select(0, order[(starts[:, None] + jq[None, :]).clamp(max=N - 1)].reshape(-1)).view(C, q, D)
         out[:, :q] = torch.where((jq[None, :] < k[:, None])[:, :, None], new, out[:, :q])
-        self.memory.copy_(out)
-        self.counts.copy_((self.counts + k).clamp(max=S))
+        self.memory = out                                                           # a fresh tensor: no copy
+        self.counts = (self.counts + k).clamp(max=S)
 
     @torch.no_grad()
     def add_reference(self, features: torch.Tensor, labels: torch.Tensor, selectors: list[nn.Module], quota: int,
