@@ -10,7 +10,7 @@ Vectorised form: D is bilinear and the weights have mean 1, so with σ_i = sigmo
 μ_c = Σ_j v_j m̂_j / Σ_j v_j (the weighted mean of the class's normalised memory entries)
     loss_c = 1 - Σ_i σ_i (x̂_i · μ_c) / Σ_i σ_i.
 The row terms x̂_i · μ_{c_i} = (x_i · μ_{c_i}) / ‖x_i‖ come from one [N, C] product X μᵀ and the row norms: no
-|X_c| x |M_c| matrix, and no [N, D] temporary besides the gradient itself. Same function, same gradients.
+|X_c| x |M_c| matrix, and no [N, D] temporary for them besides the gradient itself. Same function, same gradients.
 """
 from __future__ import annotations
 

@@ -11,12 +11,13 @@ release's `selector_c(x[labels == c])`. Two implementations of that one function
   device to wait for), a sync per call on a GPU, hence not used there.
 - "blocks" (CUDA and any other device): all classes at once, no host sync. The rows are gathered into
   fixed-size blocks of one class each ([K, P, D], K and P fixed by N and C, so no sync; blocks are padded, not
-  classes, so at most C*P = N/4 padding rows); the C modules' parameters are stacked (gradients still reach every module);
-  the first Linear is one bmm without bias; BatchNorm is fused per class: per-class sums with a masked bmm and
-  index_add_ over blocks, then one multiply-add with each block's [H] scale and shift (the first Linear's bias
-  folded into the shift); LeakyReLU; the second Linear is one more bmm. Every tensor stays in the block layout
-  (per-block parameters broadcast, no per-row gathers); the rows' scores are read back with one gather of N
-  scalars. BatchNorm running statistics are updated exactly as nn.BatchNorm1d does, all classes at once.
+  classes, so at most C*P = N/4 padding rows); the C modules' parameters are stacked (gradients still reach
+  every module); the first Linear is one bmm without bias; BatchNorm is fused per class: per-class sums with a
+  masked bmm and index_add_ over blocks, one subtraction of each block's [H] shift (the batch or running mean,
+  the first Linear's bias folded in) and one multiply-add with its scale and beta; LeakyReLU; the second Linear
+  is one more bmm. Every tensor stays in the block layout (per-block parameters broadcast, no per-row gathers);
+  the rows' scores are read back with one gather of N scalars. BatchNorm running statistics are updated exactly
+  as nn.BatchNorm1d does, all classes at once.
 
 Why two: on one CPU thread at the paper's sizes (21,125 or 38,025 vectors, 19 classes, D = H = 256) the blocks
 path pays for padding, the weight gather per block and several [rows, 256] temporaries (each a fresh page-faulted
