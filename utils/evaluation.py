@@ -17,6 +17,15 @@ from utils.augmentations import normalize
 from utils.metrics import ConfusionMatrix, class_iou, mean_iou
 
 
+def predicted_class(scores: torch.Tensor) -> torch.Tensor:
+    """Class with the highest score per pixel: [B,C,H,W] -> [B,H,W] int64, the first one on ties (as argmax).
+
+    max(dim=1).indices rather than argmax(dim=1): the same indices, but on CPU argmax over a dimension that is
+    not the innermost one is ~3-4x slower (19x1024x2048 scores, one thread).
+    """
+    return scores.max(dim=1).indices
+
+
 def predict_logits(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, int]) -> torch.Tensor:
     """The paper's protocol: one forward of the whole (normalised) image, logits upsampled bilinearly
     (align_corners=True) to the label size. image [B,3,h,w] -> [B,C,H,W] float32."""
@@ -61,7 +70,7 @@ def segment(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, in
             scores = predict_sliding(model, x, out_size, window or tuple(x.shape[2:]))
         else:
             scores = predict_logits(model, x, out_size)
-    return scores, scores.argmax(dim=1)
+    return scores, predicted_class(scores)
 
 
 @torch.no_grad()
