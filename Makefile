@@ -1,11 +1,11 @@
-# Set-up and the two commands of the README. Both create .venv and install on first use.
+# Set-up and the commands of the README. Each creates .venv and installs on first use.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR := runs/demo
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test gpu-check install clean-demo
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,14 +14,24 @@ $(STAMP): requirements.txt requirements-test.txt
 
 install: $(STAMP)
 
-# Train on the embedded synthetic dataset on CPU, then evaluate the best checkpoint.
+# Train on the embedded synthetic dataset on CPU, evaluate the best checkpoint, then segment a few scenes written
+# out as image files (at another size than in training) with predict.py.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(PY) trainSSL.py --config configs/demo.json --device cpu --set utils.checkpoint_dir=$(DEMO_DIR)
 	$(PY) evaluateSSL.py --model-path $(DEMO_DIR)/best_model.pth --device cpu
+	$(PY) -m data.synthetic --export $(DEMO_DIR)/scenes --num-train 0 --num-val 4 --image-size 120,200 > /dev/null
+	$(PY) predict.py --model-path $(DEMO_DIR)/best_model.pth --input $(DEMO_DIR)/scenes/val/images \
+		--out $(DEMO_DIR)/predictions --overlay --device cpu
+	@echo "pictures: $(DEMO_DIR)/predictions/ (*_color.png, *_classes.png, *_overlay.jpg); training curves: $(DEMO_DIR)/curves.png"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a machine with CUDA: tests, demo training, benchmarks and targets in at most 8 minutes; writes
+# benchmarks/gpu_check.json and benchmarks/gpu_check.md. Without CUDA it says so and exits 0.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

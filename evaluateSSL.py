@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on the validation split (SPEC section 7).
+"""Evaluate a trained checkpoint on its dataset's validation split: per-class IoU and mIoU.
 
     python3 evaluateSSL.py --model-path ../saved/DeepLab/best_model.pth [--save-output-images [DIR]]
 
@@ -10,7 +10,8 @@ which may be one written by this project or by the original release ({'model', '
 `--protocol whole` (default) is the paper's: one forward of each whole image. `--protocol sliding` runs windows of
 the training crop size (a third overlapping) and sums their softmax over the overlaps. `--save-output-images`
 writes, per image, `<name>.png` (the colour-coded prediction, a palette PNG whose pixel values are the class
-indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`.
+indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`. predict.py makes
+the same predictions for images without labels (utils/inference.py).
 """
 from __future__ import annotations
 
@@ -19,22 +20,15 @@ import json
 import math
 import os
 
-import numpy as np
-from PIL import Image
-
 from data import build_data
-from model import build_model
-from model.checkpoint_io import backbone_depth_of, load_state_strict
-from utils.checkpoint import load_checkpoint, model_state_from
-from utils.config import fidelity, parse_size, resolve_config
-from utils.errors import UserError
 from utils.evaluation import evaluate
+from utils.inference import load_trained_model
 from utils.training import choose_device, main_guard
-from utils.visualize import colorize_labels, overlay, to_rgb_uint8
+from utils.visualize import palette_png, save_overlay
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Evaluate a segmentation checkpoint on the validation split.")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
     p.add_argument("--data-root", help="dataset folder (default: from the stored config)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -45,14 +39,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
                    help="whole image (the paper's protocol, default) or crop-sized sliding windows")
     return p.parse_args(argv)
-
-
-def colorize(pred: np.ndarray, palette: list) -> Image.Image:
-    """Class-index map -> palette PNG image."""
-    img = Image.fromarray(pred.astype(np.uint8))  # mode L; putpalette makes it P with the same values
-    flat = [c for rgb in palette for c in rgb]
-    img.putpalette(flat + [0] * (768 - len(flat)))
-    return img
 
 
 def worst_first(iou: list[float], class_names: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
@@ -75,19 +61,10 @@ def format_summary(result: dict, class_names: list[str], images: int, protocol: 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ckpt = load_checkpoint(args.model_path)
-    if not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{args.model_path} stores no config; evaluation reads the model and dataset from it.")
-    cfg = resolve_config(ckpt["config"], f"{args.model_path} (stored config)", args.overrides)
     device = choose_device(args.device)
+    trained = load_trained_model(args.model_path, device, args.overrides)
+    cfg, ckpt = trained.cfg, trained.checkpoint
     data = build_data(cfg, args.data_root, split=False)
-    state = model_state_from(ckpt, args.model_path)
-    # backbone.depth null: the depth the weights have (DeepLabv3+ is ResNet-101 in domain adaptation, else 50)
-    depth = cfg["backbone"]["depth"] or backbone_depth_of(state)
-    model = build_model(cfg["version"], data.num_classes, cfg["training"]["pretraining"], depth,
-                        None, v2_branches=fidelity(cfg).v2_branches)
-    load_state_strict(model, state, args.model_path)
-    model.to(device)
 
     stem = os.path.splitext(args.model_path)[0]
     on_prediction = None
@@ -97,15 +74,12 @@ def main(argv=None) -> dict:
 
         def on_prediction(name, image, label, pred):
             base = os.path.splitext(os.path.basename(str(name)))[0]
-            colorize(pred.cpu().numpy(), data.palette).save(os.path.join(out_dir, base + ".png"))
-            blend = overlay(to_rgb_uint8(image, data.channel_order), colorize_labels(pred, data.palette))
-            Image.fromarray(blend.permute(1, 2, 0).numpy()).save(  # full-resolution colour: sharp class edges
-                os.path.join(out_dir, base + "_overlay.jpg"), quality=90, subsampling=0)
+            palette_png(pred.cpu().numpy(), data.palette).save(os.path.join(out_dir, base + ".png"))
+            save_overlay(os.path.join(out_dir, base + "_overlay.jpg"), image, pred, data.palette, data.channel_order)
 
-    result = evaluate(model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
+    result = evaluate(trained.model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
                       mean_rgb=data.mean_rgb, channel_order=data.channel_order, device=device,
-                      protocol=args.protocol, window=parse_size(cfg["training"]["data"]["input_size"]),
-                      on_prediction=on_prediction)
+                      protocol=args.protocol, window=trained.window, on_prediction=on_prediction)
     summary = format_summary(result, data.class_names, len(data.val), args.protocol)
     print(summary)
     report = {"checkpoint": os.path.abspath(args.model_path), "protocol": args.protocol, "miou": result["miou"],

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Semi-supervised semantic segmentation with pixel-level contrastive learning from a class-wise memory bank
-(Alonso et al., ICCV 2021) — the main training script.
+"""Train a segmentation network semi-supervised, with pixel-level contrastive learning from a class-wise memory bank.
+
+The main training script of Alonso et al., ICCV 2021.
 
     python3 trainSSL.py --config configs/configSSL_city_1_30_split0_COCO.json
 
@@ -109,7 +110,7 @@ def train(run: Run, draw_labeled=draw_labeled) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    run = Run(TRAIN_SSL, argv, description=__doc__.splitlines()[1])
+    run = Run(TRAIN_SSL, argv, description=__doc__.splitlines()[0])
     return None if run.args.dry_run else train(run)
 
 

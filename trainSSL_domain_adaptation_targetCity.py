@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Semi-supervised domain adaptation from GTA5 to Cityscapes with trainSSL.py's method (SPEC section 9).
+"""Train semi-supervised domain adaptation from GTA5 to Cityscapes with trainSSL.py's method.
+
+The domain-adaptation variant of the release (SPEC section 9).
 
     python3 trainSSL_domain_adaptation_targetCity.py --config configs/configSSL_city_1_30_split0_imagenet.json
 
@@ -30,7 +32,7 @@ def draw_source_or_target(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    run = Run(DOMAIN_ADAPTATION, argv, description=__doc__.splitlines()[1])
+    run = Run(DOMAIN_ADAPTATION, argv, description=__doc__.splitlines()[0])
     return None if run.args.dry_run else train(run, draw_labeled=draw_source_or_target)
 
 

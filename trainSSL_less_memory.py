@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""trainSSL.py's method in alternating steps, so that a paper run fits a smaller GPU (SPEC section 9).
+"""Train with trainSSL.py's method in alternating labeled and unlabeled steps, so that a run fits a smaller GPU.
+
+The less-memory variant of the release (SPEC section 9).
 
     python3 trainSSL_less_memory.py --config configs/configSSL_pascal_1_50_split2_COCO_reduced.json
 
@@ -58,7 +60,7 @@ def train(run: Run) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    run = Run(LESS_MEMORY, argv, description=__doc__.splitlines()[1])
+    run = Run(LESS_MEMORY, argv, description=__doc__.splitlines()[0])
     return None if run.args.dry_run else train(run)
 
 

@@ -36,14 +36,34 @@ run sees the same sequence of draws.
 JSON (--json PATH): {"benchmark": "components", "mode": "paper"|"quick", "env": {...}, "sizes": {...},
 "results": [{"name", "what", "ms_median", "ms_min", "ms_all", "repeats", "syncs_per_call"}]}; syncs_per_call is
 null on CPU.
+
+--compare-reference times the parts that have a per-class (or plain) reference next to it, interleaved in one
+run (each round calls every variant once, so load on a shared machine falls on all alike):
+
+  memory_update        MemoryBank.add (selector method of the device) | add_reference, the release's per-class
+                       loop; 5 x 65 x 65 vectors into a full bank, quota 15, keep "lowest"
+  class_balancing      ClassBalancing.update, full histories | the same update counting pixels with the previous
+                       per-class compare-and-sum (_class_counts_reference)
+  evaluation_argmax    utils.evaluation.predicted_class (max(dim=1).indices) | argmax(dim=1), 19 x 1024 x 2048
+  contrastive_{ones,mean}  contrastive_loss forward + backward | contrastive_loss_reference (per-class loop)
+
+Rows marked "(blocks)" / "(segments)" run the selector method that the device does not use by default, against
+the same reference. Only these parts run (--only may name a subset: memory, balancing, argmax, contrastive).
+
+    python benchmarks/bench_components.py --compare-reference --threads 1 [--json results/compare_cpu.json]
+
+JSON with --compare-reference: "mode" gets the suffix "+compare"; each result also holds "reference" (the same
+timing fields and syncs_per_call), "ratio_median" and "ratio_min" (this part's time / the reference's).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import sys
 from collections.abc import Callable
+from unittest import mock
 from dataclasses import asdict, dataclass, replace
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -52,16 +72,19 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks.common import (choose_device, count_syncs, cpu_threads, environment, format_table, time_call,
-                               write_json)
+                               time_interleaved, write_json)
 from model.heads import class_selector, prediction_head, projection_head
 from utils.augmentations import strong_augment, weak_augment
+import utils.class_balancing as class_balancing
 from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix_masks
 from utils.contrastive import contrastive_loss, contrastive_loss_reference
 from utils.errors import UserError
+from utils.evaluation import predicted_class
 from utils.training import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import confusion_matrix
+from utils.selectors import selector_method
 
 # Approximate share of each Cityscapes train id among the labeled pixels of the training set (road, sidewalk,
 # building, wall, fence, pole, traffic light, traffic sign, vegetation, terrain, sky, person, rider, car, truck,
@@ -72,6 +95,7 @@ IGNORE = 250
 IGNORE_SHARE = 0.1  # about a tenth of Cityscapes pixels carry the ignore label
 
 PARTS = ("contrastive", "heads", "memory", "balancing", "augment", "confusion", "network")
+COMPARE_PARTS = ("memory", "balancing", "argmax", "contrastive")
 
 
 @dataclass(frozen=True)
@@ -222,17 +246,24 @@ def memory_case(s: Sizes, device: torch.device, g: torch.Generator) -> dict[str,
     return {"memory_add": (f"MemoryBank.add of {s.memory_vectors} vectors into a full bank, quota {quota}", call)}
 
 
-def balancing_case(s: Sizes, device: torch.device, g: torch.Generator) -> dict[str, tuple[str, Callable]]:
+def filled_balancing(s: Sizes, device: torch.device, g: torch.Generator
+                     ) -> tuple[ClassBalancing, torch.Tensor, torch.Tensor]:
+    """A ClassBalancing with full random histories (every update computes the weights: median, square root, as
+    after the first epoch), and one iteration's 5 labels and 2 pseudo-labels."""
     cb = ClassBalancing(s.classes, ClassBalancing.labeled_slots_for(s.labeled_samples, s.labeled),
                         ClassBalancing.unlabeled_slots_for(s.train_images, s.labeled_samples, s.labeled),
                         device=device)
-    # full histories, so every update computes the weights (median, square root), as after the first epoch
     cb.load_state_dict({"labeled": torch.randint(0, 10 ** 6, tuple(cb.labeled.shape), generator=g),
                         "unlabeled": torch.randint(0, 10 ** 6, tuple(cb.unlabeled.shape), generator=g),
                         "labeled_count": cb.labeled_slots, "unlabeled_count": cb.unlabeled_slots})
     labels = label_maps(s.labeled, s.crop, s.classes, g, device)
     pseudo = vector_labels(s.unlabeled_images * s.crop[0] * s.crop[1], s.classes, g, device).view(
         s.unlabeled_images, *s.crop)
+    return cb, labels, pseudo
+
+
+def balancing_case(s: Sizes, device: torch.device, g: torch.Generator) -> dict[str, tuple[str, Callable]]:
+    cb, labels, pseudo = filled_balancing(s, device, g)
     return {"class_balancing": (f"ClassBalancing.update, {s.labeled} labels + {s.unlabeled_images} pseudo-labels "
                                 f"{s.crop[0]}x{s.crop[1]}, full histories", lambda: cb.update(labels, pseudo))}
 
@@ -307,6 +338,105 @@ def network_cases(s: Sizes, device: torch.device, g: torch.Generator, net_crops:
             "network_teacher_fwd": (f"{name} teacher forward (no grad), {teacher_crops} {h}x{w}", teacher_step)}
 
 
+# ------------------------------------------------------------------------------- against the references
+@dataclass
+class Comparison:
+    """One part timed as used (`fn`), as its reference (`reference`), and with the other selector method."""
+
+    name: str
+    what: str
+    fn: Callable[[], object]
+    reference: Callable[[], object]
+    other: tuple[str, Callable[[], object]] | None = None   # (method name, call)
+
+
+def other_method(device: torch.device) -> str:
+    return "blocks" if selector_method("auto", device) == "segments" else "segments"
+
+
+def memory_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
+    bank = full_memory(s, g, device)
+    banks = [copy.deepcopy(bank) for _ in range(3)]     # full banks stay full, so each call does the same work
+    x = torch.randn(s.memory_vectors, s.dim, generator=g).to(device)
+    labels = vector_labels(s.memory_vectors, s.classes, g, device)
+    sel = selectors(s, device)
+    quota, other = s.quota, other_method(device)
+
+    def add(b, **kw):
+        def call():
+            with torch.no_grad():
+                b.add(x, labels, sel, quota=quota, keep="lowest", **kw)
+        return call
+
+    def reference():
+        banks[1].add_reference(x, labels, sel, quota=quota, keep="lowest")
+    return [Comparison("memory_update", f"MemoryBank.add of {s.memory_vectors} vectors into a full bank, quota "
+                       f"{quota} | add_reference (per-class loop)", add(banks[0]), reference,
+                       (other, add(banks[2], selector_method=other)))]
+
+
+def balancing_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
+    cb, labels, pseudo = filled_balancing(s, device, g)
+    cb_ref = ClassBalancing(s.classes, cb.labeled_slots, cb.unlabeled_slots, device=device)
+    cb_ref.load_state_dict(cb.state_dict())
+
+    def reference():  # today's update with the compare-and-sum counting it replaced
+        with mock.patch.object(class_balancing, "_class_counts", class_balancing._class_counts_reference):
+            cb_ref.update(labels, pseudo)
+    return [Comparison("class_balancing", f"ClassBalancing.update, {s.labeled} labels + {s.unlabeled_images} "
+                       f"pseudo-labels {s.crop[0]}x{s.crop[1]}, full histories | with the [C,N] compare-and-sum",
+                       lambda: cb.update(labels, pseudo), reference)]
+
+
+def argmax_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
+    scores = torch.randn(1, s.classes, *s.eval_size, generator=g).to(device)
+    return [Comparison("evaluation_argmax", f"predicted class of {s.classes}x{s.eval_size[0]}x{s.eval_size[1]} "
+                       "scores: max(dim=1).indices | argmax(dim=1)", lambda: predicted_class(scores),
+                       lambda: scores.argmax(dim=1))]
+
+
+def contrastive_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
+    bank = full_memory(s, g, device)
+    labels = vector_labels(s.vectors, s.classes, g, device)
+    features = torch.randn(s.vectors, s.dim, generator=g).to(device).requires_grad_(True)
+    feature_sel, memory_sel = selectors(s, device), selectors(s, device)
+    params = [features] + [p for m in feature_sel + memory_sel for p in m.parameters()]
+    other = other_method(device)
+
+    def case(fn, mode, **kw):
+        def call():
+            for p in params:
+                p.grad = None
+            fn(features, labels, bank, feature_sel, memory_sel, s.classes, memory_weights=mode, **kw).backward()
+        return call
+    what = f"forward+backward, {s.vectors} vectors, {s.classes} classes x {s.memory_size} memory, D={s.dim}"
+    return [Comparison(f"contrastive_{m}", f"{what}, memory weights '{m}' | per-class loop",
+                       case(contrastive_loss, m), case(contrastive_loss_reference, m),
+                       (other, case(contrastive_loss, m, selector_method=other))) for m in ("ones", "mean")]
+
+
+def run_comparisons(parts: tuple[str, ...], sizes: Sizes, device: torch.device, g: torch.Generator, repeats: int,
+                    warmup: int) -> list[dict]:
+    builders = {"memory": memory_compare, "balancing": balancing_compare, "argmax": argmax_compare,
+                "contrastive": contrastive_compare}
+    results = []
+    for part in parts:
+        for cmp in builders[part](sizes, device, g):
+            fns = {"fn": cmp.fn, "reference": cmp.reference} | ({"other": cmp.other[1]} if cmp.other else {})
+            timing = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
+            ref = {**timing["reference"], "syncs_per_call": count_syncs(cmp.reference, device)}
+            rows = [(cmp.name, cmp.what, "fn")] + ([(f"{cmp.name} ({cmp.other[0]})",
+                                                      f"{cmp.what}; selector method {cmp.other[0]}", "other")]
+                                                    if cmp.other else [])
+            for name, what, key in rows:
+                t = timing[key]
+                results.append({"name": name, "what": what, **t, "syncs_per_call": count_syncs(fns[key], device),
+                                "reference": ref, "ratio_median": t["ms_median"] / ref["ms_median"],
+                                "ratio_min": t["ms_min"] / ref["ms_min"]})
+                print(f"  {name}: {t['ms_median']:.2f} ms, reference {ref['ms_median']:.2f} ms", flush=True)
+    return results
+
+
 # --------------------------------------------------------------------------------------------------- driver
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
@@ -330,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 gives steadier figures on a busy machine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-reference", action="store_true",
+                   help="time the memory update, class balancing, evaluation argmax and contrastive loss next to "
+                        "their per-class references, interleaved in one run")
     return p
 
 
@@ -350,10 +483,12 @@ def _main(args: argparse.Namespace) -> dict:
         except ValueError:
             raise UserError(f"--crop must be 'H,W', got {args.crop!r}") from None
         sizes = replace(sizes, crop=(h, w))
-    parts = PARTS if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = [x for x in parts if x not in PARTS]
+    known = COMPARE_PARTS if args.compare_reference else PARTS
+    parts = known if args.only is None else tuple(x.strip() for x in args.only.split(",") if x.strip())
+    unknown = [x for x in parts if x not in known]
     if unknown:
-        raise UserError(f"--only: unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
+        mode = " with --compare-reference" if args.compare_reference else ""
+        raise UserError(f"--only: unknown part {unknown[0]!r}{mode}; choose from {', '.join(known)}")
     if args.skip_network:
         parts = tuple(x for x in parts if x != "network")
     repeats = args.repeats or (3 if args.quick else 10)
@@ -364,6 +499,8 @@ def _main(args: argparse.Namespace) -> dict:
 
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
+    if args.compare_reference:
+        return _compare(args, parts, sizes, device, g, repeats, warmup)
     builders = {"contrastive": contrastive_cases, "heads": heads_case, "memory": memory_case,
                 "balancing": balancing_case, "augment": augment_cases, "confusion": confusion_case}
     results = []
@@ -378,13 +515,35 @@ def _main(args: argparse.Namespace) -> dict:
             print(f"  {name}: {timing['ms_median']:.2f} ms", flush=True)
         del cases
 
-    report = {"benchmark": "components", "mode": "quick" if args.quick else "paper", "env": environment(device),
-              "sizes": {**asdict(sizes), "feature_size": list(sizes.feature_size), "vectors": sizes.vectors,
-                        "memory_vectors": sizes.memory_vectors, "quota": sizes.quota,
-                        "net_crops": args.net_crops},
-              "results": results}
+    report = _report(args, sizes, device, results)
     rows = [(r["name"], r["ms_median"], r["ms_min"], r["repeats"], r["syncs_per_call"]) for r in results]
     print(format_table(rows, ["part", "ms (median)", "ms (min)", "calls", "syncs/call"]))
+    return _write(args, report)
+
+
+def _compare(args: argparse.Namespace, parts: tuple[str, ...], sizes: Sizes, device: torch.device,
+             g: torch.Generator, repeats: int, warmup: int) -> dict:
+    results = run_comparisons(parts, sizes, device, g, repeats, warmup)
+    report = _report(args, sizes, device, results, suffix="+compare")
+    rows = [(r["name"], r["ms_median"], r["reference"]["ms_median"], r["ratio_median"], r["ms_min"],
+             r["reference"]["ms_min"], r["repeats"], r["syncs_per_call"], r["reference"]["syncs_per_call"])
+            for r in results]
+    print(format_table(rows, ["part", "ms (median)", "reference ms (median)", "ratio", "ms (min)",
+                              "reference ms (min)", "calls", "syncs/call", "reference syncs/call"]))
+    print(f"torch threads {torch.get_num_threads()}; ratio = part / its reference (medians); interleaved rounds")
+    return _write(args, report)
+
+
+def _report(args: argparse.Namespace, sizes: Sizes, device: torch.device, results: list[dict],
+            suffix: str = "") -> dict:
+    return {"benchmark": "components", "mode": ("quick" if args.quick else "paper") + suffix,
+            "env": environment(device),
+            "sizes": {**asdict(sizes), "feature_size": list(sizes.feature_size), "vectors": sizes.vectors,
+                      "memory_vectors": sizes.memory_vectors, "quota": sizes.quota, "net_crops": args.net_crops},
+            "results": results}
+
+
+def _write(args: argparse.Namespace, report: dict) -> dict:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")

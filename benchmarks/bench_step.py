@@ -26,10 +26,17 @@ On CUDA the host-device synchronisations of one iteration are counted (torch.cud
     python benchmarks/bench_step.py --config configs/configSSL_city_1_30_split0_COCO.json --device cuda \\
         --precision fp32 bf16 fp16 --json results/step_city_cuda.json
     python benchmarks/bench_step.py --config configs/demo.json --device cpu --iterations 5
+    python benchmarks/bench_step.py --script trainSSL_less_memory \
+        --config configs/configSSL_pascal_1_50_split2_COCO_reduced.json --device cuda --precision fp32 bf16
+
+--script trainSSL_less_memory times trainSSL_less_memory.train instead (alternating labeled-only and
+unlabeled-only iterations: each timed iteration is one of them). --compile torch.compiles the student as
+training.compile does (--compile-backend: inductor, or eager to check the tracing only).
 
 JSON (--json PATH): {"benchmark": "step", "config", "overrides", "env", "setup": {...}, "results": [{"precision",
 "iterations", "warmup", "ms_per_iteration_median", "ms_per_iteration_mean", "iterations_per_second",
-"peak_memory_bytes", "peak_memory_kind", "syncs_per_iteration" (null on CPU), "final_loss", "loss_terms",
+"peak_memory_bytes", "peak_memory_kind", "peak_memory_reserved_bytes" (CUDA max_memory_reserved; null on CPU),
+"syncs_per_iteration" (null on CPU), "final_loss", "loss_terms",
 "vectors_per_call": {"memory add": mean vectors per MemoryBank.add, "contrastive loss": per loss call},
 "split_ms": {part: ms per iteration}, "split_groups": {part: "network"|"method"|"other"}, "network_ms",
 "method_ms", "other_ms"}]}.
@@ -55,6 +62,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 import trainSSL
+import trainSSL_less_memory
 import utils.ssl_steps as step
 import utils.training as training
 from benchmarks.common import (choose_device, count_syncs, cpu_threads, environment, format_table, peak_memory,
@@ -69,7 +77,7 @@ from utils.errors import UserError
 from utils.training import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.training import Run, seed_everything
-from utils.variants import TRAIN_SSL
+from utils.variants import LESS_MEMORY, TRAIN_SSL, Variant
 
 # Training images per dataset (the class-balancing history length); synthetic: the config's num_train; folder:
 # unknown without reading the folder, taken as 10 x labeled_samples.
@@ -98,6 +106,9 @@ GROUPS = {
 
 
 ROW_PARTS = ("memory add", "contrastive loss")
+
+# --script: the training script's variant and loop
+SCRIPTS = {"trainSSL": (TRAIN_SSL, trainSSL.train), "trainSSL_less_memory": (LESS_MEMORY, trainSSL_less_memory.train)}
 
 
 # ------------------------------------------------------------------------------------------- the stand-in Run
@@ -136,13 +147,14 @@ def dataset_info(cfg: dict) -> SimpleNamespace:
                            channel_order=channel_order_for(cfg["training"]["pretraining"]), num_train=n_train)
 
 
-def build_run(cfg: dict, device: torch.device, compile_student: bool = False, channels_last: bool = False) -> Run:
+def build_run(cfg: dict, device: torch.device, compile_student: bool = False, channels_last: bool = False,
+              variant: Variant = TRAIN_SSL, compile_backend: str = "inductor") -> Run:
     """A Run (utils/training.py) with its methods intact, built like Run.__init__ builds its state but with no
     data, loaders, logger or run directory: random-init networks, full memory bank, full class-balancing
     histories, fixed random batches (labels = the teacher's predictions)."""
     run = object.__new__(Run)
     run.t_start = time.time()
-    run.variant = TRAIN_SSL
+    run.variant = variant
     run.args = SimpleNamespace(dry_run=False, resume=None, device=str(device))
     run.device = device
     run.cfg = cfg
@@ -168,7 +180,7 @@ def build_run(cfg: dict, device: torch.device, compile_student: bool = False, ch
         student = student.to(memory_format=torch.channels_last)
     student.train()
     run.student_module = student
-    run.student = torch.compile(student) if compile_student else student
+    run.student = torch.compile(student, backend=compile_backend) if compile_student else student
     run.teacher = create_teacher(student)
     run.labeler = run.teacher if t["use_teacher_train"] else run.student
     run.base_lr = t["learning_rate"]
@@ -238,13 +250,13 @@ class LoopClock:
         self.terms = sorted(terms)
 
 
-def run_iterations(run: Run, first: int, count: int, clock: LoopClock) -> None:
-    """trainSSL.train over iterations first .. first+count-1."""
+def run_iterations(run: Run, first: int, count: int, clock: LoopClock, train: Callable = trainSSL.train) -> None:
+    """The training loop `train` (trainSSL.train by default) over iterations first .. first+count-1."""
     run.iterations = lambda: range(first, first + count)
     run.end_iteration = clock.end_iteration
     run.finish = lambda: None
     clock.start()
-    trainSSL.train(run)
+    train(run)
 
 
 # ------------------------------------------------------------------------------------------ the split by parts
@@ -332,36 +344,40 @@ def instrumented(run: Run, timer: PartTimer):
 
 # ------------------------------------------------------------------------------------------------- benchmark
 def bench_precision(cfg: dict, device: torch.device, args: argparse.Namespace) -> dict:
-    run = build_run(cfg, device, compile_student=args.compile, channels_last=args.channels_last)
+    variant, train = SCRIPTS[args.script]
+    run = build_run(cfg, device, compile_student=args.compile, channels_last=args.channels_last, variant=variant,
+                    compile_backend=args.compile_backend)
     first = run.method["ramp_up_iterations"] + 1
     total = args.warmup + 2 * args.iterations + 1
     run.num_iterations = max(run.num_iterations, first + total + 1)  # the poly schedule stays defined
 
     reset_peak_memory(device)
     warm = LoopClock(device)
-    run_iterations(run, first, args.warmup, warm)
+    run_iterations(run, first, args.warmup, warm, train)
     clock = LoopClock(device)
-    run_iterations(run, first + args.warmup, args.iterations, clock)
+    run_iterations(run, first + args.warmup, args.iterations, clock, train)
     peak = peak_memory(device)
+    reserved = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
     loss = float(clock.loss) if clock.loss is not None else math.nan
 
     timer = PartTimer(device)
     split_clock = LoopClock(device)
     with instrumented(run, timer):
-        run_iterations(run, first + args.warmup + args.iterations, args.iterations, split_clock)
+        run_iterations(run, first + args.warmup + args.iterations, args.iterations, split_clock, train)
     n = args.iterations
     split = {part: 1e3 * timer.totals.get(part, 0.0) / n for part in GROUPS if part != "other"}
     split["other"] = max(0.0, statistics.mean(split_clock.times) - sum(split.values()))
     # one more iteration under the sync counter; its clock does not synchronise (that would count as a sync)
-    syncs = count_syncs(lambda: run_iterations(run, first + args.warmup + 2 * n, 1, LoopClock(torch.device("cpu"))),
-                        device)
+    syncs = count_syncs(lambda: run_iterations(run, first + args.warmup + 2 * n, 1, LoopClock(torch.device("cpu")),
+                                               train), device)
 
     ms = clock.times
     result = {
         "precision": cfg["precision"], "iterations": n, "warmup": args.warmup, "first_iteration": first,
         "ms_per_iteration_median": statistics.median(ms), "ms_per_iteration_mean": statistics.mean(ms),
         "ms_per_iteration_all": ms, "iterations_per_second": 1e3 * n / sum(ms),
-        "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"], "syncs_per_iteration": syncs,
+        "peak_memory_bytes": peak["bytes"], "peak_memory_kind": peak["kind"], "peak_memory_reserved_bytes": reserved,
+        "syncs_per_iteration": syncs,
         "final_loss": loss, "loss_terms": clock.terms,
         "vectors_per_call": {part: statistics.mean(timer.rows[part]) if timer.rows[part] else 0 for part in ROW_PARTS},
         "split_ms": split, "split_groups": dict(GROUPS),
@@ -387,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one or more precisions to time (default: the config's)")
     p.add_argument("--iterations", type=int, default=5, help="timed iterations (and as many instrumented)")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student")
+    p.add_argument("--script", choices=tuple(SCRIPTS), default="trainSSL",
+                   help="the training loop to time (default trainSSL; trainSSL_less_memory alternates steps)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student (as training.compile)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend with --compile (default inductor; eager: tracing only)")
     p.add_argument("--channels-last", action="store_true", help="student and teacher in channels_last layout")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -424,11 +444,13 @@ def _main(args: argparse.Namespace) -> dict:
     t = base["training"]
     report = {
         "benchmark": "step", "config": args.config, "overrides": overrides, "env": environment(device),
-        "setup": {"dataset": base["dataset"], "version": base["version"], "depth": base["backbone"]["depth"],
+        "setup": {"script": args.script, "dataset": base["dataset"], "version": base["version"],
+                  "depth": base["backbone"]["depth"],
                   "pretraining": t["pretraining"], "batch_size": t["batch_size"],
                   "unlabeled_batch": t["batch_size"] // 2, "crop": t["data"]["input_size"],
                   "fidelity": base["fidelity"], "memory_size": base["method"]["memory_size"],
                   "memory_confidence": base["method"]["memory_confidence"], "compile": args.compile,
+                  "compile_backend": args.compile_backend if args.compile else None,
                   "channels_last": args.channels_last, "memory_prefilled": True, "class_balancing_prefilled": True},
         "results": results,
     }

@@ -74,6 +74,28 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return {"ms_median": statistics.median(times), "ms_min": min(times), "ms_all": times, "repeats": repeats}
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                     warmup: int = 1) -> dict[str, dict]:
+    """Like time_call for several functions compared with each other: `warmup` untimed rounds, then `repeats`
+    rounds each calling every function once, in turn. On a shared machine the load then falls on all of them
+    alike, so their ratio holds even when the absolute figures drift. Returns {name: time_call's dict}."""
+    if repeats < 1:
+        raise UserError(f"repeats must be at least 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: {"ms_median": statistics.median(t), "ms_min": min(t), "ms_all": t, "repeats": repeats}
+            for name, t in times.items()}
+
+
 def count_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
     """Host-device synchronisations made by one call of `fn` on CUDA, counted with
     torch.cuda.set_sync_debug_mode("warn") (it warns on every synchronising operation: .item(), boolean

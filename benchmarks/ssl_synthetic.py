@@ -11,7 +11,7 @@ under three arms that differ only by config keys:
 
 at two label counts and several seeds (the seed also draws the labeled subset), each as a subprocess of
 trainSSL.py in its own run directory under --out, and reports mean and spread of the best mIoU per arm as a
-table (stdout, ssl_synthetic.json) and a plot (ssl_synthetic.png, drawn with Pillow).
+table (stdout, ssl_synthetic.json) and a plot (ssl_synthetic.png, drawn with matplotlib).
 
 The method's constants are the released ones; only the run-length constants are scaled proportionally to the
 number of iterations N (released: N=150000, ramp-up R=2000, memory start offset 1000, BatchNorm refresh 1000).
@@ -26,7 +26,6 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
-import math
 import os
 import platform
 import shlex
@@ -183,59 +182,32 @@ COLOURS = {"supervised": (200, 60, 50), "pseudo_classmix": (40, 120, 200), "full
 
 
 def draw_plot(rows: list[dict], path: str, title: str) -> None:
-    """mIoU (mean, with min-max bars over seeds) against labeled images, one line per arm (Pillow only)."""
-    from PIL import Image, ImageDraw
+    """mIoU (mean, with min-max bars over seeds) against labeled images, one line per arm (matplotlib, Agg)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    W, H, left, right, top, bottom = 640, 420, 70, 170, 40, 60
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     labels = sorted({r["labels"] for r in rows})
-    lo = min(r["min"] for r in rows)
-    hi = max(r["max"] for r in rows)
-    step = 5.0 if hi - lo > 10 else 1.0
-    lo, hi = step * math.floor(lo / step - 0.5), step * math.ceil(hi / step + 0.5)
-    pw, ph = W - left - right, H - top - bottom
-
-    def xy(L: int, v: float) -> tuple[float, float]:
-        k = labels.index(L)
-        x = left + pw * (0.5 if len(labels) == 1 else 0.1 + 0.8 * k / (len(labels) - 1))
-        return x, top + ph * (1 - (v - lo) / (hi - lo))
-
-    d.rectangle([left, top, left + pw, top + ph], outline="black")
-    v = lo
-    while v <= hi + 1e-9:
-        y = xy(labels[0], v)[1]
-        d.line([left - 4, y, left, y], fill="black")
-        d.line([left + 1, y, left + pw - 1, y], fill=(230, 230, 230))
-        d.text((left - 40, y - 6), f"{v:.0f}", fill="black")
-        v += step
-    for L in labels:
-        x = xy(L, lo)[0]
-        d.line([x, top + ph, x, top + ph + 4], fill="black")
-        d.text((x - 6, top + ph + 8), str(L), fill="black")
-    d.text((left + pw / 2 - 45, H - 30), "labeled images", fill="black")
-    d.text((8, top - 25), "mIoU (points)", fill="black")
-    d.text((left, 8), title, fill="black")
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     for j, arm in enumerate(arms):
-        col = COLOURS[arm]
-        pts = [r for r in rows if r["arm"] == arm]
-        pts.sort(key=lambda r: r["labels"])
-        dx = (j - (len(arms) - 1) / 2) * 6  # small horizontal offset so the bars do not overlap
-        xys = [(xy(r["labels"], r["mean"])[0] + dx, xy(r["labels"], r["mean"])[1]) for r in pts]
-        if len(xys) > 1:
-            d.line(xys, fill=col, width=2)
-        for r, (x, y) in zip(pts, xys):
-            y0, y1 = xy(r["labels"], r["min"])[1], xy(r["labels"], r["max"])[1]
-            d.line([x, y0, x, y1], fill=col, width=1)
-            d.line([x - 4, y0, x + 4, y0], fill=col)
-            d.line([x - 4, y1, x + 4, y1], fill=col)
-            d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=col)
-        ly = top + 10 + 20 * j
-        d.line([left + pw + 12, ly + 6, left + pw + 32, ly + 6], fill=col, width=3)
-        d.text((left + pw + 38, ly), arm, fill="black")
-    d.text((left + pw + 12, top + 10 + 20 * len(arms)), "dot: mean; bar: min-max", fill=(90, 90, 90))
-    img.save(path)
+        pts = sorted((r for r in rows if r["arm"] == arm), key=lambda r: r["labels"])
+        dx = (j - (len(arms) - 1) / 2) * 0.04  # a small offset so that the bars do not overlap
+        xs = [labels.index(r["labels"]) + dx for r in pts]
+        means = [r["mean"] for r in pts]
+        bars = [[r["mean"] - r["min"] for r in pts], [r["max"] - r["mean"] for r in pts]]
+        ax.errorbar(xs, means, yerr=bars, color="#%02x%02x%02x" % COLOURS[arm], marker="o", markersize=7,
+                    capsize=4, linewidth=2, label=arm)
+    ax.set_xticks(range(len(labels)), [str(L) for L in labels])
+    ax.set_xlim(-0.5, len(labels) - 0.5)
+    ax.set_xlabel("labeled images")
+    ax.set_ylabel("mIoU (points)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(title="dot: mean; bar: min-max", title_fontsize=8, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def machine() -> dict:

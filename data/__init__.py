@@ -3,20 +3,27 @@
 `build_data(cfg)` turns the resolved config into a `DataBundle`: the training dataset (random crops, indexed by
 (index, seed) keys from `data.sampler.InfiniteBatches`), the validation dataset (whole images, items
 (image, label, name)), the labeled / unlabeled index lists of the split, and the dataset's constants.
+`dataset_info(cfg)` gives those constants and the evaluation preprocessing from the config alone, without any
+dataset folder (predict.py).
+
+`data.synthetic` is imported on first use, so that `python3 -m data.synthetic` runs a module not yet imported.
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 from torch.utils.data import Dataset
 
-from data.cityscapes import CityscapesDataset
+from data import cityscapes_labels, voc
+from data.cityscapes import CityscapesDataset, validation_input
 from data.common import channel_order_for
 from data.folder import FolderDataset, folder_classes
 from data.gta5 import GTA5Dataset
 from data.splits import make_split
-from data.synthetic import SyntheticStreets
 from data.voc import VOCDataset
 from utils.config import parse_size
 from utils.errors import UserError
@@ -46,6 +53,50 @@ class DataBundle:
     train_names: list[str]         # names of the training images, in index order
 
 
+@dataclass
+class DatasetInfo:
+    """What a trained model needs to know about its data, from the config alone: classes, colours and the
+    evaluation preprocessing (`prepare`: the resize applied to a whole [H,W,3] uint8 RGB image before the
+    forward; predictions are made at the original size)."""
+
+    name: str
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    ignore_label: int
+    mean_rgb: tuple[float, float, float]
+    channel_order: str
+    prepare: Callable[[np.ndarray], np.ndarray]
+
+
+def _unchanged(image: np.ndarray) -> np.ndarray:
+    return image
+
+
+def dataset_info(cfg: dict) -> DatasetInfo:
+    """The dataset constants of a resolved config; reads no dataset file."""
+    name = DATASET_ALIASES.get(cfg["dataset"], cfg["dataset"])
+    order = channel_order_for(cfg["training"]["pretraining"])
+    ignore = cfg["ignore_label"]
+    prepare = _unchanged
+    if name == "cityscapes":
+        n, names, palette, mean = (cityscapes_labels.NUM_CLASSES, cityscapes_labels.CLASS_NAMES,
+                                   cityscapes_labels.PALETTE, CITYSCAPES_MEAN_RGB)
+        prepare = functools.partial(validation_input, version=str(cfg["version"]))  # v2: half size
+    elif name == "pascal_voc":
+        n, names, palette, mean = voc.NUM_CLASSES, voc.CLASS_NAMES, voc.PALETTE, VOC_MEAN_RGB
+    elif name == "synthetic":
+        from data import synthetic
+        n, names, palette, mean = synthetic.NUM_CLASSES, synthetic.CLASS_NAMES, synthetic.PALETTE, OTHER_MEAN_RGB
+    elif name == "folder":
+        n, names, palette, mean = folder_classes(cfg["folder"], ignore)
+    else:
+        raise UserError(f"dataset {name!r} is not supported; use \"cityscapes\", \"pascal_voc\" (alias \"pascal\"), "
+                        f"\"synthetic\" or \"folder\".")
+    return DatasetInfo(name=name, num_classes=n, class_names=list(names), palette=[tuple(c) for c in palette],
+                       ignore_label=ignore, mean_rgb=tuple(mean), channel_order=order, prepare=prepare)
+
+
 def default_root(dataset: str) -> str:
     """../data/<dataset folder> relative to the current working directory (as released)."""
     return DEFAULT_ROOTS[dataset]
@@ -57,52 +108,45 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
     split=False (evaluation) skips the labeled/unlabeled split, which evaluation does not need.
     cityscapes_half_size: Cityscapes crops and validation images from half-size images (the v2 rule) whatever
     the version (the domain-adaptation script); otherwise by version."""
-    name = DATASET_ALIASES.get(cfg["dataset"], cfg["dataset"])
-    t = cfg["training"]
-    d = t["data"]
+    info = dataset_info(cfg)
+    name, order, ignore = info.name, info.channel_order, info.ignore_label
+    d = cfg["training"]["data"]
     crop = parse_size(d["input_size"], "training.data.input_size")
-    order = channel_order_for(t["pretraining"])
-    ignore = cfg["ignore_label"]
     if name in ("cityscapes", "pascal_voc"):
         root = data_root or d.get("root") or default_root(name)
         if name == "cityscapes":
             resolution = "2" if cityscapes_half_size else cfg["version"]  # the version whose resize rule applies
             train = CityscapesDataset(root, "train", resolution, crop, order, ignore)
             val = CityscapesDataset(root, "val", resolution, None, order, ignore)
-            mean = CITYSCAPES_MEAN_RGB
         else:
             train = VOCDataset(root, "train", crop, order, ignore)
             val = VOCDataset(root, "val", None, order, ignore)
-            mean = VOC_MEAN_RGB
     elif name == "synthetic":
+        from data.synthetic import SyntheticStreets
         s = cfg["synthetic"]
         size = parse_size(s["image_size"], "synthetic.image_size")
         train = SyntheticStreets(s["num_train"], size, seed_offset=0, train=True, crop_size=crop, channel_order=order,
                                  ignore_label=ignore)
         val = SyntheticStreets(s["num_val"], size, seed_offset=1, train=False, channel_order=order, ignore_label=ignore)
-        mean = OTHER_MEAN_RGB
-    elif name == "folder":
+    else:  # "folder" (dataset_info refuses any other name)
         f = dict(cfg["folder"])
         root = data_root or d.get("root")
         if root:  # relative folder paths are relative to --data-root / training.data.root when given
             for key in ("train_images", "train_labels", "val_images", "val_labels"):
                 if f[key] and not os.path.isabs(f[key]):
                     f[key] = os.path.join(root, f[key])
-        n, names, palette, mean = folder_classes(f, ignore)
-        common = dict(num_classes=n, class_names=names, palette=palette, channel_order=order, ignore_label=ignore)
+        common = dict(num_classes=info.num_classes, class_names=info.class_names, palette=info.palette,
+                      channel_order=order, ignore_label=ignore)
         # evaluation (split=False) lists the training pairs but does not read them
         train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop, check=split,
                               **common)
         val = FolderDataset(f["val_images"], f["val_labels"], "val", train=False, crop_size=None, **common)
-    else:
-        raise UserError(f"dataset {name!r} is not supported by build_data; use \"cityscapes\", \"pascal_voc\" "
-                        f"(alias \"pascal\"), \"synthetic\" or \"folder\".")
     labeled, unlabeled = make_split(len(train), d["labeled_samples"], d["split_id_list"], cfg["seed"],
                                     names=train.names, split_file=d.get("split_file"), dataset=name) if split \
         else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),
-                      ignore_label=ignore, mean_rgb=mean, channel_order=order, train_names=list(train.names))
+                      ignore_label=ignore, mean_rgb=info.mean_rgb, channel_order=order, train_names=list(train.names))
 
 
 def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:
@@ -114,5 +158,13 @@ def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:
     return GTA5Dataset(root, "train", crop, channel_order_for(t["pretraining"]), cfg["ignore_label"])
 
 
-__all__ = ["DataBundle", "build_data", "build_gta5", "CityscapesDataset", "VOCDataset", "GTA5Dataset",
-           "SyntheticStreets", "FolderDataset", "make_split", "CITYSCAPES_MEAN_RGB", "VOC_MEAN_RGB", "OTHER_MEAN_RGB"]
+def __getattr__(name: str):
+    if name == "SyntheticStreets":  # imported on first use (see the module docstring)
+        from data.synthetic import SyntheticStreets
+        return SyntheticStreets
+    raise AttributeError(f"module 'data' has no attribute {name!r}")
+
+
+__all__ = ["DataBundle", "DatasetInfo", "build_data", "build_gta5", "dataset_info", "CityscapesDataset", "VOCDataset",
+           "GTA5Dataset", "SyntheticStreets", "FolderDataset", "make_split", "CITYSCAPES_MEAN_RGB", "VOC_MEAN_RGB",
+           "OTHER_MEAN_RGB"]

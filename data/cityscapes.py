@@ -84,6 +84,13 @@ def image_to_label_path(name: str, labels_dir: str) -> str:
     return os.path.join(labels_dir, *parts)
 
 
+def validation_input(image: np.ndarray, version: str) -> np.ndarray:
+    """The network input of a whole [H,W,3] image at evaluation: DeepLabv2 half size ((W // 2, H // 2), int(size / 2)
+    as released, Pillow bilinear), DeepLabv3+ unchanged. Predictions are upsampled to the full size."""
+    h, w = image.shape[:2]
+    return resize_image(image, (w // 2, h // 2)) if str(version) == "2" else image
+
+
 class CityscapesDataset(SegmentationDataset):
     """Cityscapes split `split` ("train" or "val"); `train` (default: split == "train") selects random crops."""
 
@@ -113,7 +120,6 @@ class CityscapesDataset(SegmentationDataset):
             label = self.lut[raw]
             image, label = random_crop(image, label, self.crop_size, rng, self.ignore_label, x_first=True)
         else:
-            if self.version == "2":
-                image = resize_image(image, half)
+            image = validation_input(image, self.version)
             label = self.lut[raw]
         return image, label, label_path

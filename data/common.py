@@ -129,13 +129,16 @@ def random_crop(image: np.ndarray, label: np.ndarray, crop_hw: tuple[int, int], 
     return image[y:y + th, x:x + tw], label[y:y + th, x:x + tw]
 
 
-def to_tensors(image: np.ndarray, label: np.ndarray, channel_order: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[H,W,3] uint8 RGB + [H,W] label -> float32 [3,H,W] 0..255 in `channel_order`, int64 [H,W]."""
+def image_tensor(image: np.ndarray, channel_order: str) -> torch.Tensor:
+    """[H,W,3] uint8 RGB -> float32 [3,H,W] 0..255 in `channel_order`."""
     if channel_order == "BGR":
         image = image[:, :, ::-1]
-    img = torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True)).float()
-    lbl = torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
-    return img, lbl
+    return torch.from_numpy(np.array(image.transpose(2, 0, 1), order="C", copy=True)).float()
+
+
+def to_tensors(image: np.ndarray, label: np.ndarray, channel_order: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H,W,3] uint8 RGB + [H,W] label -> float32 [3,H,W] 0..255 in `channel_order`, int64 [H,W]."""
+    return image_tensor(image, channel_order), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
 
 
 def check_channel_order(channel_order: str) -> str:

@@ -39,7 +39,7 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
     return voc_palette(n)
 
 
-def _walk(directory: str, extensions: tuple[str, ...]) -> dict[str, str]:
+def walk_files(directory: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, str]:
     """{relative path without extension ('a/x'): path} of the files with `extensions` under `directory`."""
     found: dict[str, str] = {}
     for dirpath, dirnames, files in os.walk(directory):
@@ -55,8 +55,9 @@ def _walk(directory: str, extensions: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
-def _read_list(path: str, columns: int, key: str) -> list[list[str]]:
-    """Rows of a list file (paths resolved against its folder); `columns` entries per row."""
+def read_list(path: str, columns: int, setting: str) -> list[list[str]]:
+    """Rows of a list file (paths resolved against its folder); `columns` entries per row. `setting` (the option
+    that named the file) ends error messages."""
     base = os.path.dirname(os.path.abspath(path))
     rows = []
     with open(path) as f:
@@ -68,7 +69,7 @@ def _read_list(path: str, columns: int, key: str) -> list[list[str]]:
             if len(parts) != columns:
                 raise UserError(f"{path} line {number}: expected {columns} path{'s' if columns > 1 else ''} per line"
                                 f"{' (image label)' if columns == 2 else ''}, got {len(parts)} ('{line}') "
-                                f"(folder.{key}).")
+                                f"({setting}).")
             rows.append([p if os.path.isabs(p) else os.path.join(base, p) for p in parts])
     return rows
 
@@ -86,8 +87,8 @@ def list_pairs(images: str | None, labels: str | None, what: str) -> tuple[list[
         if labels is None or not os.path.isdir(labels):
             raise UserError(f"folder.{ikey} is a directory ({images}), so folder.{lkey} must be the directory of "
                             f"its labels (got {labels}).")
-        image_files = _walk(images, IMAGE_EXTENSIONS)
-        label_files = _walk(labels, LABEL_EXTENSIONS)
+        image_files = walk_files(images, IMAGE_EXTENSIONS)
+        label_files = walk_files(labels, LABEL_EXTENSIONS)
         if not image_files:
             raise UserError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) under {images} (folder.{ikey}).")
         names, image_paths, label_paths = [], [], []
@@ -100,14 +101,14 @@ def list_pairs(images: str | None, labels: str | None, what: str) -> tuple[list[
             label_paths.append(label_files[rel])
         return names, image_paths, label_paths
     if labels is None:  # one list file, "image label" per line
-        rows = _read_list(images, 2, ikey)
+        rows = read_list(images, 2, f"folder.{ikey}")
         image_paths, label_paths = [r[0] for r in rows], [r[1] for r in rows]
     else:
         if os.path.isdir(labels):
             raise UserError(f"folder.{ikey} is a list file ({images}) but folder.{lkey} a directory ({labels}); give "
                             f"two directories, two list files, or one two-column list file with folder.{lkey} null.")
-        image_paths = [r[0] for r in _read_list(images, 1, ikey)]
-        label_paths = [r[0] for r in _read_list(labels, 1, lkey)]
+        image_paths = [r[0] for r in read_list(images, 1, f"folder.{ikey}")]
+        label_paths = [r[0] for r in read_list(labels, 1, f"folder.{lkey}")]
         if len(image_paths) != len(label_paths):
             raise UserError(f"{images} lists {len(image_paths)} images but {labels} lists {len(label_paths)} labels; "
                             f"line k of one must be the label of line k of the other (folder.{ikey}, folder.{lkey}).")

@@ -20,8 +20,9 @@ def build_model(version: str, num_classes: int, pretraining: str = "COCO", depth
 
     pretraining "COCO" selects the COCO ResNet variant for v2 (stride on the 1x1 conv, ceil-mode max-pool),
     "imagenet" the torchvision one; v3+ is always torchvision-style. depth None: 101 for v2, 50 for v3.
-    pretrained: None/"none", "default" (released weights at a fixed local path) or a file path; the load
-    report is printed when verbose. v2_branches: classifier branches summed, 2 ("code") or 4 ("paper").
+    pretrained: None/"none", "default" (released weights in torch hub's folder, downloaded on first use) or a
+    file path; the load report is printed when verbose. v2_branches: classifier branches summed, 2 ("code")
+    or 4 ("paper").
     """
     version = str(version)
     if version not in VERSIONS:

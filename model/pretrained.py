@@ -1,7 +1,8 @@
-"""Pretrained weights: resolve the source, never download, copy tensors by name where shapes match (SPEC 3).
+"""Pretrained weights: resolve the source, copy tensors by name where shapes match (SPEC 3).
 
 "default" means the released starting point: the COCO-pretrained DeepLabv2 of AdvSemiSeg for COCO, or
-torchvision's ImageNet ResNet (IMAGENET1K_V1) for imagenet, looked up in torch hub's checkpoint folder.
+torchvision's ImageNet ResNet (IMAGENET1K_V1) for imagenet, looked up in torch hub's checkpoint folder and
+downloaded there on first use (model/weights_download.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model.weights_download import fetch_weights
 from utils.errors import UserError
 
 COCO_FILE = "resnet101COCO-41f33a49.pth"
@@ -72,6 +74,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"cannot read pretrained weights {path}: {type(e).__name__}: {e}") from None
+    return state_dict_of(obj, path)
+
+
+def state_dict_of(obj: object, path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded weights file `obj` (read from `path`), prefixes stripped."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
@@ -88,23 +95,21 @@ def load_pretrained(model: nn.Module, source: str | None, version: str, pretrain
     """Copy the tensors of `source` into `model` where name and shape match; returns the report.
 
     source: None/"none" -> nothing (None returned); "default" -> the released file at torch hub's
-    checkpoint folder; anything else -> a local file path. A missing file raises UserError saying what to
-    download and where to put it.
+    checkpoint folder, downloaded there first when missing; anything else -> a local file path. A missing
+    local file, or a failed download, raises UserError saying what to download and where to put it.
     """
     if source is None or source.lower() == "none":
         return None
+    downloaded = None
     if source == "default":
         path, url = default_weights(version, pretraining, depth)
-        if not os.path.isfile(path):
-            raise UserError(f"pretrained weights not found: {path}. Download {url} and save it as {path} "
-                            f"(no download is attempted), or set backbone.pretrained in the config to a local "
-                            f"file, or to \"none\" for random init.")
+        downloaded = fetch_weights(url, path)
     else:
         path = os.path.expanduser(source)
         if not os.path.isfile(path):
             raise UserError(f"pretrained weights file not found: {path} (backbone.pretrained). Give an existing "
                             f"file, \"default\" or \"none\".")
-    weights = read_state_dict(path)
+    weights = read_state_dict(path) if downloaded is None else state_dict_of(downloaded, path)
     report = PretrainedReport(path)
     own = model.state_dict()            # detached tensors sharing storage with the model
     with torch.no_grad():

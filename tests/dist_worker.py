@@ -8,6 +8,9 @@ class balancing and class weights, the dataset indices it drew and the memory ro
 every evaluation appends the model digest, confusion matrix and the validation images this rank predicted.
 $DW_FAIL_RANK / $DW_FAIL_ITER make that rank raise after that iteration (the failure test);
 $DW_CHECK_COLLECTIVES runs `check_collectives` on the torchrun group before training.
+$DW_SHARE_DEVICE=1 puts every rank on the first GPU (LOCAL_RANK 0: two processes on a one-GPU machine);
+$DW_BACKEND=gloo starts the process group with that backend before Run does (gloo on CUDA tensors, where NCCL
+refuses two ranks on one GPU). benchmarks/gpu_check.py uses both, and `rank_differences` to check the records.
 """
 from __future__ import annotations
 
@@ -188,9 +191,47 @@ def check_collectives() -> None:
     assert torch.allclose(w, torch.tensor([(5 / 6) ** 0.5, (5 / 4) ** 0.5, 1.0])), w
 
 
+STATE_KEYS = ("student", "teacher", "optimizer", "memory", "balancing", "class_weights", "lr")
+
+
+def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
+    """What breaks the rank-identical state in the per-rank records (one list per rank, read from
+    $DW_OUT/rank<r>.jsonl): every rank must have a step record for iterations 0..iterations-1, the same
+    digests of student, teacher, optimiser, memory bank, class balancing, class weights and learning rate after
+    every step, disjoint labeled batches, and memory updates that received every rank's rows. [] when all holds."""
+    problems = []
+    steps = [[r for r in rank if r["kind"] == "step"] for rank in records]
+    for r, rank_steps in enumerate(steps):
+        if [s["i"] for s in rank_steps] != list(range(iterations)):
+            problems.append(f"rank {r} recorded iterations {[s['i'] for s in rank_steps]}, "
+                            f"expected 0..{iterations - 1}")
+    if problems or len(steps) < 2:
+        return problems or [f"{len(steps)} rank(s) recorded, expected at least 2"]
+    for per_rank in zip(*steps):
+        i = per_rank[0]["i"]
+        for key in STATE_KEYS:
+            if len({json.dumps(s[key]) for s in per_rank}) > 1:
+                problems.append(f"{key} differs between the ranks after iteration {i}")
+        labeled = [set(s["labeled"]) for s in per_rank]
+        if any(a & b for k, a in enumerate(labeled) for b in labeled[k + 1:]):
+            problems.append(f"ranks drew the same labeled images in iteration {i}")
+        for events in zip(*(s["gathered"] for s in per_rank)):
+            sent = sum(n for n, _ in events)
+            if any(got != sent for _, got in events):
+                problems.append(f"memory update of iteration {i}: ranks sent {sent} rows in all but received "
+                                f"{[got for _, got in events]}")
+    return problems
+
+
 if __name__ == "__main__":
     import trainSSL
     from utils.training import main_guard
+    if os.environ.get("DW_SHARE_DEVICE") == "1":
+        os.environ["LOCAL_RANK"] = "0"  # utils.training.choose_device takes cuda:<LOCAL_RANK> under torchrun
+    if os.environ.get("DW_BACKEND"):
+        from datetime import timedelta
+        timeout = timedelta(minutes=float(os.environ.get("SSL_DIST_TIMEOUT_MIN", 30)))
+        torch.distributed.init_process_group(backend=os.environ["DW_BACKEND"], timeout=timeout)
     if os.environ.get("DW_CHECK_COLLECTIVES"):
         dist.init_distributed(torch.device("cpu"))  # the group Run would start; Run then finds it started
         check_collectives()

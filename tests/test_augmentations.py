@@ -1,12 +1,18 @@
 """Augmentations of SPEC 5.1 on small CPU tensors, with hand-worked or independently computed expectations."""
+import ast
 import math
+import os
+import pathlib
 import random
+import warnings
 
 import pytest
 import torch
 
 import utils.augmentations as aug
-from utils.augmentations import (CITYSCAPES_MEAN_RGB, STRONG, VOC_MEAN_RGB, WEAK, color_jitter, flip, gaussian_blur,
+from utils.augmentations import (CITYSCAPES_MEAN_RGB, STRONG, VOC_MEAN_RGB, WEAK, JitterParams, adjust_brightness,
+                                 adjust_contrast, adjust_hue, adjust_saturation, apply_jitter, color_jitter, flip,
+                                 gaussian_blur, sample_jitter,
                                  mean_for_dataset, normalize, random_scale, strong_augment, weak_augment)
 from utils.classmix import classmix
 from utils.errors import UserError
@@ -60,9 +66,10 @@ def test_random_scale_down_pads_centred_odd_right_and_top(W, left, right):
 
 
 def test_random_scale_up_is_a_crop_of_the_upscaled_batch(monkeypatch):
-    # 6 x 10, factor 1.5 -> 9 x 15; crop offsets y in [0, 3], x in [0, 5] from random.randint
+    # 6 x 10, factor 1.5 -> 9 x 15; crop offsets from random.randint, as released the column offset x in [0, 5]
+    # first, then the row offset y in [0, 3]
     calls = []
-    offsets = iter([2, 4])
+    offsets = iter([4, 2])
 
     def fake_randint(a, b):
         calls.append((a, b))
@@ -73,7 +80,7 @@ def test_random_scale_up_is_a_crop_of_the_upscaled_batch(monkeypatch):
     images = torch.stack([labels.float(), labels.float() * 2, labels.float() + 1], dim=1)
     conf = labels.float() / 100
     out_img, out_lab, out_conf = random_scale(images, labels, conf, 1.5, IGNORE)
-    assert calls == [(0, 3), (0, 5)]
+    assert calls == [(0, 5), (0, 3)]
     assert out_img.shape == (2, 3, 6, 10) and out_lab.shape == (2, 6, 10) and out_conf.shape == (2, 6, 10)
     # nearest, independent: source row floor(i·6/9), source col floor(j·10/15), on the crop rows 2..7, cols 4..13
     rows = torch.tensor([math.floor(i * 6 / 9) for i in range(2, 8)])
@@ -157,31 +164,6 @@ def test_color_jitter_range_shape_and_zero_strength():
     assert torch.equal(color_jitter(images, 0.0, "RGB"), images)
 
 
-def test_color_jitter_grey_image_only_brightness_within_bounds():
-    # on a constant grey image contrast, saturation and hue do nothing: out = v·b with b in [1 − s, 1 + s]
-    s = 0.25
-    images = torch.full((20, 3, 4, 5), 100.0)
-    out = color_jitter(images, s, "RGB")
-    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out), atol=1e-3)   # still grey, still constant
-    ratio = out[:, 0, 0, 0] / 100
-    assert bool((ratio >= 1 - s - 1e-4).all()) and bool((ratio <= 1 + s + 1e-4).all())
-    assert float(ratio.std()) > 0.02                                             # factors differ per image
-
-
-def test_color_jitter_converts_bgr_to_rgb():
-    # the same draws on the BGR version of an image give the BGR version of the RGB result; saturation and hue
-    # are not symmetric in the channels, so a missing conversion would show
-    images = torch.rand(2, 3, 6, 7) * 255
-    torch.manual_seed(5)
-    out_rgb = color_jitter(images, 0.25, "RGB")
-    torch.manual_seed(5)
-    out_bgr = color_jitter(images.flip(1), 0.25, "BGR")
-    assert torch.allclose(out_bgr, out_rgb.flip(1), atol=1e-3)
-    torch.manual_seed(5)
-    wrong = color_jitter(images.flip(1), 0.25, "RGB")
-    assert not torch.allclose(wrong, out_rgb.flip(1), atol=1e-1)
-
-
 def _batch():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, 17, 23, generator=g) * 255
@@ -189,6 +171,191 @@ def _batch():
     labels[:, :2] = IGNORE
     conf = torch.rand(2, 17, 23, generator=g)
     return images, labels, conf
+
+
+# --- colour jitter and blur against kornia 0.4.1, the version the release pins (requirements-test.txt) -------------
+
+@pytest.fixture(scope="module")
+def kornia():
+    """kornia 0.4.1 as the oracle: the release called ColorJitter and GaussianBlur2d of exactly this version."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")                 # torch.jit.script deprecation inside kornia 0.4.1
+            import kornia as k
+    except ImportError:                                     # an oracle that is missing must not turn into a skip
+        pytest.fail("kornia 0.4.1 is the test oracle: pip install -r requirements-test.txt")
+    assert k.__version__ == "0.4.1"
+    return k
+
+
+def _jitter_images():
+    """[6,3,12,16] images in [0, 1] with the hard cases: grey, black, white, pure and saturated colours, ties of
+    the maximum between channels, near-grey pixels, values at 0 and 1."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(6, 3, 12, 16, generator=g)
+    x[0, :, :3] = 0.5                                                     # grey
+    x[1, :, :, :2] = 0.0                                                  # black
+    x[1, :, :, 2:4] = 1.0                                                 # white
+    x[2, :, :3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)             # pure red (hue wraps around 0)
+    x[2, :, 3:6] = torch.tensor([0.9, 0.9, 0.2]).view(3, 1, 1)            # R = G maximum
+    x[2, :, 6:9] = torch.tensor([0.6, 0.1, 0.6]).view(3, 1, 1)            # R = B maximum
+    x[2, :, 9:] = torch.tensor([0.3, 0.8, 0.8]).view(3, 1, 1)             # G = B maximum
+    x[3, :, :4] = 0.4 + 1e-4 * torch.rand(3, 4, 16, generator=g)          # near grey
+    x[4] = x[4] * 0.05                                                    # dark
+    return x
+
+
+# per-image factors spanning the ranges, with extremes: saturation 2 clips S at 1, hue ±0.5 reverses the colour
+_OP_FACTORS = {
+    "brightness": torch.tensor([0.75, 1.25, 0.0, 2.0, 1.0, 0.9]),
+    "contrast": torch.tensor([0.75, 1.25, 0.0, 2.0, 1.0, 1.1]),
+    "saturation": torch.tensor([0.875, 1.125, 0.0, 2.0, 1.0, 1.5]),
+    "hue": torch.tensor([-1 / 12, 1 / 12, 0.5, -0.5, 0.0, 0.03]),
+}
+_OURS = {"brightness": adjust_brightness, "contrast": adjust_contrast, "saturation": adjust_saturation,
+         "hue": adjust_hue}
+
+
+@pytest.mark.parametrize("op", list(_OP_FACTORS))
+def test_each_jitter_operation_matches_kornia(kornia, op):
+    from kornia.augmentation import functional as KF
+    x = _jitter_images()
+    factors = _OP_FACTORS[op]
+    expected = getattr(KF, f"apply_adjust_{op}")(x, {f"{op}_factor": factors})
+    out = _OURS[op](x, factors)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert torch.allclose(out, expected, rtol=0, atol=1e-5)
+    assert float(out.min()) >= 0 and float(out.max()) <= 1                # as kornia's: no rounding outside
+
+
+def test_jitter_operations_hand_worked():
+    def px(*rgb):
+        return torch.tensor(rgb).view(1, 3, 1, 1)
+
+    def one(v):
+        return torch.tensor([v])
+
+    def close(a, b):
+        return torch.allclose(a, b, rtol=0, atol=1e-6)
+    # brightness adds b − 1 and clips (not a multiplication)
+    assert close(adjust_brightness(px(0.5, 0.1, 0.95), one(1.2)), px(0.7, 0.3, 1.0))
+    assert close(adjust_brightness(px(0.5, 0.1, 0.95), one(0.8)), px(0.3, 0.0, 0.75))
+    # contrast multiplies about 0 and clips (not a blend with the mean)
+    assert close(adjust_contrast(px(0.6, 0.2, 0.8), one(1.5)), px(0.9, 0.3, 1.0))
+    assert close(adjust_contrast(px(0.6, 0.2, 0.8), one(0.5)), px(0.3, 0.1, 0.4))
+    # saturation: (0.8, 0.4, 0.2) has V = 0.8, S = 0.75; S·1.5 clips at 1 (min -> 0); S·0.5 = 0.375
+    assert close(adjust_saturation(px(0.8, 0.4, 0.2), one(1.5)), px(0.8, 0.8 - 0.4 * 4 / 3, 0.0))
+    assert close(adjust_saturation(px(0.8, 0.4, 0.2), one(0.5)), px(0.8, 0.6, 0.5))
+    assert close(adjust_saturation(px(0.0, 0.0, 0.0), one(1.5)), px(0.0, 0.0, 0.0))       # V = 0: S = 0
+    # hue: (0.8, 0.4, 0.2) has H = 1/18; + 1/12 -> 5/36: (V, V(1 − S/6), V(1 − S)) = (0.8, 0.7, 0.2)
+    assert close(adjust_hue(px(0.8, 0.4, 0.2), one(1 / 12)), px(0.8, 0.7, 0.2))
+    assert close(adjust_hue(px(1.0, 0.0, 0.0), one(1 / 3)), px(0.0, 1.0, 0.0))           # red -> green
+    assert close(adjust_hue(px(1.0, 0.0, 0.0), one(-1 / 12)), px(1.0, 0.0, 0.5))         # wraps: H = 11/12
+    # the order of the operations matters: brightness then contrast vs contrast then brightness
+    p = JitterParams(one(1.2), one(1.5), one(1.0), one(0.0), (0, 1, 2, 3))
+    assert close(apply_jitter(px(0.5, 0.5, 0.5), p), px(1.0, 1.0, 1.0))                   # (0.5 + 0.2)·1.5
+    p = JitterParams(one(1.2), one(1.5), one(1.0), one(0.0), (1, 0, 2, 3))
+    assert close(apply_jitter(px(0.5, 0.5, 0.5), p), px(0.95, 0.95, 0.95))                # 0.5·1.5 + 0.2
+
+
+@pytest.mark.parametrize("s", [0.125, 0.25])
+def test_sampled_factors_equal_kornias_under_the_same_seed(kornia, s):
+    # the release: ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3) on the whole batch (p = 1)
+    x = _jitter_images()
+    jitter = kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s / 2.0, hue=s / 3.0)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        jitter(x)
+        ref, after_ref = jitter._params, torch.rand(3)
+        torch.manual_seed(seed)
+        ours, after_ours = sample_jitter(x.shape[0], s), torch.rand(3)
+        assert bool(ref["batch_prob"].all())                                  # every image is jittered
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            assert torch.equal(getattr(ours, name), ref[f"{name}_factor"]), name
+        assert ours.order == tuple(ref["order"].tolist())
+        assert torch.equal(after_ours, after_ref)                            # the same number of draws
+
+
+@pytest.mark.parametrize("s", [0.125, 0.25])
+def test_sampled_factor_ranges(s):
+    torch.manual_seed(0)
+    n = 4000
+    p = sample_jitter(n, s)
+    for f, lo, hi in ((p.brightness, 1 - s, 1 + s), (p.contrast, 1 - s, 1 + s),
+                      (p.saturation, 1 - s / 2, 1 + s / 2), (p.hue, -s / 3, s / 3)):
+        assert f.shape == (n,) and f.dtype == torch.float32
+        width = hi - lo
+        assert float(f.min()) >= lo - 1e-7 and float(f.max()) <= hi + 1e-7
+        assert float(f.min()) < lo + 0.01 * width and float(f.max()) > hi - 0.01 * width
+        # uniform: each quarter of the range holds a quarter of the draws (binomial sd ≈ 27)
+        counts = torch.histc(f, bins=4, min=lo, max=hi)
+        assert bool(((counts - n / 4).abs() < 150).all()), counts
+    assert sorted(p.order) == [0, 1, 2, 3]
+
+
+def test_color_jitter_matches_kornia_colorjitter_on_0_255_images(kornia):
+    # the release: ColorJitter(s, s, s/2, s/3)(images / 255) * 255 on the batch as it is, BGR included
+    images = _jitter_images() * 255
+    orders = set()
+    for s in (0.125, 0.25):
+        jitter = kornia.augmentation.ColorJitter(brightness=s, contrast=s, saturation=s / 2.0, hue=s / 3.0)
+        for seed in range(6):
+            torch.manual_seed(seed)
+            expected = jitter(images / 255.0) * 255.0
+            orders.add(tuple(jitter._params["order"].tolist()))
+            for channel_order in ("BGR", "RGB"):
+                torch.manual_seed(seed)
+                out = color_jitter(images, s, channel_order)
+                assert torch.allclose(out, expected, rtol=0, atol=2e-3), (s, seed, channel_order)
+    assert len(orders) >= 4                                  # several orders of the operations were exercised
+
+
+def test_bgr_batch_gets_the_opposite_hue_shift():
+    # what feeding BGR to an RGB hue rotation means: the true hue moves by −δ (same distribution, δ symmetric)
+    x = _jitter_images()
+    shift = torch.tensor([0.05, -0.08, 0.02, 0.1, -0.03, 0.07])
+    assert torch.allclose(adjust_hue(x.flip(1), shift).flip(1), adjust_hue(x, -shift), rtol=0, atol=1e-5)
+    assert not torch.allclose(adjust_hue(x.flip(1), shift).flip(1), adjust_hue(x, shift), atol=1e-2)
+
+
+def test_gaussian_blur_matches_kornia(kornia):
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 19, 37, generator=g) * 255                 # non-square, borders reflected on all sides
+    expected = kornia.filters.GaussianBlur2d(kernel_size=(23, 23), sigma=(0.1, 1.5))(images)
+    assert torch.allclose(gaussian_blur(images), expected, rtol=0, atol=1e-3)
+    with pytest.raises(UserError, match="too small"):
+        gaussian_blur(torch.zeros(1, 3, 11, 40))
+
+
+def test_jitter_gate_jitters_the_whole_batch(monkeypatch):
+    images, labels, conf = _batch()
+    # strong: flip no, jitter yes, blur no, (grayscale, solarize), scale no -> exactly color_jitter(images, 0.25)
+    # under the same torch seed
+    draws = iter([0.9, 0.1, 0.9, 0.5, 0.5, 0.9])
+    monkeypatch.setattr(aug.random, "random", lambda: next(draws))
+    torch.manual_seed(11)
+    oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    torch.manual_seed(11)
+    assert torch.equal(oi, color_jitter(images, 0.25, "BGR"))
+    assert torch.equal(ol, labels) and torch.equal(oc, conf)
+    assert bool(((oi - images).abs().amax(dim=(1, 2, 3)) > 1).all())     # every image changed
+
+
+def test_training_code_does_not_import_kornia():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__")) and d not in ("tests", "runs")]
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = pathlib.Path(folder, name)
+            text = path.read_text()
+            if "kornia" not in text:
+                continue
+            for node in ast.walk(ast.parse(text, filename=str(path))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                assert not any(n.split(".")[0] == "kornia" for n in names), f"{path} imports kornia"
 
 
 @pytest.mark.parametrize("fn", [weak_augment, strong_augment])
@@ -208,14 +375,14 @@ def test_weak_strong_all_steps_keep_shapes_and_dtypes(monkeypatch, fn, order):
         assert float(oi.min()) >= 0 and float(oi.max()) <= 255 + 1e-3
 
 
-@pytest.mark.parametrize("fn, draws", [(weak_augment, 3), (strong_augment, 4)])
+@pytest.mark.parametrize("fn, draws", [(weak_augment, 6), (strong_augment, 6)])
 def test_no_step_taken_returns_inputs(monkeypatch, fn, draws):
     images, labels, conf = _batch()
     calls = []
     monkeypatch.setattr(aug.random, "random", lambda: calls.append(1) or 0.99)
     oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
     assert torch.equal(oi, images) and torch.equal(ol, labels) and torch.equal(oc, conf)
-    assert len(calls) == draws                                     # one draw per decision (weak: no blur)
+    assert len(calls) == draws            # flip, jitter, blur, grayscale, solarize, scale gate (as released)
     # with masks, only ClassMix is applied
     masks = torch.zeros(2, 17, 23, dtype=torch.bool)
     masks[1, 3:9, 4:20] = True
@@ -227,14 +394,16 @@ def test_no_step_taken_returns_inputs(monkeypatch, fn, draws):
 
 def test_decisions_thresholds_and_order(monkeypatch):
     images, labels, conf = _batch()
-    # strong: scale no (0.85 >= 0.8), flip yes (0.1 < 0.5), jitter no (0.9 >= 0.8), blur yes (0.1 < 0.2)
-    draws = iter([0.85, 0.1, 0.9, 0.1])
+    # strong, in the release's order: flip yes (0.1 < 0.5), jitter no (0.9 >= 0.8), blur yes (0.1 < 0.2),
+    # grayscale and solarize (unused), scale no (0.85 >= 0.8)
+    draws = iter([0.1, 0.9, 0.1, 0.0, 0.0, 0.85])
     monkeypatch.setattr(aug.random, "random", lambda: next(draws))
     oi, ol, oc = strong_augment(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
     assert torch.equal(ol, labels.flip(-1)) and torch.equal(oc, conf.flip(-1))
     assert torch.allclose(oi, gaussian_blur(images.flip(-1)))
-    # weak: scale yes with factor 1.5 (crop at 0, 0), flip no, jitter no (0.2 is not < 0.2)
-    draws = iter([0.4, 0.5, 0.2])
+    # weak: flip no (0.5), jitter no (0.2 is not < 0.2), blur never (0.0 is not < 0), grayscale, solarize,
+    # scale yes (0.4 < 0.5) with factor 1.5 (crop at 0, 0)
+    draws = iter([0.5, 0.2, 0.0, 0.0, 0.0, 0.4])
     monkeypatch.setattr(aug.random, "random", lambda: next(draws))
     monkeypatch.setattr(aug.random, "uniform", lambda a, b: 1.5 if (a, b) == (0.75, 1.75) else None)
     monkeypatch.setattr(aug.random, "randint", lambda a, b: 0)
@@ -242,3 +411,42 @@ def test_decisions_thresholds_and_order(monkeypatch):
     ei, el, ec = random_scale(images, labels, conf, 1.5, IGNORE)
     assert torch.equal(oi, ei) and torch.equal(ol, el) and torch.equal(oc, ec)
     assert not torch.equal(ol, labels)
+
+
+class _RecordingRandom:
+    """Stands in for Python's `random` module: logs every call, answers from a script."""
+
+    def __init__(self, randoms, factor=1.5, offsets=(0, 0)):
+        self.log, self._randoms, self._factor, self._offsets = [], iter(randoms), factor, iter(offsets)
+
+    def random(self):
+        self.log.append("random")
+        return next(self._randoms)
+
+    def uniform(self, a, b):
+        self.log.append(("uniform", a, b))
+        return self._factor
+
+    def randint(self, a, b):
+        self.log.append(("randint", a, b))
+        return next(self._offsets)
+
+
+@pytest.mark.parametrize("fn", [weak_augment, strong_augment])
+def test_python_random_draws_in_the_release_order(monkeypatch, fn):
+    # the release's augment_samples: flip, jitter, blur, grayscale, solarize, scale gate, factor, then inside the
+    # scale step the column offset and the row offset of the crop. 17 x 23 at 1.5 -> 25 x 34: x in [0, 11],
+    # y in [0, 8]. Draws of 0.99 leave flip, jitter and blur off; the scale gate fires with 0.0.
+    images, labels, conf = _batch()
+    rec = _RecordingRandom([0.99, 0.99, 0.99, 0.99, 0.99, 0.0], factor=1.5, offsets=(11, 8))
+    monkeypatch.setattr(aug, "random", rec)
+    oi, ol, oc = fn(images, labels, conf, ignore_label=IGNORE, channel_order="BGR")
+    assert rec.log == ["random"] * 6 + [("uniform", 0.75, 1.75), ("randint", 0, 11), ("randint", 0, 8)]
+    # the crop takes rows 8..24 and columns 11..33 of the enlarged batch
+    big = torch.nn.functional.interpolate(images, size=(25, 34), mode="bilinear", align_corners=True)
+    assert torch.equal(oi, big[..., 8:25, 11:34])
+    # 1 < f < 1 + 1/H keeps the size; the two offsets (both 0) are still drawn
+    rec = _RecordingRandom([], offsets=(0, 0))
+    monkeypatch.setattr(aug, "random", rec)
+    out = random_scale(images, labels, conf, 1.01, IGNORE)
+    assert rec.log == [("randint", 0, 0), ("randint", 0, 0)] and torch.equal(out[0], images)

@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import trainSSL
 from data.synthetic import PALETTE, SyntheticStreets, export_folder
 from tests.test_resume import one_thread, tiny_argv  # noqa: F401  (one_thread: autouse fixture)
+from utils import curves
 from utils.checkpoint import load_checkpoint
 from utils.logger import TrainLogger
 from utils.schedules import poly_lr
@@ -174,3 +175,80 @@ def test_picture_helpers():
     grid = panel([[torch.full((3, 2, 2), 9, dtype=torch.uint8), torch.full((3, 4, 4), 7, dtype=torch.uint8)]])
     assert grid.shape == (3, 2, 4 + GAP) and (grid[:, :, :2] == 9).all() and (grid[:, :, 2 + GAP:] == 7).all()
     assert (grid[:, :, 2:2 + GAP] == 0).all()
+
+
+def test_curves_png_after_a_run(logged_run):
+    run_dir, _, _ = logged_run
+    path = os.path.join(run_dir, "curves.png")
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()  # a complete, uncorrupted PNG
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (960, 640)
+        pixels = np.asarray(img.convert("RGB"))
+    assert 0.02 < (pixels < 200).any(axis=-1).mean() < 0.5  # lines and text drawn: not blank, not filled
+    assert not [n for n in os.listdir(run_dir) if n.startswith("curves.png.")]  # no temporary file left
+    # what is drawn: the logged loss terms, learning rate, both evaluations (points) and the memory fill per class
+    data = curves.series(curves.read_log(os.path.join(run_dir, "train_log.jsonl")))
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
+    assert set(data["loss"]) == {"loss_sup", "loss_pseudo", "loss_entropy", "loss_contr_l", "loss_contr_u", "loss"}
+    assert data["lr"]["learning rate"][0] == [0, 1, 2, 3]
+    assert data["miou"]["validation"] == ([2, 4], [100 * r["miou"] for r in rows if r["kind"] == "val"])
+    assert list(data["memory_fill"]) == CLASSES and data["memory_fill"]["road"][0] == [0, 1, 2, 3]
+
+
+def test_curves_keep_the_rows_of_a_resumed_run(tmp_path):
+    """Rows an interrupted run logged after its last latest.pth are superseded by the resumed run's."""
+    rows = [{"iteration": i, "kind": "train", "loss": float(i), "lr": 0.1} for i in range(5)]
+    rows += [{"iteration": 3, "kind": "resume"}]
+    rows += [{"iteration": i, "kind": "train", "loss": 10.0 + i, "lr": 0.1} for i in range(3, 6)]
+    rows += [{"iteration": 5, "kind": "val", "miou": 0.25}]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 6, "ki')
+    data = curves.series(curves.read_log(str(tmp_path / "train_log.jsonl")))  # the cut last line is skipped
+    assert data["loss"]["loss"] == ([0, 1, 2, 3, 4, 5], [0.0, 1.0, 2.0, 13.0, 14.0, 15.0])
+    assert data["miou"] == {"validation": ([5], [25.0])} and data["memory_fill"] == {}
+    assert curves.draw_curves(str(tmp_path)) == str(tmp_path / "curves.png")  # empty panels are fine
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+
+
+def test_eta_leaves_out_evaluation_time(tmp_path, monkeypatch):
+    """1 s per iteration, then a 100 s evaluation: the ETA stays at 1 s per remaining iteration, on the plain
+    lines and on the tqdm bar."""
+    clock = [1000.0]
+    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: None)
+    for stream in (io.StringIO(), FakeTerminal()):
+        log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, stream=stream)
+        if log.bar is not None:  # the bar's own clock, and an update at every call
+            log.bar._time = lambda: clock[0]
+            log.bar.start_t = log.bar.last_print_t = clock[0]
+            log.bar.mininterval, log.bar.miniters = 0, 1
+        for i in range(4):
+            clock[0] += 1.0
+            log.advance()
+            if i == 1:  # an evaluation after iteration 1
+                log.evaluation_started()
+                clock[0] += 100.0
+                log.evaluation_finished()
+            log.scalars(i, {"loss": 1.0})
+        if log.bar is not None:
+            assert log.bar.format_dict["rate"] == pytest.approx(1.0)
+            assert log.bar.format_dict["elapsed"] == pytest.approx(4.0)
+        else:
+            etas = re.findall(r"eta (\d\d:\d\d:\d\d)", stream.getvalue())
+            assert etas == ["00:00:09", "00:00:08", "00:00:07", "00:00:06"]
+        log.close()
+
+
+def test_curves_redrawn_at_evaluations_at_most_every_30_s_and_at_close(tmp_path, monkeypatch):
+    clock, drawn = [1000.0], []
+    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
+    log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, stream=io.StringIO())
+    for t in (1010.0, 1040.0, 1050.0, 1075.0):  # evaluations ending at these times
+        clock[0] = t
+        log.evaluation_started()
+        log.evaluation_finished()
+    clock[0] = 1080.0
+    log.close()
+    assert drawn == [1040.0, 1075.0, 1080.0]

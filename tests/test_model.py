@@ -2,6 +2,7 @@
 groups, the released init, pretrained loading and strict checkpoint loading. CPU, random init, tiny inputs;
 large models are built on the meta device where only names and shapes matter."""
 import os
+import urllib.error
 
 import pytest
 import torch
@@ -353,6 +354,11 @@ def test_pretrained_coco_style_file(tmp_path, capsys):
 
 def test_pretrained_none_and_missing_files(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(url, **kwargs):  # "default" weights not cached: the download fails as it does without network
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     model = build_model("2", 3, "COCO", 18, "none")
     assert model.pretrained_report is None
     missing = tmp_path / "nope.pth"

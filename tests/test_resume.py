@@ -13,6 +13,7 @@ import torch
 import trainSSL
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
+from utils import training
 from utils.training import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +56,27 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
 
 class Interrupted(Exception):
     pass
+
+
+# Validation mIoU planted per iteration, so the run's course holds by construction, whatever the weights: a new best
+# at iterations 1 and 2 (best_model.pth, then latest.pth at once), none at 3, so the resumed part returns to the best.
+PLANTED_MIOU = {1: 0.10, 2: 0.20, 3: 0.15}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def planted_miou():
+    """Evaluations run for real; their mIoU is replaced by PLANTED_MIOU[i]."""
+    real_evaluate = Run.evaluate
+
+    def planted(self, model, i, tag="val"):
+        with pytest.MonkeyPatch.context() as mp:
+            inner = training.evaluate
+            mp.setattr(training, "evaluate", lambda *a, **k: {**inner(*a, **k), "miou": PLANTED_MIOU.get(i, 0.0)})
+            return real_evaluate(self, model, i, tag)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Run, "evaluate", planted)
+        yield
 
 
 @pytest.fixture
@@ -117,8 +139,8 @@ def reference(tmp_path_factory):
     # than best_model.pth and, returning to the best model, read weights from its own future)
     rows = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
     val = [(r["iteration"], r["miou"]) for r in rows if r["kind"] == "val"]
-    new_best = [i for k, (i, miou) in enumerate(val) if all(miou > m for _, m in val[:k])]
-    assert saves == sorted(set([2, 4] + [i + 1 for i in new_best])) and 3 in saves
+    assert val == sorted(PLANTED_MIOU.items())
+    assert saves == [2, 3, 4]  # every N iterations, and at once after the new best of iteration 2
     return run_dir
 
 

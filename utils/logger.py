@@ -1,5 +1,8 @@
 """Progress and logs of a training run: a tqdm bar on a terminal, plain lines elsewhere, `train_log.jsonl`,
-and TensorBoard event files, all in the run directory. Only the main process logs.
+TensorBoard event files and `curves.png` (utils/curves.py), all in the run directory. Only the main process logs.
+
+The ETA counts training time only: the time between `evaluation_started` and `evaluation_finished` is left out,
+so the estimate does not jump after each evaluation.
 """
 from __future__ import annotations
 
@@ -11,6 +14,10 @@ import time
 
 import torch
 
+from utils.curves import draw_curves
+
+CURVES_MIN_INTERVAL = 30.0  # seconds between redraws of curves.png at evaluations (always redrawn at close)
+
 
 class TrainLogger:
     """Writes every logged row to train_log.jsonl, scalars and images to TensorBoard, and shows progress."""
@@ -21,6 +28,11 @@ class TrainLogger:
         self.total, self.start = total, start
         self.stream = stream or sys.stdout
         self.t0 = time.time()
+        self.run_dir = run_dir
+        self.not_training = 0.0      # seconds spent in evaluations, left out of the ETA
+        self._eval_t0: float | None = None
+        self._curves_t = self.t0     # when curves.png was last drawn (a run's first seconds need no picture)
+        self._curves_warned = False
         self.jsonl = None
         self.tb = None
         self.bar = None
@@ -44,7 +56,7 @@ class TrainLogger:
         done = i + 1 - self.start
         if done <= 0:
             return "?"
-        left = (time.time() - self.t0) / done * (self.total - i - 1)
+        left = (time.time() - self.t0 - self.not_training) / done * (self.total - i - 1)
         return time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 else f"{left / 3600:.0f}h"
 
     def scalars(self, i: int, values: dict[str, float], prefix: str = "train", print_line: bool = True) -> None:
@@ -94,11 +106,39 @@ class TrainLogger:
         else:
             print(text, file=self.stream, flush=True)
 
+    def evaluation_started(self) -> None:
+        """Stop the ETA clock (evaluation is not training)."""
+        self._eval_t0 = time.time()
+
+    def evaluation_finished(self) -> None:
+        """Redraw curves.png (at most every CURVES_MIN_INTERVAL seconds) and restart the ETA clock."""
+        if not self.enabled:
+            return
+        if time.time() - self._curves_t >= CURVES_MIN_INTERVAL:
+            self.draw_curves()
+        if self._eval_t0 is not None:
+            self.not_training += time.time() - self._eval_t0
+            self._eval_t0 = None
+        if self.bar is not None:
+            self.bar.unpause()  # tqdm's rate and ETA leave out the time since its last update
+
+    def draw_curves(self) -> None:
+        """<run dir>/curves.png from train_log.jsonl; a failure is reported once and never stops training."""
+        self._curves_t = time.time()
+        try:
+            draw_curves(self.run_dir)
+        except Exception as e:  # a plotting problem must not end a long run
+            if not self._curves_warned:
+                self._curves_warned = True
+                self.message(f"warning: could not draw curves.png ({type(e).__name__}: {e})")
+
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
     def close(self) -> None:
+        if self.jsonl is not None and not self.jsonl.closed:
+            self.draw_curves()
         if self.bar is not None:
             self.bar.close()
         if self.tb is not None:

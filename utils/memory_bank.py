@@ -1,8 +1,9 @@
 """Class-wise memory bank of projected feature vectors (SPEC 5.2, section 8 "memory: which q vectors are kept").
 
-Per class c a store of at most `size` vectors, newest first: `memory[c, :counts[c]]`. Every update all classes
-are handled at once with sorts and gathers (no loop over classes, no host sync besides the padding size inside
-grouped_selector_scores).
+Per class c a store of at most `size` vectors, newest first: `memory[c, :counts[c]]`; the slots beyond counts[c]
+hold zeros. Every update handles all classes at once with sorts and gathers (no loop over classes; the selector
+scores come from utils.selectors, whose CPU choice loops over classes and whose GPU choice does not; no host sync on
+a GPU). `add_reference` is the same update written as the release's per-class loop (tests and benchmarks).
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class MemoryBank:
 
     @torch.no_grad()
     def add(self, features: torch.Tensor, labels: torch.Tensor, selectors: list[nn.Module], quota: int,
-            keep: str = "lowest") -> None:
+            keep: str = "lowest", selector_method: str = "auto") -> None:
         """Add features [N,D] of classes labels [N] (int64 in [0, C)).
 
         Per class with more than `quota` new vectors, only `quota` are kept, ranked by sigmoid(selector_c):
@@ -55,7 +56,7 @@ class MemoryBank:
         ascending score order; keep="highest" (fidelity "paper") the q highest in descending order. Classes with
         at most `quota` vectors keep all, in the given order. The new vectors go in front of the stored ones and
         the oldest beyond `size` fall out. Selectors in train mode update their BN running statistics, as the
-        release's selector call did.
+        release's selector call did. selector_method: see utils.selectors (the default picks per device).
         """
         if keep not in _KEEP:
             raise UserError(f"memory keep must be one of {_KEEP}, got {keep!r}")
@@ -74,9 +75,9 @@ class MemoryBank:
         x = features.detach().to(device=device, dtype=torch.float32)
         labels = labels.to(device=device, dtype=torch.int64)
 
-        n = class_counts(labels, C)                                 # [C] new vectors per class
+        n = class_counts(labels, C)                                                 # [C] new vectors per class
         active = n > quota                                                          # classes that get ranked
-        scores = torch.sigmoid(grouped_selector_scores(x, labels, selectors, active))  # [N]
+        scores = torch.sigmoid(grouped_selector_scores(x, labels, selectors, active, method=selector_method))
         ar = torch.arange(N, device=device)
         if keep == "highest":
             scores = -scores
@@ -86,17 +87,42 @@ class MemoryBank:
         order = by_key[torch.argsort(labels[by_key], stable=True)]                 # grouped by class, then key
         starts = torch.cumsum(n, 0) - n                                             # [C]
 
+        # Slot j of class c after the update: new vector j (j < k_c) or stored entry j - k_c. Stored entries
+        # beyond counts[c] are zeros, so slots past the new count come out zero without a mask.
         k = n.clamp(max=quota)                                                      # [C] vectors entering
         j = torch.arange(S, device=device)
-        from_new = j[None, :] < k[:, None]                                          # [C, S]
-        new_vals = x[order[(starts[:, None] + j[None, :]).clamp(max=N - 1)]]        # [C, S, D]
-        old_j = (j[None, :] - k[:, None]).clamp(min=0)                              # [C, S] stored entry shifted
-        old_vals = self.memory.gather(1, old_j[:, :, None].expand(C, S, D))         # [C, S, D]
-        new_counts = (self.counts + k).clamp(max=S)
-        memory = torch.where(from_new[:, :, None], new_vals, old_vals)
-        memory = memory * (j[None, :] < new_counts[:, None])[:, :, None]            # unused slots stay 0
-        self.memory.copy_(memory)
-        self.counts.copy_(new_counts)
+        old_j = (j[None, :] - k[:, None]).clamp(min=0)                              # [C, S]
+        flat = self.memory.view(C * S, D)
+        out = flat.index_select(0, (old_j + (torch.arange(C, device=device) * S)[:, None]).reshape(-1))
+        out = out.view(C, S, D)                                                     # stored entries, shifted
+        q = min(quota, S)                                # only the first q slots can take a new vector
+        jq = j[:q]
+        new = x.index_select(0, order[(starts[:, None] + jq[None, :]).clamp(max=N - 1)].reshape(-1)).view(C, q, D)
+        out[:, :q] = torch.where((jq[None, :] < k[:, None])[:, :, None], new, out[:, :q])
+        self.memory = out                                                           # a fresh tensor: no copy
+        self.counts = (self.counts + k).clamp(max=S)
+
+    @torch.no_grad()
+    def add_reference(self, features: torch.Tensor, labels: torch.Tensor, selectors: list[nn.Module], quota: int,
+                      keep: str = "lowest") -> None:
+        """The same update as `add`, one class at a time as the release wrote it (tests and benchmarks): per
+        class, its vectors; with more than `quota`, the selector's sigmoid scores, a stable sort (descending for
+        keep="highest") and the first `quota`; then the new vectors in front of the stored ones, cut at `size`."""
+        if keep not in _KEEP:
+            raise UserError(f"memory keep must be one of {_KEEP}, got {keep!r}")
+        x = features.detach().to(device=self.device, dtype=torch.float32)
+        labels = labels.to(device=self.device, dtype=torch.int64)
+        for c in range(self.num_classes):
+            x_c = x[labels == c]
+            if x_c.shape[0] == 0:
+                continue
+            if x_c.shape[0] > quota:
+                score = torch.sigmoid(selectors[c](x_c))[:, 0]
+                x_c = x_c[torch.argsort(score, descending=keep == "highest", stable=True)[:quota]]
+            stored = torch.cat([x_c, self.class_memory(c)])[: self.size]
+            self.memory[c].zero_()
+            self.memory[c, : stored.shape[0]] = stored
+            self.counts[c] = stored.shape[0]
 
     def class_memory(self, c: int) -> torch.Tensor:
         """The stored vectors of class c, newest first [counts[c], D] (host sync; tests and inspection)."""
@@ -130,3 +156,6 @@ class MemoryBank:
             raise UserError(f"checkpoint memory bank counts must lie in [0, {self.size}]")
         self.memory.copy_(memory.to(self.device, torch.float32))
         self.counts.copy_(counts)
+        # `add` relies on the slots beyond each count holding zeros
+        unused = torch.arange(self.size, device=self.device)[None, :] >= counts[:, None]      # [C, S]
+        self.memory.masked_fill_(unused[:, :, None], 0.0)

@@ -1,16 +1,28 @@
-"""Per-class selector MLPs evaluated for all classes at once (SPEC 5.2, 5.4).
+"""Per-class selector MLPs evaluated for the vectors of all classes (SPEC 5.2, 5.4).
 
-A selector is `nn.Sequential(Linear(D,H), BatchNorm1d(H), LeakyReLU(s), Linear(H,1))`, one per class. The
-release called `selector_c(x[labels == c])` in a Python loop over classes; here the C modules' parameters are
-stacked (so gradients still reach every module) and all classes run in one pass:
-- the first Linear is a batched matmul over blocks of ceil(N/C) vectors, each block of one class ([K, P0, D] with
-  K <= 2C blocks fixed from N and C): no padding to the largest class, and no host sync;
-- BatchNorm1d uses per-class batch statistics (segment sums over the valid vectors of each class) in train
-  mode, the running statistics in eval mode, and updates the running statistics exactly as
-  `nn.BatchNorm1d` in train mode would;
-- BatchNorm, LeakyReLU and the second Linear (a per-row dot product with the row's own class weights, the
-  same arithmetic as a bmm) run on the unpadded rows: only the first layer is padded, so memory stays at
-  O(C*P*(D+H) + N*H) instead of four or five padded [C, P, H] activations when one class dominates.
+A selector is `nn.Sequential(Linear(D,H), BatchNorm1d(H), LeakyReLU(s), Linear(H,1))`, one per class; vector n is
+scored by the selector of its own class groups[n], with BatchNorm statistics over the vectors of that class, as the
+release's `selector_c(x[labels == c])`. Two implementations of that one function, chosen by device
+(`method="auto"`); tests hold both equal to the plain loop `reference_selector_scores`:
+
+- "segments" (the CPU choice): one stable argsort groups the rows by class; each class's own module then runs on
+  its rows, exact rows only, with PyTorch's fused BatchNorm. Results are bit-identical to the per-class loop (same
+  rows, same order, same ops). The loop over classes reads the class sizes on the host: free on a CPU (there is no
+  device to wait for), a sync per call on a GPU, hence not used there.
+- "blocks" (CUDA and any other device): all classes at once, no host sync. The rows are gathered into
+  fixed-size blocks of one class each ([K, P, D], K and P fixed by N and C, so no sync; blocks are padded, not
+  classes, so at most C*P = N/4 padding rows); the C modules' parameters are stacked (gradients still reach
+  every module); the first Linear is one bmm without bias; BatchNorm is fused per class: per-class sums with a
+  masked bmm and index_add_ over blocks, one subtraction of each block's [H] shift (the batch or running mean,
+  the first Linear's bias folded in) and one multiply-add with its scale and beta; LeakyReLU; the second Linear
+  is one more bmm. Every tensor stays in the block layout (per-block parameters broadcast, no per-row gathers);
+  the rows' scores are read back with one gather of N scalars. BatchNorm running statistics are updated exactly
+  as nn.BatchNorm1d does, all classes at once.
+
+Why two: on one CPU thread at the paper's sizes (21,125 or 38,025 vectors, 19 classes, D = H = 256) the blocks
+path pays for padding, the weight gather per block and several [rows, 256] temporaries (each a fresh page-faulted
+allocation at these sizes), and measured 2-4x slower than the per-class segments; the figures are in the README
+("Speed"). On a GPU the segments' host sync and 19 small kernels per layer are what to avoid.
 """
 from __future__ import annotations
 
@@ -20,7 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["class_counts", "grouped_selector_scores", "padded_selector_scores", "reference_selector_scores"]
+__all__ = ["METHODS", "class_counts", "grouped_selector_scores", "padded_selector_scores",
+           "reference_selector_scores", "selector_method"]
+
+METHODS = ("auto", "segments", "blocks")
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -29,6 +44,64 @@ def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
         0, labels, torch.ones_like(labels, dtype=torch.long))
 
 
+def selector_method(method: str, device: torch.device) -> str:
+    """"auto" -> "segments" on CPU, "blocks" elsewhere; an explicit choice is returned as is."""
+    if method not in METHODS:
+        raise ValueError(f"selector method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        return "segments" if device.type == "cpu" else "blocks"
+    return method
+
+
+def _check_selector(module: nn.Module, c: int) -> tuple[nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, nn.Linear]:
+    layers = list(module.children()) if isinstance(module, nn.Sequential) else []
+    ok = (len(layers) == 4 and isinstance(layers[0], nn.Linear) and isinstance(layers[1], nn.BatchNorm1d)
+          and isinstance(layers[2], nn.LeakyReLU) and isinstance(layers[3], nn.Linear)
+          and layers[3].out_features == 1)
+    if not ok:
+        raise TypeError(f"selector {c} must be nn.Sequential(Linear(D,H), BatchNorm1d(H), LeakyReLU, Linear(H,1)), "
+                        f"got {module!r}")
+    return layers[0], layers[1], layers[2], layers[3]
+
+
+# ------------------------------------------------------------------------------------------ segments (CPU)
+def _run_selector(module: nn.Module, x_c: torch.Tensor, c: int) -> torch.Tensor:
+    """module(x_c)[:, 0], layer by layer with the LeakyReLU in place (the same values and gradients, one
+    [n, H] temporary fewer). A single vector with batch statistics normalises to 0 (nn.BatchNorm1d would
+    raise) and leaves the running statistics alone, as in the blocks path."""
+    lin1, bn, act, lin2 = _check_selector(module, c)
+    h = lin1(x_c)
+    if x_c.shape[0] == 1 and (bn.training or bn.running_mean is None):
+        z = h - h                                          # zeros, with a (zero) gradient path to lin1
+        if bn.weight is not None:
+            z = z * bn.weight + bn.bias
+    else:
+        z = bn(h)
+    # in place is exact for slope > 0 (autograd then keys the backward on the output's sign, the input's sign)
+    a = F.leaky_relu(z, act.negative_slope, inplace=act.negative_slope > 0 or not torch.is_grad_enabled())
+    return lin2(a)[:, 0]
+
+
+def _segment_scores(x: torch.Tensor, groups: torch.Tensor, selectors: list[nn.Module],
+                    class_use: torch.Tensor) -> torch.Tensor:
+    """Per-class loop over the rows grouped by class (reads the class sizes on the host)."""
+    C, N = len(selectors), x.shape[0]
+    sizes = class_counts(groups, C).tolist()
+    use = class_use.tolist()
+    order = torch.argsort(groups, stable=True)
+    rows, scores, start = [], [], 0
+    for c, n in enumerate(sizes):
+        if n and use[c]:
+            idx = order[start:start + n]
+            rows.append(idx)
+            scores.append(_run_selector(selectors[c], x.index_select(0, idx), c))
+        start += n
+    if not rows:
+        return x.new_zeros(N)
+    return x.new_zeros(N).index_copy(0, torch.cat(rows), torch.cat(scores))
+
+
+# --------------------------------------------------------------------------------------- blocks (any device)
 @dataclass
 class _Stacked:
     """The C selectors' parameters and buffers stacked along a leading class axis."""
@@ -43,17 +116,6 @@ class _Stacked:
     batch_stats: bool | torch.Tensor  # BN normalises with batch statistics (train mode, or no running stats)
     update: bool | torch.Tensor       # BN updates its running statistics (train mode with running stats)
     bns: list[nn.BatchNorm1d]
-
-
-def _check_selector(module: nn.Module, c: int) -> tuple[nn.Linear, nn.BatchNorm1d, nn.LeakyReLU, nn.Linear]:
-    layers = list(module.children()) if isinstance(module, nn.Sequential) else []
-    ok = (len(layers) == 4 and isinstance(layers[0], nn.Linear) and isinstance(layers[1], nn.BatchNorm1d)
-          and isinstance(layers[2], nn.LeakyReLU) and isinstance(layers[3], nn.Linear)
-          and layers[3].out_features == 1)
-    if not ok:
-        raise TypeError(f"selector {c} must be nn.Sequential(Linear(D,H), BatchNorm1d(H), LeakyReLU, Linear(H,1)), "
-                        f"got {module!r}")
-    return layers[0], layers[1], layers[2], layers[3]
 
 
 def _per_class(values: list, like: torch.Tensor, dtype: torch.dtype):
@@ -129,110 +191,135 @@ def _update_running_stats(p: _Stacked, update: torch.Tensor, mean: torch.Tensor,
         torch._foreach_copy_([p.bns[c].num_batches_tracked for c in tracked], [nbt_new[c] for c in tracked])
 
 
-def _selector_rows(x_pad: torch.Tensor, row_class: torch.Tensor, row_slot: torch.Tensor, row_use: torch.Tensor,
-                   class_use: torch.Tensor, selectors: list[nn.Module], block_class=None, row_block=None) -> torch.Tensor:
-    """Core: x_pad [C,P,D] vectors padded per class; row r is x_pad[row_class[r], row_slot[r]] and counts when
-    row_use[r]. Returns the pre-sigmoid score per row [R] (0 for unused rows); BN statistics over used rows."""
+def _block_scores(xb: torch.Tensor, valid: torch.Tensor, block_class: torch.Tensor | None,
+                  selectors: list[nn.Module], class_use: torch.Tensor) -> torch.Tensor:
+    """Core of the blocks path: xb [K,P,D] rows in blocks of one class each (block k of class block_class[k];
+    None: block k is class k), valid [K,P] the rows that count. Returns pre-sigmoid scores [K,P] (garbage where
+    not valid); BatchNorm statistics per class over the valid rows of its blocks; running statistics updated."""
     C = len(selectors)
-    p = _stack(selectors, x_pad)
-    if block_class is None:
-        h_pad = torch.baddbmm(p.b1.unsqueeze(1), x_pad, p.w1.transpose(1, 2))          # [C, P, H]
-        h = h_pad[row_class, row_slot]                                                  # [R, H]
-    else:
-        h_pad = torch.baddbmm(p.b1[block_class].unsqueeze(1), x_pad, p.w1[block_class].transpose(1, 2))  # [K, P0, H]
-        h = h_pad[row_block, row_slot]
-    H = h.shape[1]
-    m = row_use.to(h.dtype)                                                         # [R]
-    n = torch.zeros(C, device=h.device, dtype=h.dtype).index_add(0, row_class, m)  # [C] vectors per class
+    p = _stack(selectors, xb)
+    bc = block_class if block_class is not None else torch.arange(C, device=xb.device)
+    w1 = p.w1 if block_class is None else p.w1.index_select(0, bc)                # [K, H, D]
+    h = torch.bmm(xb, w1.transpose(1, 2))                                           # [K, P, H] = x W1ᵀ (no bias)
+    H = h.shape[2]
+    m = valid.to(h.dtype).unsqueeze(1)                                              # [K, 1, P]
+    zeros = h.new_zeros(C, H)
+
+    def per_class(t: torch.Tensor) -> torch.Tensor:                                 # [K, H] -> [C, H]
+        return t if block_class is None else zeros.index_add(0, bc, t)
+
+    n = h.new_zeros(C).index_add(0, bc, valid.sum(1).to(h.dtype))                   # [C] rows per class
     n_safe = n.clamp(min=1)[:, None]
-    zeros = torch.zeros(C, H, device=h.device, dtype=h.dtype)
-    mean = zeros.index_add(0, row_class, h * m[:, None]) / n_safe                   # [C, H]
-    centred = h - mean[row_class]
-    var = zeros.index_add(0, row_class, centred.square() * m[:, None]) / n_safe     # [C, H] biased
-    if p.batch_stats is not True:  # some class in eval mode: its running statistics
+    mean0 = per_class(torch.bmm(m, h)[:, 0]) / n_safe                               # [C, H] batch mean of x W1ᵀ
+    # BatchNorm input x W1ᵀ + b1, centred on mu: train mode mu = its batch mean, where b1 cancels ((b1 - b1) only
+    # keeps the bias's zero gradient, as the loop's autograd gives it one); eval mode mu = the running mean.
+    shift = mean0 + (p.b1 - p.b1)                                                   # [C, H]
+    if p.batch_stats is not True:
         rm = torch.stack([bn.running_mean if bn.running_mean is not None else zeros[0] for bn in p.bns])
-        rv = torch.stack([bn.running_var if bn.running_var is not None else zeros[0] for bn in p.bns])
-        if p.batch_stats is False:
-            mu, sigma2 = rm.to(h.dtype), rv.to(h.dtype)
-        else:
-            mu = torch.where(p.batch_stats[:, None], mean, rm.to(h.dtype))
-            sigma2 = torch.where(p.batch_stats[:, None], var, rv.to(h.dtype))
-        centred = h - mu[row_class]
-    else:
+        eval_shift = rm.to(h.dtype) - p.b1
+        shift = eval_shift if p.batch_stats is False else torch.where(p.batch_stats[:, None], shift, eval_shift)
+    centred = h - shift.index_select(0, bc).unsqueeze(1)                            # [K, P, H]
+    var = per_class(torch.bmm(m, centred.square())[:, 0]) / n_safe                  # [C, H] biased batch variance
+    if p.batch_stats is True:
         sigma2 = var
+    else:
+        rv = torch.stack([bn.running_var if bn.running_var is not None else zeros[0] for bn in p.bns])
+        sigma2 = rv.to(h.dtype) if p.batch_stats is False else torch.where(p.batch_stats[:, None], var,
+                                                                           rv.to(h.dtype))
     scale = torch.rsqrt(sigma2 + _col(p.eps)) * p.gamma                             # [C, H]
-    z = centred * scale[row_class] + p.beta[row_class]                             # [R, H]
+    z = torch.addcmul(p.beta.index_select(0, bc).unsqueeze(1), centred, scale.index_select(0, bc).unsqueeze(1))
     if isinstance(p.slope, float):
         a = F.leaky_relu(z, p.slope)
     else:
-        a = torch.where(z >= 0, z, z * p.slope[row_class][:, None])
-    s = (a * p.w2[row_class]).sum(1) + p.b2[row_class]                             # [R]
-    # running stats: active classes with more than one vector whose BN is in train mode
-    if p.update is not False:
+        a = torch.where(z >= 0, z, z * p.slope.index_select(0, bc)[:, None, None])
+    s = torch.baddbmm(p.b2.index_select(0, bc)[:, None, None], a, p.w2.index_select(0, bc).unsqueeze(2))  # [K,P,1]
+    if p.update is not False:  # active classes with more than one vector whose BN is in train mode
         update = class_use & (n > 1)
         if isinstance(p.update, torch.Tensor):
             update = update & p.update
-        _update_running_stats(p, update, mean.detach(), var.detach(), n)
-    return torch.where(row_use, s, torch.zeros_like(s))
+        _update_running_stats(p, update, (mean0 + p.b1).detach(), var.detach(), n)
+    return s[:, :, 0]
 
 
+def _grouped_blocks(x: torch.Tensor, groups: torch.Tensor, selectors: list[nn.Module],
+                    class_use: torch.Tensor) -> torch.Tensor:
+    """Rows -> fixed-size blocks of one class each -> _block_scores -> rows; no host sync."""
+    C = len(selectors)
+    N = x.shape[0]
+    device = x.device
+    counts = class_counts(groups, C)                                                # [C]
+    used = counts * class_use                                                       # rows that get a score
+    # Block size ceil(N / 4C), known on the host: at most C*P = N/4 padding rows, K <= 5C blocks. Blocks of
+    # ceil(N / C) rows (K <= 2C) pad up to N rows; on one CPU thread they measured 1.5-1.7x slower, and they move
+    # more memory (activations ~2NH per temporary against a weight gather of K*H*D ~ 5CHD with the smaller ones).
+    P = -(-N // (4 * C))
+    K = C + -(-N // P)                  # static bound on the number of blocks: sum_c ceil(used_c / P)
+    blocks = (used + P - 1) // P                                                    # [C] blocks per class
+    block_end = torch.cumsum(blocks, 0)
+    block_start = block_end - blocks
+    order = torch.argsort(groups, stable=True)                                      # rows grouped by class
+    starts = torch.cumsum(counts, 0) - counts                                       # [C] first sorted row
+    kk = torch.arange(K, device=device)
+    block_class = torch.searchsorted(block_end, kk, right=True).clamp(max=C - 1)    # [K] (spare blocks: C-1)
+    first = (kk - block_start[block_class])[:, None] * P + torch.arange(P, device=device)  # [K, P] row in class
+    valid = (first < used[block_class][:, None]) & (kk < block_end[-1])[:, None]
+    src = order[(starts[block_class][:, None] + first).clamp(max=N - 1)]            # [K, P] (padding: any row)
+    xb = x.index_select(0, src.reshape(-1)).view(K, P, x.shape[1])
+    s = _block_scores(xb, valid, block_class, selectors, class_use)                 # [K, P]
+    # row r sits in block block_start[c] + pos // P at slot pos % P, pos = its index within its class
+    pos = torch.empty_like(groups)
+    pos[order] = torch.arange(N, device=device) - starts[groups[order]]
+    flat = ((block_start[groups] + pos // P) * P + pos % P).clamp(max=K * P - 1)
+    out = s.reshape(-1).index_select(0, flat)
+    return torch.where(class_use[groups], out, torch.zeros_like(out))
+
+
+# ------------------------------------------------------------------------------------------------- public
 def grouped_selector_scores(x: torch.Tensor, groups: torch.Tensor, selectors: list[nn.Module],
-                            active: torch.Tensor | None = None) -> torch.Tensor:
+                            active: torch.Tensor | None = None, method: str = "auto") -> torch.Tensor:
     """Pre-sigmoid score of each vector x[n] [N,D] by its own class's selector selectors[groups[n]].
 
-    All classes in one pass (stacked weights, bmm over fixed-size class blocks, segment reductions; no host sync); differentiable w.r.t. x and
-    every selector's parameters. BatchNorm uses per-class batch statistics (train mode) or running statistics
-    (eval mode) and, in train mode, updates the running statistics of each active class with more than one
-    vector as nn.BatchNorm1d would. Vectors of inactive classes (active[c] False) score 0 and do not enter any
-    statistics. A train-mode class with a single vector normalises to 0 (nn.BatchNorm1d would raise instead).
-    groups: [N] int64 in [0, C); active: [C] bool or None (all active). Returns [N].
+    Differentiable w.r.t. x and every selector's parameters. BatchNorm uses per-class batch statistics (train
+    mode) or running statistics (eval mode) and, in train mode, updates the running statistics of each active
+    class with more than one vector as nn.BatchNorm1d would. Vectors of inactive classes (active[c] False) score
+    0 and do not enter any statistics. A train-mode class with a single vector normalises to 0 (nn.BatchNorm1d
+    would raise instead). groups: [N] int64 in [0, C); active: [C] bool or None (all active); method: "auto"
+    (segments on CPU, blocks elsewhere), "segments" or "blocks" (see the module docstring). Returns [N].
     """
     C = len(selectors)
-    N, D = x.shape
+    N = x.shape[0]
+    method = selector_method(method, x.device)
+    for c, s in enumerate(selectors):
+        _check_selector(s, c)
     if N == 0:
         return x.new_zeros(0)
-    device = x.device
-    class_use = (torch.ones(C, dtype=torch.bool, device=device) if active is None
-                 else active.to(device=device, dtype=torch.bool))
-    counts = class_counts(groups, C)                                                # [C]
-    used = counts * class_use
-    P0 = -(-N // C)                                     # block size: ceil(N / C), known on the host
-    K = C + -(-N // P0)                                 # static bound on the number of blocks: sum ceil(n_c/P0)
-    blocks = (used + P0 - 1) // P0                                                   # [C] blocks per class
-    block_start = torch.cumsum(blocks, 0) - blocks                                  # [C]
-    order = torch.argsort(groups, stable=True)
-    starts = torch.cumsum(counts, 0) - counts
-    ar = torch.arange(N, device=device)
-    pos = torch.empty_like(groups)
-    pos[order] = ar - starts[groups[order]]                                         # index within own class
-    row_block = (block_start[groups] + pos // P0).clamp(max=K - 1)
-    row_slot = pos % P0
-    # block k -> its class (blocks beyond the used ones: class 0, all padding)
-    kk = torch.arange(K, device=device)
-    block_class = (torch.searchsorted(torch.cumsum(blocks, 0), kk, right=True)).clamp(max=C - 1)
-    within = kk - block_start[block_class]                                          # block index within class
-    slot = torch.arange(P0, device=device)
-    first = within[:, None] * P0 + slot[None, :]                                   # [K, P0] position in class
-    valid = (first < used[block_class][:, None]) & (kk[:, None] < blocks.sum())
-    src = order[(starts[block_class][:, None] + first).clamp(max=N - 1)]
-    src = torch.where(valid, src, torch.full_like(src, N))
-    x_pad = torch.cat([x, x.new_zeros(1, D)])[src]                                  # [K, P0, D]
-    row_use = class_use[groups]
-    return _selector_rows(x_pad, groups, row_slot, row_use, class_use, selectors, block_class, row_block)
+    class_use = (torch.ones(C, dtype=torch.bool, device=x.device) if active is None
+                 else active.to(device=x.device, dtype=torch.bool))
+    if method == "segments":
+        return _segment_scores(x, groups, selectors, class_use)
+    return _grouped_blocks(x, groups, selectors, class_use)
 
 
-def padded_selector_scores(x_pad: torch.Tensor, valid: torch.Tensor, selectors: list[nn.Module]) -> torch.Tensor:
+def padded_selector_scores(x_pad: torch.Tensor, valid: torch.Tensor, selectors: list[nn.Module],
+                           method: str = "auto") -> torch.Tensor:
     """Same as grouped_selector_scores for vectors already stored per class: x_pad [C,P,D], valid [C,P] bool
-    (entries of class c that count). No host sync. Returns pre-sigmoid scores [C,P] (0 where not valid)."""
-    C, P, _ = x_pad.shape
+    (entries of class c that count). Returns pre-sigmoid scores [C,P] (0 where not valid)."""
+    C, P, D = x_pad.shape
+    method = selector_method(method, x_pad.device)
     if P == 0:
         return x_pad.new_zeros(C, P)
-    device = x_pad.device
-    row_class = torch.arange(C, device=device).repeat_interleave(P)
-    row_slot = torch.arange(P, device=device).repeat(C)
-    row_use = valid.reshape(-1)
-    class_use = valid.any(1)
-    return _selector_rows(x_pad, row_class, row_slot, row_use, class_use, selectors).view(C, P)
+    if method == "segments":   # the valid entries as rows of their class (nonzero: free on CPU, a sync on GPU)
+        rows = valid.reshape(-1).nonzero()[:, 0]
+        scores = x_pad.new_zeros(C * P)
+        if rows.numel():
+            s = _segment_scores(x_pad.reshape(C * P, D).index_select(0, rows), rows // P, selectors,
+                                torch.ones(C, dtype=torch.bool, device=x_pad.device))
+            scores = scores.index_copy(0, rows, s)
+        return scores.view(C, P)
+    for c, s in enumerate(selectors):
+        _check_selector(s, c)
+    s = _block_scores(x_pad, valid, None, selectors, valid.any(1))
+    return torch.where(valid, s, torch.zeros_like(s))
 
 
 def reference_selector_scores(x: torch.Tensor, groups: torch.Tensor, selectors: list[nn.Module],

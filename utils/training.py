@@ -23,6 +23,7 @@ from data.sampler import InfiniteBatches
 from model import build_model
 from model.checkpoint_io import load_state_strict
 from model.pretrained import default_weights
+from model.weights_download import cache_status
 from utils import distributed as dist
 from utils.augmentations import normalize
 from utils.checkpoint import load_checkpoint, model_state_from, save_atomic
@@ -323,11 +324,10 @@ class Run:
                                             self.student.depth)
             except UserError as e:
                 return f"unavailable: {e}"
-        else:
-            path, url = source, None
-        if os.path.isfile(path):
-            return f"{path} (found; not loaded in a dry run)"
-        return f"{path} MISSING" + (f" — download {url} to that path before training" if url else "")
+            return cache_status(path, url)
+        if os.path.isfile(source):
+            return f"{source} (found; not loaded in a dry run)"
+        return f"{source} MISSING (backbone.pretrained: give an existing file, \"default\" or \"none\")"
 
     # --------------------------------------------------------------------------------------- per iteration
     def iterations(self) -> range:
@@ -438,6 +438,7 @@ class Run:
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val", val=None) -> dict:
         """Evaluate on `val` (default: the periodic validation set) and log the result."""
+        self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
         shown: list[torch.Tensor] = []
@@ -464,6 +465,7 @@ class Run:
                                           d.palette, self.ignore_label, d.channel_order)
                 self.logger.images(i, f"unlabeled_images/{k}", picture.unsqueeze(0))
         self.logger.message(f"[{tag}] iteration {i}: mIoU {100 * result['miou']:.2f}  loss {result['loss']:.4f}")
+        self.logger.evaluation_finished()  # ETA without evaluation time; curves.png redrawn
         return result
 
     def _model_for_saving(self, kind: str) -> torch.nn.Module:

@@ -1,15 +1,17 @@
 """Pictures of what the model sees and predicts: colour-coded label maps, overlays and side-by-side panels.
 
 Used for TensorBoard images during training (validation image | ground truth | prediction; unlabeled image |
-pseudo-label | the mixed strong views) and by `evaluateSSL.py --save-output-images`. Everything is uint8
-[3,H,W] RGB on the CPU; callers move the few tensors they show off the device at evaluation time only.
+pseudo-label | the mixed strong views), by `evaluateSSL.py --save-output-images` and by predict.py. Everything is
+uint8 [3,H,W] RGB on the CPU; callers move the few tensors they show off the device at evaluation time only.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 IGNORE_COLOUR = (255, 255, 255)  # ignore label and label values outside the palette are drawn white
 GAP = 2                          # pixels between the tiles of a panel (drawn black)
@@ -88,3 +90,20 @@ def unlabeled_panel(image: torch.Tensor, pseudo: torch.Tensor, views: Sequence[t
     rows += [[to_rgb_uint8(view, channel_order), colorize_labels(view_labels, palette, ignore_label)]
              for view, view_labels in views]
     return panel(rows)
+
+
+def palette_png(classes: np.ndarray, palette: Sequence[Sequence[int]]) -> Image.Image:
+    """Class map [H,W] (values 0..255) -> palette ("P") image: viewers show the palette's colours, and the pixel
+    values read back (Pillow, numpy) are the class indices."""
+    img = Image.fromarray(np.asarray(classes, dtype=np.uint8))  # mode L; putpalette makes it P with the same values
+    flat = [v for rgb in palette for v in list(rgb)[:3]][:768]
+    img.putpalette(flat + [0] * (768 - len(flat)))
+    return img
+
+
+def save_overlay(path: str, image: torch.Tensor, classes: torch.Tensor, palette: Sequence[Sequence[int]],
+                 channel_order: str = "RGB") -> None:
+    """JPEG of the prediction's colours blended over the image (float [3,h,w] 0..255 in `channel_order`, resized to
+    the prediction's [H,W]), at full-resolution colour so that class edges stay sharp."""
+    blend = overlay(to_rgb_uint8(image, channel_order), colorize_labels(classes, palette))
+    Image.fromarray(blend.permute(1, 2, 0).numpy()).save(path, quality=90, subsampling=0)
