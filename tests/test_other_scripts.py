@@ -131,8 +131,8 @@ class Spy:
             run.iterations = lambda: range(run.start_iteration, min(run.num_iterations, self.stop))
         evaluate = run.evaluate
 
-        def evaluate_(model, i, tag="val", val=None):
-            result = evaluate(model, i, tag, val=val)
+        def evaluate_(model, i, tag="val"):
+            result = evaluate(model, i, tag)
             if tag == "val" and self.i != "after" and i in self.scripted_miou:
                 result = {**result, "miou": self.scripted_miou[i]}
             return result

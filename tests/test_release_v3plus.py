@@ -337,9 +337,10 @@ def test_domain_adaptation_v3_is_resnet101_at_half_size(city_gta5, tmp_path, cap
     img, _, _ = run.data.train[(0, 123)]
     assert torch.equal(img, torch.from_numpy(half).permute(2, 0, 1))
     # periodic evaluation: half-size image, full-size label; the final evaluations: full size
+    assert run.val_set is run.data.val
     val_img, val_lbl, _ = run.data.val[0]
     assert tuple(val_img.shape) == (3, 32, 48) and tuple(val_lbl.shape) == (64, 96)
-    final_img, final_lbl, _ = run.final_val[0]
+    final_img, final_lbl, _ = run.final_val_set[0]
     assert tuple(final_img.shape) == (3, 64, 96) and tuple(final_lbl.shape) == (64, 96)
 
 
@@ -352,7 +353,7 @@ def test_trainssl_v3_stays_resnet50_at_full_size(city_gta5, tmp_path, capsys):
     assert tuple(img.shape) == (3, 32, 48)
     crops = [full[y:y + 32, x:x + 48] for y in range(33) for x in range(49)]  # a crop of the full-size image
     assert any(np.array_equal(img.permute(1, 2, 0).numpy(), c) for c in crops)
-    assert tuple(run.data.val[0][0].shape) == (3, 64, 96) and run.final_val is run.data.val
+    assert tuple(run.data.val[0][0].shape) == (3, 64, 96) and run.final_val_set is run.data.val
 
 
 def test_backbone_depth_read_from_released_weights():

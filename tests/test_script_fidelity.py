@@ -117,8 +117,8 @@ def test_class_weights_after_ramp_up_unless_ungated(labeler_run, monkeypatch):
 def fake_evaluation(run, mious):
     """Replace the evaluation by scripted mIoUs (in call order)."""
     results = iter(mious)
-    run.evaluate = lambda model, i, tag="val", val=None: {"miou": next(results), "loss": 0.0,
-                                                          "iou": [0.0] * run.num_classes}
+    run.evaluate = lambda model, i, tag="val": {"miou": next(results), "loss": 0.0,
+                                                "iou": [0.0] * run.num_classes}
 
 
 # (variant, save_teacher_test) -> the network in: periodic checkpoint, best model during the loop, final

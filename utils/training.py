@@ -129,7 +129,9 @@ class Run:
         # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
         self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
         self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
-        self.final_val = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
+        # the set evaluations use: the periodic one now, the final one in finish()
+        self.val_set = self.data.val
+        self.final_val_set = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
         self.num_classes = self.data.num_classes
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
@@ -436,8 +438,8 @@ class Run:
         self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)
 
     # ------------------------------------------------------------------------------ evaluation, checkpoints
-    def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val", val=None) -> dict:
-        """Evaluate on `val` (default: the periodic validation set) and log the result."""
+    def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
+        """Evaluate on `self.val_set` (the final validation set once finish() has begun) and log the result."""
         self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
@@ -447,8 +449,7 @@ class Run:
             if len(shown) < n_images:
                 shown.append(validation_panel(image, label, pred, d.palette, self.ignore_label, d.channel_order))
 
-        val = d.val if val is None else val
-        result = evaluate(model, val, num_classes=self.num_classes, ignore_label=self.ignore_label,
+        result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
                           autocast=self.autocast, on_prediction=keep_image if n_images else None)
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
@@ -489,10 +490,9 @@ class Run:
             if name.startswith("checkpoint-iter") and name.endswith(".pth") and name != os.path.basename(path):
                 os.remove(os.path.join(self.run_dir, name))
 
-    def evaluate_and_keep_best(self, i: int, final: bool = False, val=None) -> dict:
-        """Evaluate the student on `val` (default: the periodic validation set); a new best is saved as
-        best_model.pth (after the loop, `final`: the student)."""
-        result = self.evaluate(self.student_module, i, val=val)
+    def evaluate_and_keep_best(self, i: int, final: bool = False) -> dict:
+        """Evaluate the student; a new best is saved as best_model.pth (after the loop, `final`: the student)."""
+        result = self.evaluate(self.student_module, i)
         if result["miou"] > self.best_miou:
             self.best_miou, self.best_result = result["miou"], result
             self.since_best = 0
@@ -608,13 +608,14 @@ class Run:
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
-        result = self.evaluate_and_keep_best(N, final=True, val=self.final_val)
+        self.val_set = self.final_val_set  # as released: final evaluations by version (v3: full size)
+        result = self.evaluate_and_keep_best(N, final=True)
         if dist.is_main():
             save_atomic(self._checkpoint(N, "final", miou=result["miou"]),
                         os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
             self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
-            refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh", val=self.final_val)
+            refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
             if refreshed["miou"] > self.best_miou:
                 self.best_miou, self.best_result = refreshed["miou"], refreshed
                 if dist.is_main() and self.cfg["utils"]["save_best_model"]:
