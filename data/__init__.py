@@ -102,9 +102,12 @@ def default_root(dataset: str) -> str:
     return DEFAULT_ROOTS[dataset]
 
 
-def build_data(cfg: dict, data_root: str | None = None, split: bool = True) -> DataBundle:
+def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
+               cityscapes_half_size: bool = False) -> DataBundle:
     """Datasets, split and constants for the resolved config `cfg`; `data_root` overrides training.data.root.
-    split=False (evaluation) skips the labeled/unlabeled split, which evaluation does not need."""
+    split=False (evaluation) skips the labeled/unlabeled split, which evaluation does not need.
+    cityscapes_half_size: Cityscapes crops and validation images from half-size images (the v2 rule) whatever
+    the version (the domain-adaptation script); otherwise by version."""
     info = dataset_info(cfg)
     name, order, ignore = info.name, info.channel_order, info.ignore_label
     d = cfg["training"]["data"]
@@ -112,8 +115,9 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True) -> D
     if name in ("cityscapes", "pascal_voc"):
         root = data_root or d.get("root") or default_root(name)
         if name == "cityscapes":
-            train = CityscapesDataset(root, "train", cfg["version"], crop, order, ignore)
-            val = CityscapesDataset(root, "val", cfg["version"], None, order, ignore)
+            resolution = "2" if cityscapes_half_size else cfg["version"]  # the version whose resize rule applies
+            train = CityscapesDataset(root, "train", resolution, crop, order, ignore)
+            val = CityscapesDataset(root, "val", resolution, None, order, ignore)
         else:
             train = VOCDataset(root, "train", crop, order, ignore)
             val = VOCDataset(root, "val", None, order, ignore)

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from model.resnet import LAYERS
 from utils.errors import UserError
 
 SHOWN = 10
@@ -19,6 +20,23 @@ def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def _listing(title: str, names: list[str]) -> str:
     more = f" ... (+{len(names) - SHOWN} more)" if len(names) > SHOWN else ""
     return f"\n  {title} ({len(names)}): " + ", ".join(names[:SHOWN]) + more
+
+
+def backbone_depth_of(state_dict: Mapping[str, torch.Tensor]) -> int | None:
+    """The ResNet depth (18/34/50/101) whose blocks a state dict holds, from its layer1..layer4 block counts and
+    block kind (bottleneck: `layer1.0.conv3`); None when it matches none. Lets evaluation load a checkpoint whose
+    config leaves backbone.depth null although the script chose the depth (the release's domain-adaptation
+    script trained DeepLabv3+ on ResNet-101, trainSSL.py on ResNet-50, both with the same config)."""
+    state = strip_module_prefix(state_dict)
+    blocks = []
+    for layer in range(1, 5):
+        prefix = f"layer{layer}."
+        blocks.append(len({k.split(".")[1] for k in state if k.startswith(prefix)}))
+    bottleneck = "layer1.0.conv3.weight" in state
+    for depth, counts in LAYERS.items():
+        if tuple(blocks) == counts and bottleneck == (depth >= 50):
+            return depth
+    return None
 
 
 def load_state_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -1,9 +1,10 @@
 """DeepLabv3+ (SPEC 3): torchvision-style ResNet at output stride 16, ASPP and a decoder at stride 4.
 
-Submodule names follow the common pytorch-deeplab-xception layout: `aspp.aspp1..aspp4.{atrous_conv,bn}`,
+Submodule names are the released model's (model/deeplabv3.py of the release): `aspp.aspp1..aspp4.{atrous_conv,bn}`,
 `aspp.global_avg_pool.{1,2}`, `aspp.conv1`, `aspp.bn1`, `decoder.conv1`, `decoder.bn1`,
-`decoder.last_conv.{0..8}`. The contrastive features are the decoder's 256-channel maps before the last
-dropout and 1x1 classifier; logits and features are both at stride 4.
+`decoder.pre_last_conv.{0,1,3,4}`, `decoder.last_conv` (the only conv with a bias). The contrastive features are
+the decoder's 256-channel maps before the last dropout and 1x1 classifier; logits and features are both at
+stride 4.
 """
 from __future__ import annotations
 
@@ -59,45 +60,42 @@ class ASPP(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Low-level features -> 48 (1x1, BN, ReLU); concat with the upsampled ASPP output (304 ch) ->
-    last_conv: [0] 3x3 conv 256, [1] BN, [2] ReLU, [3] dropout 0.5, [4] 3x3 conv 256, [5] BN, [6] ReLU
-    (-> features), [7] dropout 0.1, [8] 1x1 conv to C (bias)."""
+    """Low-level features -> 48 (`conv1` 1x1, `bn1`, ReLU); concat with the upsampled ASPP output (304 ch) ->
+    `pre_last_conv`: [0] 3x3 conv 304->256, [1] BN, [2] ReLU, [3] 3x3 conv 256->256, [4] BN, [5] ReLU (no dropout
+    inside; its output is the contrastive features) -> `last_dropout` Dropout(0.1) -> `last_conv` 1x1 conv to C
+    with bias. Names and layout are the released decoder's, so its checkpoints load strictly."""
 
     def __init__(self, low_level_channels: int, num_classes: int, aspp_channels: int = 256):
         super().__init__()
         self.conv1 = nn.Conv2d(low_level_channels, 48, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(48)
         self.relu = nn.ReLU(inplace=True)
-        self.last_conv = nn.Sequential(
+        self.pre_last_conv = nn.Sequential(
             nn.Conv2d(aspp_channels + 48, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Dropout(0.5),
-            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True),
-            nn.Dropout(0.1),
-            nn.Conv2d(256, num_classes, 1))
+            nn.Conv2d(256, 256, 3, padding=1, bias=False), nn.BatchNorm2d(256), nn.ReLU(inplace=True))
+        self.last_dropout = nn.Dropout(0.1)
+        self.last_conv = nn.Conv2d(256, num_classes, 1)
 
     def features(self, x: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
         """ASPP output [B,256,h16,w16] + low-level [B,L,h4,w4] -> features [B,256,h4,w4]."""
         low_level = self.relu(self.bn1(self.conv1(low_level)))
         x = F.interpolate(x, size=low_level.shape[-2:], mode="bilinear", align_corners=True)
-        return self.last_conv[:7](torch.cat((x, low_level), dim=1))
+        return self.pre_last_conv(torch.cat((x, low_level), dim=1))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """features [B,256,h4,w4] -> logits [B,C,h4,w4]."""
-        return self.last_conv[7:](features)
+        return self.last_conv(self.last_dropout(features))
 
 
 class DeepLabV3Plus(SegmentationModel):
-    """DeepLabv3+ on a torchvision-style ResNet (default depth 50) at output stride 16.
-
-    Layer4 is dilated (2) the torchvision way (`replace_stride_with_dilation`): its first block keeps
-    dilation 1.
+    """DeepLabv3+ on a torchvision-style ResNet (default depth 50; the domain-adaptation script uses 101) at
+    output stride 16: layer4 has stride 1 and dilation 2 in every block, the first included, as released.
     """
 
     decoder_modules = ("aspp", "decoder")
 
     def __init__(self, num_classes: int, depth: int = 50):
-        backbone = ResNetBackbone(depth, "torchvision", dilate_layer3=1, dilate_layer4=2,
-                                  first_block_previous_dilation=True)
+        backbone = ResNetBackbone(depth, "torchvision", dilate_layer3=1, dilate_layer4=2)
         super().__init__(backbone, num_classes, feature_channels=256, output_stride=4)
         self.aspp = ASPP(backbone.out_channels)
         self.decoder = Decoder(backbone.low_level_channels, num_classes)

@@ -50,7 +50,7 @@ class SegmentationModel(nn.Module):
     (F, channels of the contrastive features), output_stride (stride of the logits and features).
     """
 
-    decoder_modules: tuple[str, ...] = ()   # names of the 10x-lr segmentation modules, set by subclasses
+    decoder_modules: tuple[str, ...] = ()   # the classifier / decoder modules, in the release's optimiser order
 
     def __init__(self, backbone: ResNetBackbone, num_classes: int, feature_channels: int, output_stride: int):
         super().__init__()
@@ -89,15 +89,13 @@ class SegmentationModel(nn.Module):
         return [getattr(self, f"contrastive_class_selector_memory{c}") for c in range(self.num_classes)]
 
     def optim_parameters(self, lr: float) -> list[dict]:
-        """Two SGD groups as released: trainable backbone parameters at lr; classifier/decoder, projection,
-        prediction and all selectors at 10*lr. Frozen (requires_grad False) parameters are left out; each
-        parameter appears once (the release's generator yielded backbone parameters repeatedly)."""
-        backbone = [p for name in BACKBONE_MODULES for p in getattr(self, name).parameters()]
-        head_modules = [getattr(self, n) for n in self.decoder_modules] + [self.projection_head,
-                                                                            self.prediction_head]
+        """ONE SGD group at `lr` holding every trainable parameter, as released: backbone, classifier/decoder,
+        projection and prediction heads, then the selectors class by class (feature c, memory c). The order is
+        the release's, so a release checkpoint's optimiser state maps onto the same parameters. Frozen
+        (requires_grad False) parameters are left out."""
+        modules = [getattr(self, n) for n in BACKBONE_MODULES + self.decoder_modules]
+        modules += [self.projection_head, self.prediction_head]
         for c in range(self.num_classes):
-            head_modules += [getattr(self, f"contrastive_class_selector_{c}"),
-                             getattr(self, f"contrastive_class_selector_memory{c}")]
-        heads = [p for m in head_modules for p in m.parameters()]
-        return [{"params": [p for p in backbone if p.requires_grad], "lr": lr},
-                {"params": [p for p in heads if p.requires_grad], "lr": 10 * lr}]
+            modules += [getattr(self, f"contrastive_class_selector_{c}"),
+                        getattr(self, f"contrastive_class_selector_memory{c}")]
+        return [{"params": [p for m in modules for p in m.parameters() if p.requires_grad], "lr": lr}]

@@ -29,9 +29,9 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 first_dilation: int | None = None, downsample: nn.Module | None = None, variant: str = "coco"):
+                 downsample: nn.Module | None = None, variant: str = "coco"):
         super().__init__()
-        self.conv1 = _conv3x3(inplanes, planes, stride, first_dilation or dilation)
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = _conv3x3(planes, planes, 1, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -51,13 +51,12 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 first_dilation: int | None = None, downsample: nn.Module | None = None, variant: str = "coco"):
+                 downsample: nn.Module | None = None, variant: str = "coco"):
         super().__init__()
         s1, s2 = (stride, 1) if variant == "coco" else (1, stride)
-        d = first_dilation or dilation
         self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=s1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, s2, d)
+        self.conv2 = _conv3x3(planes, planes, s2, dilation)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * 4)
@@ -75,15 +74,14 @@ class Bottleneck(nn.Module):
 class ResNetBackbone(nn.Module):
     """ResNet without avg-pool/fc; forward returns (layer1 output, layer4 output).
 
-    dilate_layer3 / dilate_layer4: dilation of that layer's 3x3 convs; a value > 1 also replaces the layer's
-    stride 2 by 1 (DeepLabv2: 2 and 4 -> output stride 8; DeepLabv3+: 1 and 2 -> output stride 16).
-    first_block_previous_dilation: False (AdvSemiSeg's Res_Deeplab) dilates every block of a dilated layer
-    alike; True follows torchvision's `replace_stride_with_dilation`, where a layer's first block keeps the
-    previous layer's dilation. Dilation changes no parameter shape.
+    dilate_layer3 / dilate_layer4: dilation (and padding) of the 3x3 convs of EVERY block of that layer, the
+    first included, as in both released networks (DeepLabv2's Res_Deeplab and DeepLabv3+'s ResNet); a value > 1
+    also replaces the layer's stride 2 by 1 (DeepLabv2: 2 and 4 -> output stride 8; DeepLabv3+: 1 and 2 ->
+    output stride 16). torchvision's `replace_stride_with_dilation` differs: there a layer's first block keeps
+    the previous layer's dilation. Dilation changes no parameter shape.
     """
 
-    def __init__(self, depth: int = 101, variant: str = "coco", dilate_layer3: int = 1, dilate_layer4: int = 1,
-                 first_block_previous_dilation: bool = False):
+    def __init__(self, depth: int = 101, variant: str = "coco", dilate_layer3: int = 1, dilate_layer4: int = 1):
         super().__init__()
         if depth not in LAYERS:
             raise ValueError(f"ResNet depth {depth}; choose one of {sorted(LAYERS)}")
@@ -91,8 +89,7 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"ResNet variant {variant!r}; choose one of {VARIANTS}")
         self.depth, self.variant = depth, variant
         block = BasicBlock if depth < 50 else Bottleneck
-        self._block, self._inplanes, self._dilation = block, 64, 1
-        self._previous_rule = first_block_previous_dilation
+        self._block, self._inplanes = block, 64
 
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -116,16 +113,14 @@ class ResNetBackbone(nn.Module):
         block, variant = self._block, self.variant
         if dilation > 1:
             stride = 1
-        previous, self._dilation = self._dilation, dilation
         out = planes * block.expansion
         downsample = None
         if variant == "coco" or stride != 1 or self._inplanes != out:
             downsample = nn.Sequential(nn.Conv2d(self._inplanes, out, 1, stride=stride, bias=False),
                                        nn.BatchNorm2d(out))
-        first = previous if self._previous_rule else dilation
-        layers = [block(self._inplanes, planes, stride, dilation, first, downsample, variant)]
+        layers = [block(self._inplanes, planes, stride, dilation, downsample, variant)]
         self._inplanes = out
-        layers += [block(out, planes, 1, dilation, None, None, variant) for _ in range(1, blocks)]
+        layers += [block(out, planes, 1, dilation, None, variant) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

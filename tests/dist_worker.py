@@ -153,6 +153,14 @@ def check_collectives() -> None:
     assert m.a.grad.tolist() == [[2.0, 2.0], [2.0, 2.0]], m.a.grad
     assert m.b.grad.tolist() == [1.0, 2.0, 3.0], m.b.grad
     assert m.c.grad is None and m.f.grad is None  # so SGD skips c (no weight decay, no momentum), as 1 process
+    # the next step, after zero_grad(set_to_none=False) as in Run.optimizer_step: b holds zero gradients on both
+    # ranks and takes part (weight decay and momentum, as in one process); c still has none anywhere
+    for p in (m.a, m.b):
+        p.grad.zero_()
+    m.a.grad += 2.0 * rank                                  # 0 and 2 -> 1
+    dist.average_gradients(m, bucket_numel=3)
+    assert m.a.grad.tolist() == [[1.0, 1.0], [1.0, 1.0]] and m.b.grad.tolist() == [0.0, 0.0, 0.0], m.b.grad
+    assert m.c.grad is None
 
     # average_buffers: running stats averaged, num_batches_tracked untouched
     bn = nn.BatchNorm2d(2)

@@ -116,11 +116,11 @@ def test_ramp_up():
 
 
 def test_set_lr_groups():
+    # the release sets one rate for every group (it has one; its schedule set a second group to lr too, not 10 lr)
     a, b = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([{"params": [a], "lr": 1.0}, {"params": [b], "lr": 10.0}], lr=1.0)
     set_lr(opt, 0.01)
-    assert opt.param_groups[0]["lr"] == 0.01
-    assert opt.param_groups[1]["lr"] == pytest.approx(0.1, rel=1e-12)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
     single = torch.optim.SGD([a], lr=1.0)
     set_lr(single, 0.02)
     assert single.param_groups[0]["lr"] == 0.02

@@ -104,9 +104,9 @@ def test_v3plus_names_and_shapes(depth, low, high):
         "aspp.global_avg_pool.1.weight": (256, high, 1, 1), "aspp.global_avg_pool.2.weight": (256,),
         "aspp.conv1.weight": (256, 1280, 1, 1), "aspp.bn1.bias": (256,),
         "decoder.conv1.weight": (48, low, 1, 1), "decoder.bn1.weight": (48,),
-        "decoder.last_conv.0.weight": (256, 304, 3, 3), "decoder.last_conv.1.weight": (256,),
-        "decoder.last_conv.4.weight": (256, 256, 3, 3), "decoder.last_conv.5.bias": (256,),
-        "decoder.last_conv.8.weight": (C, 256, 1, 1), "decoder.last_conv.8.bias": (C,),
+        "decoder.pre_last_conv.0.weight": (256, 304, 3, 3), "decoder.pre_last_conv.1.weight": (256,),
+        "decoder.pre_last_conv.3.weight": (256, 256, 3, 3), "decoder.pre_last_conv.4.bias": (256,),
+        "decoder.last_conv.weight": (C, 256, 1, 1), "decoder.last_conv.bias": (C,),
         "projection_head.0.weight": (256, 256), f"contrastive_class_selector_memory{C - 1}.3.weight": (1, 256),
     }
     for name, shape in expected.items():
@@ -182,12 +182,16 @@ def test_v2_dilation_and_strides():
 
 
 def test_torchvision_backbones_compute_like_torchvision():
-    """Same weights -> same layer4 output as torchvision's own ResNet (plain and output-stride-16 forms)."""
+    """Same weights -> same layer4 output as torchvision's own ResNet (plain and output-stride-16 forms). In the
+    output-stride-16 form the release dilates layer4's first block too, where torchvision's
+    replace_stride_with_dilation keeps dilation 1: the reference gets that one conv's dilation and padding 2."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
+    os16 = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True])
+    assert os16.layer4[0].conv2.dilation == (1, 1)
+    os16.layer4[0].conv2.dilation, os16.layer4[0].conv2.padding = (2, 2), (2, 2)
     cases = [(ResNetBackbone(18, "torchvision"), torchvision.models.resnet18()),
-             (ResNetBackbone(50, "torchvision", dilate_layer4=2, first_block_previous_dilation=True),
-              torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True]))]
+             (ResNetBackbone(50, "torchvision", dilate_layer4=2), os16)]
     for ours, ref in cases:
         missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
         assert missing == [] and unexpected == ["fc.weight", "fc.bias"]
@@ -249,28 +253,34 @@ def test_backbone_bn_frozen_but_in_train_mode():
     ("2", "imagenet", 20),   # torchvision: shortcuts in layer2..4 only
     ("3", "imagenet", 20),
 ])
-def test_optim_parameters_groups(version, pretraining, n_backbone):
+def test_optim_parameters_one_group(version, pretraining, n_backbone):
+    """The release's optim_parameters: ONE group at the base lr with every trainable parameter, each once, in
+    its order: backbone, classifier/decoder, projection, prediction, then (feature c, memory c) per class."""
     C = 3
     model = build_model(version, C, pretraining, 18)
     groups = model.optim_parameters(0.01)
-    assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
-    ids = [[id(p) for p in g["params"]] for g in groups]
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert len(set(ids[0]) | set(ids[1])) == len(ids[0]) + len(ids[1]) == len(trainable)
-    assert set(ids[0]) | set(ids[1]) == trainable
-    backbone = {id(p) for n, p in model.named_parameters() if n.split(".")[0] in BACKBONE_MODULES}
-    assert set(ids[0]) <= backbone and len(ids[0]) == n_backbone
+    assert len(groups) == 1 and groups[0]["lr"] == 0.01
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for p in groups[0]["params"]]
+    assert len(order) == len(set(order)) == sum(p.requires_grad for p in model.parameters())
     # v2: layer5 4 x (w, b); v3+: ASPP 4 x (conv, BN w, b) + pool (3) + conv1/bn1 (3) = 18, decoder
-    # conv1/bn1 (3) + last_conv 0, 1 (w, b), 4, 5 (w, b), 8 (w, b) = 11. Projection and prediction heads:
-    # 2 Linear (w, b) + BN1d (w, b) = 6 each, and 2C selectors of 6 each.
+    # conv1/bn1 (3) + pre_last_conv 0, 1 (w, b), 3, 4 (w, b) + last_conv (w, b) = 11. Projection and prediction
+    # heads: 2 Linear (w, b) + BN1d (w, b) = 6 each, and 2C selectors of 6 each.
     decoder = 8 if version == "2" else 18 + 11
-    assert len(ids[1]) == decoder + 2 * 6 + 2 * C * 6
+    assert len(order) == n_backbone + decoder + 2 * 6 + 2 * C * 6
+    assert all(n.split(".")[0] in BACKBONE_MODULES for n in order[:n_backbone])
+    assert all(n.startswith(("layer5.", "aspp.", "decoder.")) for n in order[n_backbone:n_backbone + decoder])
+    heads = [n.split(".")[0] for n in order[n_backbone + decoder:]]
+    expected = ["projection_head"] * 6 + ["prediction_head"] * 6
+    for c in range(C):
+        expected += [f"contrastive_class_selector_{c}"] * 6 + [f"contrastive_class_selector_memory{c}"] * 6
+    assert heads == expected
 
 
 def test_released_init():
     torch.manual_seed(0)
     model = build_model("3", 3, "imagenet", 50)
-    for name in ("layer4.0.conv2.weight", "aspp.aspp2.atrous_conv.weight", "decoder.last_conv.4.weight"):
+    for name in ("layer4.0.conv2.weight", "aspp.aspp2.atrous_conv.weight", "decoder.pre_last_conv.3.weight"):
         w = model.state_dict()[name]
         assert abs(w.std().item() - 0.01) < 2e-4 and abs(w.mean().item()) < 1e-4, name
     for name, m in model.named_modules():

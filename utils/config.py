@@ -22,13 +22,15 @@ REQUIRED = object()  # marker: the key has no default
 # Each leaf: (allowed types, default, help). Nested dicts are sections.
 SCHEMA: dict[str, Any] = {
     "model": ((str,), "DeepLab", "network family; only \"DeepLab\""),
-    "version": ((str,), "2", "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50)"),
+    "version": ((str,), "2",
+                "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50; 101 in domain adaptation)"),
     "dataset": ((str,), REQUIRED,
                 "\"cityscapes\", \"pascal_voc\" (alias \"pascal\"), \"synthetic\" or \"folder\""),
     "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (README)"),
     "precision": ((str,), "fp32", "\"fp32\", \"bf16\" or \"fp16\" (autocast; losses and memory stay fp32)"),
     "backbone": {
-        "depth": ((int, type(None)), None, "ResNet depth 18/34/50/101; null: 101 for v2, 50 for v3"),
+        "depth": ((int, type(None)), None,
+                  "ResNet depth 18/34/50/101; null: 101 for v2, 50 for v3 (101 in domain adaptation)"),
         "pretrained": ((str, type(None)), "default",
                        "\"default\" (COCO or ImageNet file by `training.pretraining`), \"none\", or a file path"),
     },
@@ -38,7 +40,7 @@ SCHEMA: dict[str, Any] = {
         "optimizer": ((str,), "SGD", "only \"SGD\""),
         "momentum": ((float,), 0.9, "SGD momentum"),
         "num_iterations": ((int,), REQUIRED, "N, training iterations (trainSSL_less_memory.py runs 2N alternating steps)"),
-        "learning_rate": ((float,), REQUIRED, "base lr (classifier, decoder and heads get 10x)"),
+        "learning_rate": ((float,), REQUIRED, "base lr of the one SGD group holding every trainable parameter"),
         "lr_schedule": ((str, type(None)), "Poly", "\"Poly\" or null (constant)"),
         "lr_schedule_power": ((float,), 0.9, "poly power"),
         "pretraining": ((str,), "COCO", "\"COCO\" (BGR input) or \"imagenet\" (RGB input)"),

@@ -172,9 +172,12 @@ def average_gradients(module: nn.Module, bucket_numel: int = 2 ** 24) -> None:
     some steps (heads before the contrastive terms start; a rank with fewer than two valid pixels). DDP's reducer
     expects one forward per backward and parameters reached from `forward`'s output.
 
-    A parameter with a gradient on at least one rank is averaged with zeros from the ranks without one; a
-    parameter with no gradient on any rank keeps `grad None`, so SGD leaves it alone (no weight decay, no
-    momentum) exactly as a single process would. Deciding this costs one tiny all-reduce and one host read.
+    A parameter with a gradient on at least one rank is averaged with zeros from the ranks without one (those
+    ranks get a zero gradient tensor); a parameter with no gradient on any rank keeps `grad None`, so SGD leaves
+    it alone (no weight decay, no momentum) exactly as a single process would. Since `Run.optimizer_step` zeroes
+    gradients instead of freeing them, a parameter averaged once holds a gradient tensor on every rank from then
+    on and takes part in every later step (weight decay and momentum, as in one process). Deciding this costs
+    one tiny all-reduce and one host read.
     """
     if not is_distributed():
         return

@@ -13,7 +13,7 @@ import torch
 from data import DatasetInfo, dataset_info
 from data.common import image_tensor
 from model import build_model
-from model.checkpoint_io import load_state_strict
+from model.checkpoint_io import backbone_depth_of, load_state_strict
 from utils.checkpoint import load_checkpoint, model_state_from
 from utils.config import fidelity, parse_size, resolve_config
 from utils.errors import UserError
@@ -38,9 +38,12 @@ def load_trained_model(path: str, device: torch.device, overrides: list[str] | N
         raise UserError(f"{path} stores no config; the network, classes and preprocessing are read from it.")
     cfg = resolve_config(ckpt["config"], f"{path} (stored config)", overrides or [])
     info = dataset_info(cfg)
-    model = build_model(cfg["version"], info.num_classes, cfg["training"]["pretraining"], cfg["backbone"]["depth"],
+    state = model_state_from(ckpt, path)
+    # backbone.depth null: the depth the weights have (DeepLabv3+ is ResNet-101 in domain adaptation, else 50)
+    depth = cfg["backbone"]["depth"] or backbone_depth_of(state)
+    model = build_model(cfg["version"], info.num_classes, cfg["training"]["pretraining"], depth,
                         None, v2_branches=fidelity(cfg).v2_branches)
-    load_state_strict(model, model_state_from(ckpt, path), path)
+    load_state_strict(model, state, path)
     model.to(device).eval()
     window = parse_size(cfg["training"]["data"]["input_size"], "training.data.input_size")
     return TrainedModel(model, cfg, ckpt, info, window, device)

@@ -19,7 +19,7 @@ def ramp_up(i: int, ramp_iterations: int) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Group 0 (backbone) gets lr, group 1 (classifier / heads), if any, 10 * lr, as released."""
-    optimizer.param_groups[0]["lr"] = lr
-    if len(optimizer.param_groups) > 1:
-        optimizer.param_groups[1]["lr"] = 10.0 * lr
+    """Every parameter group gets lr. The release trains one group; its schedule would give a second group the
+    same lr, never 10 lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr

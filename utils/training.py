@@ -36,7 +36,7 @@ from utils.logger import TrainLogger
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import format_iou_table
 from utils.schedules import poly_lr, set_lr
-from utils.variants import Variant
+from utils.variants import Variant, backbone_depth
 from utils.visualize import unlabeled_panel, validation_panel
 
 # Keys that may differ between a run and its resumption (they change no result).
@@ -125,8 +125,13 @@ class Run:
         self.batch_size = cfg["training"]["batch_size"]
         seed_everything(cfg["seed"])
 
-        # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation).
-        self.data = build_data(cfg, self.args.data_root)
+        # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
+        # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
+        self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
+        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
+        # the set evaluations use: the periodic one now, the final one in finish()
+        self.val_set = self.data.val
+        self.final_val_set = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
         self.num_classes = self.data.num_classes
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
@@ -139,12 +144,13 @@ class Run:
 
         # Networks: student, EMA teacher; the pseudo-labeler is the teacher or the student (eval mode).
         t = cfg["training"]
+        depth = backbone_depth(cfg, variant)
         if self.args.dry_run:  # shapes only: no allocation, no weights read
             with torch.device("meta"):
                 self.student = build_model(cfg["version"], self.num_classes, t["pretraining"],
-                                           cfg["backbone"]["depth"], None, v2_branches=self.fidelity.v2_branches)
+                                           depth, None, v2_branches=self.fidelity.v2_branches)
         else:
-            self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], cfg["backbone"]["depth"],
+            self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], depth,
                                        cfg["backbone"]["pretrained"], v2_branches=self.fidelity.v2_branches,
                                        verbose=dist.is_main()).to(self.device)
         if t["sync_batchnorm"] and dist.is_distributed():
@@ -295,11 +301,13 @@ class Run:
             f"fidelity '{cfg['fidelity']}': {self.fidelity}",
             f"data: {self.data.name}, {len(self.data.train)} train ({len(self.data.labeled_idx)} labeled, "
             f"{len(self.data.unlabeled_idx)} unlabeled), {len(self.data.val)} val, {self.num_classes} classes, "
-            f"crop {self.crop}, channel order {self.data.channel_order}"
+            f"crop {self.crop}{' of half-size images (full-size final evaluations)' if self.half_size else ''}, "
+            f"channel order {self.data.channel_order}"
             + (f"; GTA5: {len(self.gta5)} images" if self.gta5 is not None else ""),
             f"model: {'DeepLabv2' if cfg['version'] == '2' else 'DeepLabv3+'} ResNet-{self.student.depth}, {n_params / 1e6:.1f} M parameters, "
             f"pretrained weights: {self._pretrained_status()}",
-            f"optimiser: SGD lr {self.base_lr} (x10 for the classifier/heads), momentum {t['momentum']}, "
+            f"optimiser: SGD, one group of {sum(len(g['params']) for g in self.optimizer.param_groups)} trainable "
+            f"tensors at lr {self.base_lr}, momentum {t['momentum']}, "
             f"weight decay {t['weight_decay']}, {t['lr_schedule']} power {t['lr_schedule_power']}",
             f"memory: {self.num_classes} x {self.method['memory_size']} vectors, quota {self.memory_quota} per class "
             f"and update; class balancing: {'on' if self.balancing else 'off'}",
@@ -379,8 +387,11 @@ class Run:
         return self.method["use_contrastive"] and i > self.method["ramp_up_iterations"]
 
     def optimizer_step(self, i: int, loss: torch.Tensor) -> None:
-        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA.
+
+        Gradients are zeroed, not freed (torch 1.6's `zero_grad()`, as released): a parameter that ever had a
+        gradient keeps getting weight decay and momentum on steps whose loss does not reach it."""
+        self.optimizer.zero_grad(set_to_none=False)
         self.scaler.scale(loss).backward()
         dist.average_gradients(self.student_module)
         self.scaler.step(self.optimizer)
@@ -428,6 +439,7 @@ class Run:
 
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
+        """Evaluate on `self.val_set` (the final validation set once finish() has begun) and log the result."""
         self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
@@ -437,7 +449,7 @@ class Run:
             if len(shown) < n_images:
                 shown.append(validation_panel(image, label, pred, d.palette, self.ignore_label, d.channel_order))
 
-        result = evaluate(model, d.val, num_classes=self.num_classes, ignore_label=self.ignore_label,
+        result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
                           autocast=self.autocast, on_prediction=keep_image if n_images else None)
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
@@ -596,6 +608,7 @@ class Run:
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
+        self.val_set = self.final_val_set  # as released: final evaluations by version (v3: full size)
         result = self.evaluate_and_keep_best(N, final=True)
         if dist.is_main():
             save_atomic(self._checkpoint(N, "final", miou=result["miou"]),

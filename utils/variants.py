@@ -29,17 +29,34 @@ class Variant:
     # The released script multiplies the per-pixel entropy [n,h,w] by the unsqueezed mask [n,1,h,w] (an n x n
     # broadcast); kept under fidelity "code" (Fidelity.entropy_mask_broadcast).
     entropy_mask_broadcast: bool
+    v3_depth: int                  # DeepLabv3+ ResNet depth when backbone.depth is null
+    # Cityscapes training crops and periodic evaluations from half-size images whatever the version (else by
+    # version: v2 half, v3 full). The final evaluations (after training, after the BatchNorm refresh) always
+    # follow the version, as in the release's domain-adaptation script.
+    cityscapes_half_size: bool
 
 
 TRAIN_SSL = Variant("trainSSL", ema_warmup_div=10, contrastive_weight=0.1, labeled_classmix_prob=0.2,
                     alternating_steps=False, uses_gta5=False, steps_per_iteration=1,
-                    teacher_in_periodic_checkpoint=True, entropy_mask_broadcast=False)
+                    teacher_in_periodic_checkpoint=True, entropy_mask_broadcast=False, v3_depth=50,
+                    cityscapes_half_size=False)
 LESS_MEMORY = Variant("trainSSL_less_memory", ema_warmup_div=1, contrastive_weight=0.1, labeled_classmix_prob=0.2,
                       alternating_steps=True, uses_gta5=False, steps_per_iteration=2,
-                      teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True)
+                      teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True, v3_depth=50,
+                      cityscapes_half_size=False)
 DOMAIN_ADAPTATION = Variant("trainSSL_domain_adaptation_targetCity", ema_warmup_div=1, contrastive_weight=0.2,
                             labeled_classmix_prob=0.25, alternating_steps=False, uses_gta5=True, steps_per_iteration=1,
-                            teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True)
+                            teacher_in_periodic_checkpoint=False, entropy_mask_broadcast=True, v3_depth=101,
+                            cityscapes_half_size=True)
+
+
+def backbone_depth(cfg: dict, variant: Variant) -> int | None:
+    """The config's backbone.depth, else the script's DeepLabv3+ depth for version "3" (None: build_model's
+    default, 101 for DeepLabv2)."""
+    depth = cfg["backbone"]["depth"]
+    if depth is None and str(cfg["version"]) == "3":
+        return variant.v3_depth
+    return depth
 
 
 def uses_gta5_batch(i: int, num_iterations: int, schedule: str) -> bool:
