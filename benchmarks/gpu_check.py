@@ -369,13 +369,12 @@ def step_bench_components(ctx: StepContext) -> None:
     """bench_components.py on the device: each part, the vectorised form beside the per-class loop."""
     from benchmarks import bench_components
     path = os.path.join(ctx.work, "bench_components.json")
-    args = ["--device", ctx.device, "--json", path, *ctx.plan.components_args]
-    if "--compare-reference" in bench_components.build_parser()._option_string_actions:
-        args.append("--compare-reference")  # the per-class reference of every part, where bench_components has it
+    # --compare-reference: every part that has a per-class reference, timed beside it in interleaved rounds
+    args = ["--device", ctx.device, "--json", path, "--compare-reference", *ctx.plan.components_args]
     report = bench_components.main(args)
+    keys = ("name", "what", "ms_median", "ms_min", "syncs_per_call", "reference", "ratio_median")
     ctx.record("components", {"mode": report["mode"], "env": report["env"], "json": path,
-                              "results": [{k: r.get(k) for k in ("name", "what", "ms_median", "ms_min",
-                                                                   "syncs_per_call")} for r in report["results"]]})
+                              "results": [{k: r.get(k) for k in keys} for r in report["results"]]})
 
 
 class RandomCityscapesVal:
@@ -792,7 +791,9 @@ def markdown(report: dict) -> str:
         for r in comp["results"]:
             if "reference" in r["name"]:
                 continue
-            ref = by_name.get(r["name"].replace("vectorised", "reference")) if "vectorised" in r["name"] else None
+            ref = r.get("reference")                  # --compare-reference rows carry their reference's timing
+            if ref is None and "vectorised" in r["name"]:
+                ref = by_name.get(r["name"].replace("vectorised", "reference"))
             ref = ref or by_name.get(f"{r['name']}_reference")
             speedup = ref["ms_median"] / r["ms_median"] if ref and r["ms_median"] else None
             lines.append(f"| {r['name']} | {_cell(r['ms_median'])} | {_cell(r['syncs_per_call'])} | "

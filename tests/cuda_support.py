@@ -170,8 +170,9 @@ def no_host_sync(device: torch.device):
 
     CUDA: torch.cuda.set_sync_debug_mode("error") (RuntimeError "called a synchronizing CUDA operation": .item(),
     boolean indexing, nonzero, blocking copies in either direction, torch.cuda.synchronize). CPU (dry run): a
-    TorchFunctionMode proxy that raises HostSyncError on the value-dependent operations (see _proxy_violation).
-    Yields a SyncGuard."""
+    TorchFunctionMode proxy that raises HostSyncError on the value-dependent operations (see _proxy_violation); the
+    selectors then take their GPU method ("blocks"), since the CPU's own method reads class sizes on the host, which
+    is free there. Yields a SyncGuard."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         previous = torch.cuda.get_sync_debug_mode()
@@ -181,9 +182,15 @@ def no_host_sync(device: torch.device):
         finally:
             torch.cuda.set_sync_debug_mode(previous)
         return
+    import utils.selectors as selectors
+    cpu_choice = selectors.selector_method
+    selectors.selector_method = lambda method, dev: cpu_choice("blocks" if method == "auto" else method, dev)
     proxy = _SyncProxy()
-    with proxy:
-        yield SyncGuard(device, proxy)
+    try:
+        with proxy:
+            yield SyncGuard(device, proxy)
+    finally:
+        selectors.selector_method = cpu_choice
 
 
 class _SelectionAllower(TorchFunctionMode):

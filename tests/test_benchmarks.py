@@ -3,7 +3,6 @@ confusion matrix meets its speed target exactly; the timing helpers account time
 import json
 import math
 import os
-import time
 
 import numpy as np
 import pytest
@@ -31,7 +30,8 @@ def one_thread():
 
 
 # ------------------------------------------------------------------------------------------ confusion matrix
-def test_confusion_matrix_full_resolution_under_50ms_and_exact():
+def test_confusion_matrix_full_resolution_exact():
+    """Exact counts at Cityscapes size, with out-of-range ids dropped (its speed is bench_components' business)."""
     g = torch.Generator().manual_seed(0)
     label = torch.randint(0, 20, (1024, 2048), generator=g)
     label[label == 19] = 250
@@ -39,19 +39,7 @@ def test_confusion_matrix_full_resolution_under_50ms_and_exact():
     label[1, :5] = 10 ** 12
     label[2, :3] = -(10 ** 12)
     pred = torch.randint(0, 19, (1024, 2048), generator=g)
-    # One thread, and the best of up to 25 calls: the machine is shared, and its neighbours' load (memory
-    # bandwidth, a two-thread op waiting for a parked thread) only ever adds time; the best call is the
-    # code's own cost (about 16 ms here, against 30-60 ms for the previous masked bincount).
-    times = []
-    with cpu_threads(1):
-        cm = confusion_matrix(pred, label, 19)
-        for _ in range(25):
-            start = time.perf_counter()
-            confusion_matrix(pred, label, 19)
-            times.append(time.perf_counter() - start)
-            if times[-1] < 0.050:
-                break
-    assert min(times) < 0.050, times
+    cm = confusion_matrix(pred, label, 19)
     lab, p = label.reshape(-1).numpy(), pred.reshape(-1).numpy()
     keep = (lab >= 0) & (lab < 19)
     oracle = np.bincount(lab[keep] * 19 + p[keep], minlength=19 * 19).reshape(19, 19)
