@@ -1,8 +1,9 @@
 """Pretrained weights: resolve the source, copy tensors by name where shapes match (SPEC 3).
 
 "default" means the released starting point: the COCO-pretrained DeepLabv2 of AdvSemiSeg for COCO, or
-torchvision's ImageNet ResNet (IMAGENET1K_V1) for imagenet, looked up in torch hub's checkpoint folder and
-downloaded there on first use (model/weights_download.py).
+torchvision's ImageNet ResNet for imagenet — for ResNet-50 and -101 the very files the release's scripts loaded
+(torchvision's original uploads), for 18 and 34 (not in the release) torchvision's IMAGENET1K_V1 files — looked up
+in torch hub's checkpoint folder and downloaded there on first use (model/weights_download.py).
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from utils.errors import UserError
 
 COCO_FILE = "resnet101COCO-41f33a49.pth"
 COCO_URL = "http://vllab1.ucmerced.edu/~whung/adv-semi-seg/" + COCO_FILE
+# 50 and 101: the files named in the release's trainSSL*.py; 18 and 34: torchvision's IMAGENET1K_V1.
 IMAGENET_FILES = {18: "resnet18-f37072fd.pth", 34: "resnet34-b627a593.pth",
-                  50: "resnet50-0676ba61.pth", 101: "resnet101-63fe2227.pth"}
+                  50: "resnet50-19c8e357.pth", 101: "resnet101-5d3b4d8f.pth"}
 IMAGENET_URL = "https://download.pytorch.org/models/"
 PREFIXES = ("module.", "Scale.")
 

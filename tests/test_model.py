@@ -368,7 +368,7 @@ def test_pretrained_none_and_missing_files(tmp_path, monkeypatch):
     with pytest.raises(UserError) as err:
         load_pretrained(model, "default", "2", "COCO", 101)
     assert expected_path in str(err.value) and COCO_URL in str(err.value)
-    with pytest.raises(UserError, match="resnet50-0676ba61.pth"):
+    with pytest.raises(UserError, match="resnet50-19c8e357.pth"):
         load_pretrained(model, "default", "3", "imagenet", 50)
     with pytest.raises(UserError, match="no default COCO weights"):
         build_model("2", 3, "COCO", 18, "default")
