@@ -13,11 +13,12 @@ latest.pth written, a resume command printed and exit code 128 + signal (2 for a
   the same in a single process. The evaluations and the BatchNorm refresh after the loop are interruptible too:
   latest.pth already holds the state after the last iteration, and the resumed run repeats them.
 - Under torchrun every rank stops at the same iteration: the flags are combined with one all-reduce of two
-  integers per iteration (and per evaluated image / refresh pass while one is requested-or-not: the same
-  collective), rank 0 writes latest.pth (the others take part in gathering their RNG states). That all-reduce
-  and its host read cost tens of microseconds per iteration — the iteration already waits for the gradient
-  all-reduce and its host read (utils/distributed.average_gradients) — which is small against an iteration of
-  the method (hundreds of milliseconds). A single process does no collective and no device sync for this.
+  integers per iteration (the same one after each evaluated image and each refresh pass), and rank 0 writes
+  latest.pth (the others take part in gathering their RNG states). Why a collective of its own: a bad file can be
+  met on one rank only, and it must be known to all before the next iteration's first collective. Its cost is one
+  small round trip and one host read per iteration; the iteration already waits on the gradient all-reduce and
+  its host read (utils/distributed.average_gradients), so the device pipeline loses little (not measured on GPUs
+  here). A single process does no collective and no device sync for this.
 """
 from __future__ import annotations
 
