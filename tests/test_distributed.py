@@ -243,14 +243,14 @@ def test_sync_batchnorm_converts_only_the_network_body():
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeypatch, capsys):
     """SIGTERM to the launcher after the first log line: torchrun sends it to both ranks (to their process groups;
     the loader workers live in their own), which finish the same iteration; rank 0 alone writes latest.pth, with
-    both ranks' RNG states; the run resumes from it (here in one process) and trains to the end."""
+    both ranks' RNG states; the run resumes from it (here in one process, for one iteration: startup dominates)."""
     import threading
 
     import trainSSL
     from utils.checkpoint import load_checkpoint
     from utils.training import Run
 
-    n = 6
+    n = 4
     run_dir, out_dir = str(tmp_path / "run"), str(tmp_path / "probes")
     os.makedirs(out_dir)
     args = tiny_args(run_dir)
@@ -289,8 +289,9 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     steps = [[r["i"] for r in records(out_dir, rank) if r["kind"] == "step"] for rank in (0, 1)]
     assert steps[0] == steps[1] == list(range(k))  # both ranks stopped after the same iteration
 
+    monkeypatch.setattr(Run, "iterations", lambda self: range(self.start_iteration, self.start_iteration + 1))
     monkeypatch.setattr(Run, "finish", lambda self: self.logger.close())
     capsys.readouterr()
     trainSSL.main(args + ["--resume", "auto"])
-    assert f"iterations from {k}" in capsys.readouterr().out
-    assert load_checkpoint(os.path.join(run_dir, "latest.pth"))["iteration"] == n
+    out = capsys.readouterr().out
+    assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out

@@ -99,10 +99,13 @@ class NonFiniteGuard:
     @staticmethod
     def _message(run, what: str, first: int, last: int) -> str:
         window = f"iteration {last}" if first >= last else f"iterations {first}..{last}"
+        def iterations(n: int) -> str:
+            return f"{n} iteration{'' if n == 1 else 's'}"
+
         if run.latest_saved is not None:
-            kept = f"latest.pth holds the state after {run.latest_saved} iterations"
+            kept = f"latest.pth holds the state after {iterations(run.latest_saved)}"
         elif run.start_iteration > 0:
-            kept = f"latest.pth is still the state this run resumed from ({run.start_iteration} iterations)"
+            kept = f"latest.pth is still the state this run resumed from ({iterations(run.start_iteration)})"
         else:
             kept = "no latest.pth was written yet (the command below starts afresh)"
         lr = run.cfg["training"]["learning_rate"]
@@ -111,7 +114,8 @@ class NonFiniteGuard:
         lines = [f"training diverged: {what} in {window} (counted from 0, as in train_log.jsonl).",
                  f"Nothing from after the last finite state was written: {kept}; best_model.pth and the periodic "
                  f"checkpoints are those written before.",
-                 f"Continue from the last good state with a lower learning rate (here half of {lr:g}):",
+                 f"{'Continue from the last good state' if run.latest_saved or run.start_iteration else 'Start again'}"
+                 f" with a lower learning rate (here half of {lr:g}):",
                  f"  {lower}"]
         if run.precision != "fp32":
             lines.append(f"The run computes in {run.precision}: activations can overflow there; full precision may "
