@@ -161,8 +161,21 @@ class FolderDataset(SegmentationDataset):
         self.names, self.image_paths, self.label_paths = list_pairs(images, labels, what)
         if check:
             pairs = list(zip(self.image_paths, self.label_paths))
+
+            def problem(pair: tuple[str, str]) -> str | None:
+                try:
+                    check_pair(pair[0], pair[1], self.num_classes, self.ignore_label)
+                except UserError as e:
+                    return str(e)
+                return None
+
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-                list(pool.map(lambda p: check_pair(p[0], p[1], self.num_classes, self.ignore_label), pairs))
+                problems = [p for p in pool.map(problem, pairs) if p is not None]
+            if len(problems) == 1:
+                raise UserError(problems[0])
+            if problems:  # every bad pair at once, not one per attempt
+                raise UserError(f"{len(problems)} of {len(pairs)} {what} pairs cannot be used:\n  "
+                                + "\n  ".join(problems))
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.image_paths[index])

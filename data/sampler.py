@@ -6,9 +6,16 @@ Epoch e visits the index list in the order of a torch permutation seeded by (see
 random crop from that seed alone — so the batches do not depend on the number of workers, on which process loads
 them, or on whether the run was interrupted. The position (epoch, batches consumed) is the whole state: a resumed
 run re-creates the iterator at that epoch and skips the consumed batches in the sampler, without loading them.
+
+`prefetch()` loads the next batch ahead (the training run calls it between iterations), so that an unreadable file
+surfaces between iterations, with the position still that of the last completed one. Loader worker processes run
+in their own process group: a Ctrl-C in the terminal or torchrun's SIGTERM to a rank's group reaches the main
+process alone, which finishes its iteration and saves (utils/graceful_stop.py) while its workers live on.
 """
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -28,6 +35,27 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def item_seed(seed: int, epoch: int, position: int) -> int:
     """Seed of the item at `position` of epoch `epoch`'s permutation: drives that item's random crop."""
     return (epoch_seed(seed, epoch) * _MIX + position) & _MASK
+
+
+def _own_process_group(worker_id: int) -> None:
+    """worker_init_fn: leave the main process's group, so that signals sent to that group (a terminal's Ctrl-C,
+    torchrun's SIGTERM) do not kill a worker while the main process finishes its iteration and saves — a dead
+    worker would end it with an error. The handlers forked from the main process are reset: SIGINT ignored,
+    SIGTERM by default (multiprocessing ends leftover workers with it at exit; a worker that ignored it would
+    hang the exit). A worker whose main process has died exits on its own (torch's watchdog)."""
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _worker_user_error(e: UserError) -> UserError:
+    """A UserError raised in a loader worker reaches the main process re-created with the worker's whole traceback
+    as its message; this returns one with the original message alone (a data error names its file)."""
+    text = str(e)
+    marker = f"\n{UserError.__module__}.{UserError.__qualname__}: "
+    if text.startswith("Caught UserError in DataLoader worker") and marker in text:
+        return UserError(text.rpartition(marker)[2].rstrip("\n"))
+    return e
 
 
 class _EndlessBatchSampler:
@@ -87,10 +115,12 @@ class InfiniteBatches:
                             f"(training.data.labeled_samples) or a smaller training.batch_size.")
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin,
-                                 persistent_workers=num_workers > 0, generator=torch.Generator())
+                                 persistent_workers=num_workers > 0, generator=torch.Generator(),
+                                 worker_init_fn=_own_process_group if num_workers > 0 else None)
         self.epoch = 0
         self.consumed = 0
         self._iterator: Iterator | None = None
+        self._ready: tuple | None = None  # a batch loaded by prefetch(), not yet returned (not counted)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -101,16 +131,35 @@ class InfiniteBatches:
         if self.batches_per_epoch == 0:
             raise UserError("no images to draw batches from (the index list is empty); check "
                             "training.data.labeled_samples against the size of the training set.")
-        if self._iterator is None:
-            self.sampler.start = (self.epoch, self.consumed)
-            self._iterator = iter(self.loader)
-        batch = next(self._iterator)
+        batch = self._ready if self._ready is not None else self._load()
+        self._ready = None
         self.consumed += 1
         if self.consumed == self.batches_per_epoch:
             self.epoch, self.consumed = self.epoch + 1, 0
         return tuple(t.to(self.device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in batch)
 
     __next__ = next
+
+    def prefetch(self) -> None:
+        """Load the next batch now (kept for `next()`); a data error is raised here. The position is unchanged."""
+        if self._ready is None and self.batches_per_epoch:
+            self._ready = self._load()
+
+    def _load(self) -> tuple:
+        if self._iterator is None:
+            self.sampler.start = (self.epoch, self.consumed)
+            self._iterator = iter(self.loader)
+        try:
+            return next(self._iterator)
+        except UserError as e:
+            raise _worker_user_error(e) from None
+
+    def close(self) -> None:
+        """End the loader's worker processes now, cleanly. Persistent workers left to the end of the program are
+        ended by multiprocessing's exit handler with SIGTERM, which torch then reports as a worker failure."""
+        if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
+            self._iterator._shutdown_workers()
+        self._iterator, self._ready = None, None
 
     def __iter__(self) -> "InfiniteBatches":
         return self
@@ -127,4 +176,5 @@ class InfiniteBatches:
         if self.batches_per_epoch:
             epoch, consumed = epoch + consumed // self.batches_per_epoch, consumed % self.batches_per_epoch
         self.epoch, self.consumed = epoch, consumed
+        self._ready = None
         self._iterator = None  # re-created lazily at the new position (persistent workers are reset, not respawned)

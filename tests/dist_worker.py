@@ -79,7 +79,14 @@ def install_probes() -> None:
         return out
 
     def end(self, i, terms):
-        end_iteration(self, i, terms)
+        try:
+            end_iteration(self, i, terms)
+        finally:  # also the iteration after which a stop ends the run (end_iteration raises RunStopped)
+            write_step(self, i)
+        if os.environ.get("DW_FAIL_RANK") == str(dist.rank()) and os.environ.get("DW_FAIL_ITER") == str(i):
+            raise RuntimeError(f"injected failure on rank {dist.rank()} after iteration {i}")
+
+    def write_step(self, i):
         record = {"kind": "step", "i": i, "lr": self.lr,
                   "student": digest(self.student_module.state_dict()),
                   "student_params": digest([p for p in self.student_module.parameters()]),
@@ -90,8 +97,6 @@ def install_probes() -> None:
                   "class_weights": digest(self.class_weights), **self._probe}
         self._probe = {"labeled": [], "unlabeled": [], "gathered": []}
         _write(record)
-        if os.environ.get("DW_FAIL_RANK") == str(dist.rank()) and os.environ.get("DW_FAIL_ITER") == str(i):
-            raise RuntimeError(f"injected failure on rank {dist.rank()} after iteration {i}")
 
     def evaluate_probe(model, dataset, **kwargs):
         names = []

@@ -238,3 +238,60 @@ def test_sync_batchnorm_converts_only_the_network_body():
     assert set(net.state_dict()) == {"0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var",
                                      "1.num_batches_tracked", "2.0.weight", "2.0.bias", "2.1.weight", "2.1.bias",
                                      "2.1.running_mean", "2.1.running_var", "2.1.num_batches_tracked"}
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeypatch, capsys):
+    """SIGTERM to the launcher after the first log line: torchrun sends it to both ranks (to their process groups;
+    the loader workers live in their own), which finish the same iteration; rank 0 alone writes latest.pth, with
+    both ranks' RNG states; the run resumes from it (here in one process, for one iteration: startup dominates)."""
+    import threading
+
+    import trainSSL
+    from utils.checkpoint import load_checkpoint
+    from utils.training import Run
+
+    n = 4
+    run_dir, out_dir = str(tmp_path / "run"), str(tmp_path / "probes")
+    os.makedirs(out_dir)
+    args = tiny_args(run_dir)
+    for key, value in {"training.num_iterations": n, "training.num_workers": 1, "utils.val_per_iter": 1000,
+                       "utils.save_checkpoint_every": 1000, "utils.save_latest_every": 1000}.items():
+        args += ["--set", f"{key}={value}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--max_restarts", "0", "--monitor_interval", "0.5", WORKER, *args]
+    env = {**os.environ, "DW_OUT": out_dir, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    watchdog = threading.Timer(400, lambda: os.killpg(p.pid, signal.SIGKILL))  # a hang fails, never blocks
+    watchdog.start()
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("[train] it 1/"):
+                os.kill(p.pid, signal.SIGTERM)  # the launcher only
+                break
+        lines.append(p.stdout.read())
+        p.wait()
+    finally:
+        watchdog.cancel()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert p.returncode != 0 and "[train] it 1/" in out, out[-4000:]
+    assert out.count("SIGTERM received") == 1, out[-4000:]  # rank 0 says it once (not its loader workers)
+    assert out.count("stopped by SIGTERM (rank 0)") == 1 and "(rank 1)" not in out, out[-4000:]
+    assert "DataLoader worker" not in out, out[-4000:]
+    assert [name for name in os.listdir(run_dir) if "latest" in name] == ["latest.pth"]
+    latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    k = latest["iteration"]
+    assert 1 <= k < n and latest["world_size"] == 2 and len(latest["rng_ranks"]) == 2
+    steps = [[r["i"] for r in records(out_dir, rank) if r["kind"] == "step"] for rank in (0, 1)]
+    assert steps[0] == steps[1] == list(range(k))  # both ranks stopped after the same iteration
+
+    monkeypatch.setattr(Run, "iterations", lambda self: range(self.start_iteration, self.start_iteration + 1))
+    monkeypatch.setattr(Run, "finish", lambda self: self.logger.close())
+    capsys.readouterr()
+    trainSSL.main(args + ["--resume", "auto"])
+    out = capsys.readouterr().out
+    assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out

@@ -134,6 +134,22 @@ def test_image_and_label_of_different_sizes_are_refused(exported, tmp_path):
     assert path in msg and os.path.join(train, "images", "synthetic_0_00002.png") in msg and "59x40" in msg
 
 
+def test_every_bad_pair_is_listed_at_once(exported, tmp_path):
+    """Two broken pairs (a value out of range, a size mismatch): one error names both, not the first alone."""
+    root, config = exported
+    train = broken_copy(root, tmp_path)
+    bad_value = os.path.join(train, "labels", "synthetic_0_00001.png")
+    label = np.asarray(Image.open(bad_value)).copy()
+    label[0, 0] = 9
+    Image.fromarray(label).save(bad_value)
+    bad_size = os.path.join(train, "labels", "synthetic_0_00006.png")
+    Image.fromarray(np.zeros((SIZE[0] - 1, SIZE[1]), dtype=np.uint8)).save(bad_size)
+    with pytest.raises(UserError) as e:
+        build_with_train(config, train)
+    msg = str(e.value)
+    assert "2 of 8 train pairs" in msg and bad_value in msg and "[9]" in msg and bad_size in msg, msg
+
+
 def test_config_mistakes_are_refused(exported, tmp_path):
     root, config = exported
     with pytest.raises(UserError, match="folder.train_images"):

@@ -233,3 +233,48 @@ def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
     latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
     assert latest["iteration"] == 1 and latest["format"] == "ssl-run-state-1"
     assert set(latest["model"]) == set(latest["teacher"])
+
+
+def test_sigterm_stops_after_the_iteration_and_resumes_exactly(reference, tmp_path, monkeypatch, no_finish, capsys):
+    """SIGTERM right after the first log line (iteration 2, before its evaluation): the run finishes the iteration,
+    leaves that evaluation pending, writes latest.pth and exits 128 + 15 without a traceback; --resume auto does
+    the pending evaluation, trains on and ends bit-identical to the uninterrupted run."""
+    from utils.logger import TrainLogger
+    from utils.training import main_guard
+
+    run_dir = str(tmp_path / "run")
+    argv = tiny_argv(run_dir)
+    scalars = TrainLogger.scalars
+
+    def scalars_then_sigterm(self, i, values, prefix="train", print_line=True):
+        scalars(self, i, values, prefix, print_line)
+        if prefix == "train":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    unhandled = []  # the pytest process's own handler: reached only if the run did not handle the signal
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: unhandled.append(signum))
+    try:
+        with monkeypatch.context() as mp:
+            mp.setattr(TrainLogger, "scalars", scalars_then_sigterm)
+            with pytest.raises(SystemExit) as e:
+                main_guard(lambda: trainSSL.main(argv))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not unhandled and e.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "SIGTERM" in err and "--resume auto" in err, err
+    latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    assert latest["iteration"] == 3 and latest["pending_evaluation"] == 2
+
+    trainSSL.main(argv + ["--resume", "auto"])
+    out = capsys.readouterr().out
+    assert "iterations from 3" in out and "evaluation after iteration 2 was interrupted" in out
+    ref = load_checkpoint(os.path.join(reference, "latest.pth"))
+    got = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    assert got["iteration"] == 4
+    ref["config"]["utils"]["checkpoint_dir"] = got["config"]["utils"]["checkpoint_dir"]
+    assert_same_state(ref, got)  # weights, teacher, optimiser, memory, RNG, samplers, best mIoU: everything
+    assert train_rows(reference) == train_rows(run_dir)
+    val = [{r["iteration"]: r["miou"] for r in map(json.loads, open(os.path.join(d, "train_log.jsonl")))
+            if r["kind"] == "val"} for d in (reference, run_dir)]
+    assert val[0] == val[1] and sorted(val[0]) == [1, 2, 3]

@@ -81,6 +81,13 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Maximum over ranks, in place; returns t."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_gather_rows(x: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Concatenate rows [n_r, ...] of every rank in rank order (n_r may differ between ranks, 0 included).
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from data import build_data, build_gta5
+from data.check_files import check_files
 from data.sampler import InfiniteBatches
 from model import build_model
 from model.checkpoint_io import load_state_strict
@@ -32,6 +33,8 @@ from utils.config import config_diff, fidelity, load_config, parse_size, resolve
 from utils.ema import create_teacher, ema_alpha, ema_momentum, update_teacher
 from utils.errors import UserError
 from utils.evaluation import evaluate
+from utils.fault_guard import RECOVERY_KEYS, NonFiniteGuard, all_finite, recovery_changes
+from utils.graceful_stop import GracefulStop
 from utils.logger import TrainLogger
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import format_iou_table
@@ -58,6 +61,11 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
                    help="validate config and data, build model and optimiser, print the plan, exit")
     p.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue a run from its latest.pth (or 'auto': the run directory's latest.pth)")
+    p.add_argument("--check-files", action="store_true",
+                   help="with --dry-run: read every image and label once and list every bad file")
+    p.add_argument("--recover", action="store_true",
+                   help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's config "
+                        f"(to continue after a divergence)")
     return p
 
 
@@ -111,7 +119,11 @@ class Run:
     def __init__(self, variant: Variant, argv: list[str] | None = None, description: str = ""):
         self.t_start = time.time()
         self.variant = variant
-        self.args = build_arg_parser(description or variant.name).parse_args(argv)
+        parser = build_arg_parser(description or variant.name)
+        self.args = parser.parse_args(argv)
+        self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command printed on a stop
+        if self.args.check_files and not self.args.dry_run or self.args.recover and not self.args.resume:
+            parser.error("--check-files goes with --dry-run, --recover with --resume")
         self.device = choose_device(self.args.device)
         dist.init_distributed(self.device)
         resume_ckpt = self._load_config_and_resume_checkpoint()
@@ -206,8 +218,13 @@ class Run:
         self.best_result: dict | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._count = 0
+        self.pending_evaluation: int | None = None  # an evaluation a stop interrupted (utils/graceful_stop.py)
+        self.latest_saved: int | None = None  # iterations in the latest.pth this process wrote last
         if self.args.dry_run:
             self.print_plan()
+            if self.args.check_files:
+                extra = {"GTA5": self.gta5} if self.gta5 is not None else {}
+                check_files({"train": self.data.train, "val": self.data.val, **extra})  # lists every bad file
             return
         # Different augmentation draws on every process, identical networks (already broadcast); a resumed run
         # then restores each process's own RNG state (load_state_dict).
@@ -225,6 +242,9 @@ class Run:
                             f"{self.num_iterations} iterations from {self.start_iteration}, device {self.device}"
                             f"{f' x{dist.world_size()} processes' if dist.is_distributed() else ''}, "
                             f"fidelity {cfg['fidelity']}, precision {self.precision}, run dir {self.run_dir}")
+        self.guard = NonFiniteGuard(self)  # NaN/Inf loss terms or weights: stop before anything is written
+        self.stop = GracefulStop(self.device)  # SIGTERM/SIGINT, a bad file: write latest.pth, then stop
+        self.stop.install()
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _load_config_and_resume_checkpoint(self) -> dict | None:
@@ -264,10 +284,14 @@ class Run:
                       f"best_model.pth next to {a.resume}.", flush=True)
         if ckpt is not None and isinstance(ckpt.get("config"), dict):
             stored = resolve_config(ckpt["config"], f"{a.resume} (stored config)")
-            diff = config_diff(stored, self.cfg, ignore=RESUME_FREE_KEYS)
+            diff = config_diff(stored, self.cfg, ignore=RESUME_FREE_KEYS + (RECOVERY_KEYS if a.recover else ()))
             if diff:
                 raise UserError(f"cannot resume {a.resume}: it belongs to a run with another config. Differing keys "
-                                f"(checkpoint -> now):\n  " + "\n  ".join(diff))
+                                f"(checkpoint -> now):\n  " + "\n  ".join(diff) + f"\n({', '.join(RECOVERY_KEYS)} may "
+                                f"differ with --recover, e.g. to continue after a divergence.)")
+            if a.recover and dist.is_main():
+                print(f"--recover: resuming {a.resume} with " + ("; ".join(recovery_changes(stored, self.cfg))
+                                                                   or "no changed key"), flush=True)
         return ckpt
 
     def _resolve_method(self, cfg: dict) -> dict:
@@ -333,6 +357,7 @@ class Run:
 
     # --------------------------------------------------------------------------------------- per iteration
     def iterations(self) -> range:
+        self.stop.resume_pending_evaluation(self)  # an evaluation interrupted by a stop is done first
         return range(self.start_iteration, self.num_iterations)
 
     def autocast(self):
@@ -401,7 +426,8 @@ class Run:
         dist.average_buffers(self.student_module, self.teacher)  # BatchNorm running statistics: the same on every rank
 
     def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
-        """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights."""
+        """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights; then a stop
+        (signal, bad file in the next batches) writes latest.pth and ends the run (utils/graceful_stop.py)."""
         u = self.cfg["utils"]
         for k, v in terms.items():
             v = v.detach().float()
@@ -412,19 +438,28 @@ class Run:
             self._log(i)
         if i > 0 and i % u["save_checkpoint_every"] == 0:
             self.save_periodic(i)
-        new_best = False
-        if i > 0 and i % u["val_per_iter"] == 0:
-            best_before = self.best_miou
-            self.evaluate_and_keep_best(i)
-            new_best = self.best_miou != best_before and u["save_best_model"]
-            if self.since_best > self.num_iterations / 5:
-                self.return_to_best(i)
+        new_best = self.evaluate_if_due(i)
         # A new best_model.pth is followed by latest.pth at once: a resumed run must never start from a state older
         # than the best_model.pth on disk (a return to the best model would read weights from its future).
         if (i + 1) % u["save_latest_every"] == 0 or i == self.num_iterations - 1 or new_best:
             self.save_latest(i + 1)
+        self.stop.after_iteration(self, i)
+
+    def evaluate_if_due(self, i: int) -> bool:
+        """The periodic evaluation after iteration i and the return to the best weights; whether a new
+        best_model.pth was written. A stop request during it leaves it pending (the resumed run does it)."""
+        u = self.cfg["utils"]
+        if not (i > 0 and i % u["val_per_iter"] == 0):
+            return False
+        best_before = self.best_miou
+        with self.stop.pending_evaluation(self, i):
+            self.evaluate_and_keep_best(i)
+            if self.since_best > self.num_iterations / 5:
+                self.return_to_best(i)
+        return self.best_miou != best_before and u["save_best_model"]
 
     def _log(self, i: int) -> None:
+        self.guard.check(self)
         if dist.is_distributed() and self._sums:  # the mean over all processes' batches
             keys = list(self._sums)
             total = dist.all_reduce_sum(torch.stack([self._sums[k] for k in keys])) / dist.world_size()
@@ -444,14 +479,16 @@ class Run:
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
         shown: list[torch.Tensor] = []
+        poll = self.stop.evaluation_poll(self, len(d.val))
 
-        def keep_image(name, image, label, pred):  # the first n_images validation images, as panels
-            if len(shown) < n_images:
+        def keep_image(name, image, label, pred):  # the first n_images validation images, as panels; a stop
+            if len(shown) < n_images:              # request ends the evaluation here
                 shown.append(validation_panel(image, label, pred, d.palette, self.ignore_label, d.channel_order))
+            poll()
 
         result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
-                          autocast=self.autocast, on_prediction=keep_image if n_images else None)
+                          autocast=self.autocast, on_prediction=keep_image)
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
         self.logger.vector(i, f"{tag}_iou", result["iou"], d.class_names)
         for k, picture in enumerate(shown):  # image | ground truth | prediction
@@ -482,6 +519,7 @@ class Run:
                 "optimizer": self.optimizer.state_dict(), "iteration": i, **extra}
 
     def save_periodic(self, i: int) -> None:
+        self.guard.check(self, weights=True)
         if not dist.is_main():
             return
         path = os.path.join(self.run_dir, f"checkpoint-iter{i}.pth")
@@ -492,6 +530,7 @@ class Run:
 
     def evaluate_and_keep_best(self, i: int, final: bool = False) -> dict:
         """Evaluate the student; a new best is saved as best_model.pth (after the loop, `final`: the student)."""
+        self.guard.check(self, weights=True)  # before best_model.pth (and, at the end, the final checkpoint)
         result = self.evaluate(self.student_module, i)
         if result["miou"] > self.best_miou:
             self.best_miou, self.best_result = result["miou"], result
@@ -542,6 +581,7 @@ class Run:
                          "gta5": self.gta5_batches.state_dict() if self.gta5_batches is not None else None},
             # the loss sums of the current log interval, so that a resumed run logs the same averages
             "log_window": {"sums": dict(self._sums), "count": self._count},
+            "pending_evaluation": self.pending_evaluation,
             "format": "ssl-run-state-1",
         }
         return state
@@ -563,7 +603,8 @@ class Run:
             return
         load_state_strict(self.teacher, ckpt["teacher"], source + " (teacher)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved in fp32 (a --recover resume may switch precision)
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.memory.load_state_dict(ckpt["memory"])
         if self.balancing is not None and ckpt["balancing"] is not None:
             self.balancing.load_state_dict(ckpt["balancing"])
@@ -579,6 +620,7 @@ class Run:
         window = ckpt.get("log_window") or {"sums": {}, "count": 0}
         self._sums = {k: v.to(self.device) for k, v in window["sums"].items()}
         self._count = int(window["count"])
+        self.pending_evaluation = ckpt.get("pending_evaluation")
         states = ckpt.get("rng_ranks") or [ckpt["rng"]]  # one per process of the run that saved it
         saved_world = int(ckpt.get("world_size", len(states)))
         if saved_world != dist.world_size() and dist.is_main():
@@ -590,9 +632,11 @@ class Run:
 
     def save_latest(self, next_iteration: int) -> None:
         """latest.pth: the whole run state after `next_iteration` iterations, written atomically."""
+        self.guard.check(self, weights=True)
         state = self.state_dict(next_iteration)
         if dist.is_main():
             save_atomic(state, os.path.join(self.run_dir, "latest.pth"))
+        self.latest_saved = next_iteration
 
     # ------------------------------------------------------------------------------------------ after loop
     @torch.no_grad()
@@ -600,6 +644,7 @@ class Run:
         """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics."""
         model.train()
         for _ in range(passes):
+            self.stop.poll(self, "the BatchNorm refresh")
             images = self.unlabeled.next()[0]
             with self.autocast():
                 model(normalize(images, self.data.mean_rgb, self.data.channel_order))
@@ -616,7 +661,7 @@ class Run:
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
             self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
             refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
-            if refreshed["miou"] > self.best_miou:
+            if refreshed["miou"] > self.best_miou and all_finite(self.student_module.state_dict().values()):
                 self.best_miou, self.best_result = refreshed["miou"], refreshed
                 if dist.is_main() and self.cfg["utils"]["save_best_model"]:
                     save_atomic({"model": self.student_module.state_dict(), "config": self.cfg, "iteration": N,
@@ -631,20 +676,25 @@ class Run:
                 json.dump(report, f, indent=2)
             self.logger.message(format_iou_table(torch.tensor(best["iou"]), self.data.class_names))
             self.logger.message(f"best mIoU {100 * self.best_miou:.2f}; total time {time.time() - self.t_start:.1f} s")
-        self.logger.close()
+        self.stop.end(self)  # closes the logger too
         return best
 
 
 def main_guard(main) -> None:
-    """Run `main`; a user error prints its one-line message and exits 2, without a traceback.
+    """Run `main`; a user error prints its message and exits 2, without a traceback; a run that stopped on purpose
+    (utils/errors.RunStopped: signal, bad file, divergence) prints its message once and exits with its own code.
 
     Under torchrun a failing rank exits at once (other errors are also recorded for torchrun's failure summary)
     and torchrun stops the other ranks, so the job ends non-zero instead of hanging in a collective. The process
     group is torn down only after success: NCCL's teardown could wait for ranks that will never arrive.
     """
+    code = 0
     try:
         dist.run_recording_errors(main)
-    except UserError as e:
-        print(f"error{dist.rank_tag()}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except UserError as e:  # RunStopped (a stop on purpose) too: its own prefix and exit code, told by rank 0
+        if dist.is_main() or not e.main_only:
+            print(f"{e.label}{dist.rank_tag()}: {e}", file=sys.stderr, flush=True)
+        code = e.exit_code
+    if code:  # outside the handler: the run and its frames are released before the interpreter exits
+        sys.exit(code)
     dist.cleanup()

@@ -45,6 +45,7 @@ from PIL import Image
 
 from data.cityscapes_labels import ID_TO_TRAINID, IGNORE_LABEL, LABELS, NUM_CLASSES
 from utils.errors import UserError
+from utils.progress import progress
 
 NUM_IDS = 34  # Cityscapes label ids 0..33
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -301,21 +302,6 @@ def layout_from_split_mat(root: str, mat_path: str) -> dict[str, int]:
     return {"moved": len(moves), "in_place": in_place, "test_left": test_left, "missing": len(missing)}
 
 
-def _progress(results, total: int):
-    """tqdm on a terminal; otherwise one line per 10% done."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-        yield from tqdm(results, total=total, desc="labels", unit="file")
-        return
-    shown = 0
-    for done, r in enumerate(results, 1):
-        yield r
-        decile = done * 10 // total
-        if decile > shown:
-            shown = decile
-            print(f"labels: {decile * 10}% ({done}/{total})", flush=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -352,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         pool = mp.Pool(workers)
         results = pool.imap_unordered(process_file, tasks, chunksize=max(1, min(32, len(tasks) // (8 * workers))))
     try:
-        for src, status, why in _progress(results, len(tasks)):
+        for src, status, why in progress(results, len(tasks), "labels"):
             counts[status] += 1
             if status in ("malformed", "error"):
                 problems.append((src, status, why))
