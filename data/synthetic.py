@@ -123,6 +123,8 @@ STYLES = {
                tint=(0.85, 1.15), side_light=0.45, haze=0.45, noise=(1.0, 4.0)),
 }
 
+# Rendered scenes are kept in memory when a whole dataset (images and labels) takes at most this many bytes.
+CACHE_BYTES = 256 * 2 ** 20
 # Third seed word of style "b" scenes (style "a" keeps the original (seed_offset, index) seeds).
 STYLE_SEED = {"b": 11}
 
@@ -354,12 +356,22 @@ class SyntheticStreets(SegmentationDataset):
         self.style = style
         tag = "" if style == "a" else f"-{style}"
         self.names = [f"synthetic{tag}_{seed_offset}_{i:05d}" for i in range(int(num_images))]
+        fits = len(self.names) * self.image_size[0] * self.image_size[1] * 4 <= CACHE_BYTES
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if fits else None
 
     def scene(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """The full scene `index`: ([H,W,3] uint8 RGB, [H,W] uint8 label)."""
+        """The full scene `index`: ([H,W,3] uint8 RGB, [H,W] uint8 label), read-only. Rendered once and kept when
+        the whole set fits in CACHE_BYTES (training draws every scene many times)."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
         key = [self.seed_offset, index] + ([] if self.style == "a" else [STYLE_SEED[self.style]])
         rng = np.random.default_rng(key)
-        return render_scene(rng, *self.image_size, ignore_label=self.ignore_label, style=self.style)
+        image, label = render_scene(rng, *self.image_size, ignore_label=self.ignore_label, style=self.style)
+        image.flags.writeable = False
+        label.flags.writeable = False
+        if self._cache is not None:
+            self._cache[index] = (image, label)
+        return image, label
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image, label = self.scene(index)

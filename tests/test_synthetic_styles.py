@@ -143,3 +143,22 @@ def test_domain_adaptation_run_on_synthetic_scenes(tmp_path, capsys):
     assert [da_script.uses_gta5_batch(i, 200, run.fidelity.da_source_schedule) for i in range(4)] == \
         [True, False, True, False]
     assert "dry run: OK" in capsys.readouterr().out
+
+
+def test_scenes_rendered_once_and_read_only(monkeypatch):
+    import data.synthetic as synthetic
+    calls = []
+    render = synthetic.render_scene
+    monkeypatch.setattr(synthetic, "render_scene", lambda *a, **k: calls.append(1) or render(*a, **k))
+    ds = SyntheticStreets(3, (40, 64), train=True, crop_size=(24, 40), style="b")
+    first = ds.scene(1)
+    assert ds[(1, 5)][1].shape == (24, 40) and ds[(1, 6)][0].shape == (3, 24, 40)
+    assert len(calls) == 1 and ds.scene(1)[0] is first[0]  # one render, kept
+    with pytest.raises(ValueError):
+        first[0][0, 0, 0] = 1  # the kept arrays cannot be changed by a caller
+    fresh = SyntheticStreets(3, (40, 64), train=False, style="b").scene(1)
+    assert np.array_equal(fresh[0], first[0]) and np.array_equal(fresh[1], first[1])
+    monkeypatch.setattr(synthetic, "CACHE_BYTES", 3 * 40 * 64 * 4 - 1)  # a set too large to keep
+    big = SyntheticStreets(3, (40, 64), train=False)
+    big.scene(0), big.scene(0)
+    assert len(calls) == 4 and big._cache is None
