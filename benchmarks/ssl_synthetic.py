@@ -424,6 +424,17 @@ def draw_diagnostics(results: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _shown(path: str) -> str:
+    """A path relative to the repository when inside it (the JSON is committed under docs/)."""
+    rel = os.path.relpath(path, ROOT)
+    return path if rel.startswith("..") else rel
+
+
+def _shown_run(run: dict) -> dict:
+    sets = {**run["sets"], "utils.checkpoint_dir": _shown(run["sets"]["utils.checkpoint_dir"])}
+    return {**run, "run_dir": _shown(run["run_dir"]), "sets": sets}
+
+
 def machine() -> dict:
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     try:
@@ -527,8 +538,9 @@ def main(argv: list[str] | None = None) -> dict:
         "run_length_scaling": {"released_iterations": RELEASED_ITERATIONS, "released": RELEASED_RUN_LENGTH,
                                "scaled": scaled_run_length(m["iterations"])},
         "differences_from_release": DIFFERENCES_FROM_RELEASE,
-        "runs": results, "summary": rows, "target": target, "machine": info, "jobs": args.jobs,
-        "threads": args.threads, "elapsed_seconds": round(elapsed, 1), "plots": [png, diag_png],
+        "runs": [_shown_run(r) for r in results],
+        "summary": rows, "target": target, "machine": info, "jobs": args.jobs,
+        "threads": args.threads, "elapsed_seconds": round(elapsed, 1), "plots": [_shown(png), _shown(diag_png)],
     }
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
         json.dump(report, f, indent=1)

@@ -107,6 +107,11 @@ def test_scaled_run_length_and_full_plan():
     runs = bench.plan("full", "/tmp/x")
     assert len(runs) == 5 * 3 and len({r["run_dir"] for r in runs}) == 15
     assert {(r["arm"], r["seed"]) for r in runs} == {(a, s) for a in bench.ARMS for s in (1, 2, 3)}
+    for r in runs:  # the DA pair adapts style a to style b with alternating source batches; the rest is style a
+        da = r["arm"] in ("source_only", "domain_adaptation")
+        assert r["script"] == ("trainSSL_domain_adaptation_targetCity.py" if da else "trainSSL.py")
+        assert r["sets"]["synthetic.style"] == ("b" if da else "a")
+        assert r["sets"].get("method.da_source_schedule") == ("alternate" if da else None)
     with open(bench.BASE_CONFIG) as f:
         base = json.load(f)
     assert base["training"]["data"]["labeled_samples"] * 10 == base["synthetic"]["num_train"]  # 1/10 labeled
