@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     info = machine()
     done: list[dict] = []
+    failed: list[dict] = []
     if args.report:
         done = [r for r in runs if finished(r, config)]
         print(f"--report: {len(done)} of {len(runs)} runs finished in {out}")
@@ -504,10 +505,18 @@ def main(argv: list[str] | None = None) -> dict:
             # slowest arms first, so that the last runs of the pool are short ones
             cost = {"full": 0, "domain_adaptation": 1, "pseudo_classmix": 2, "supervised": 3, "source_only": 4}
             order = sorted(runs, key=lambda r: (cost[r["arm"]], r["seed"]))
-            futures = [pool.submit(execute, r, config, args.device, args.threads, args.keep_checkpoints,
-                                   args.in_process) for r in order]
+            futures = {pool.submit(execute, r, config, args.device, args.threads, args.keep_checkpoints,
+                                   args.in_process): r for r in order}
             for fut in cf.as_completed(futures):
-                r = fut.result()
+                try:
+                    r = fut.result()
+                except Exception as e:  # the other runs go on; the failure is reported at the end
+                    r = futures[fut]
+                    failed.append({"arm": r["arm"], "seed": r["seed"], "run_dir": _shown(r["run_dir"]),
+                                   "error": f"{type(e).__name__}: {e}"[-3000:]})
+                    print(f"  {r['arm']:18s} seed={r['seed']}: FAILED ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})", flush=True)
+                    continue
                 done.append(r)
                 c = collect(r)
                 took = "cached" if r["cached"] else f"{r['seconds']:.0f} s"
@@ -538,13 +547,16 @@ def main(argv: list[str] | None = None) -> dict:
         "run_length_scaling": {"released_iterations": RELEASED_ITERATIONS, "released": RELEASED_RUN_LENGTH,
                                "scaled": scaled_run_length(m["iterations"])},
         "differences_from_release": DIFFERENCES_FROM_RELEASE,
-        "runs": [_shown_run(r) for r in results],
+        "runs": [_shown_run(r) for r in results], "failed": failed,
         "summary": rows, "target": target, "machine": info, "jobs": args.jobs,
         "threads": args.threads, "elapsed_seconds": round(elapsed, 1), "plots": [_shown(png), _shown(diag_png)],
     }
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {os.path.join(out, 'ssl_synthetic.json')}, {png} and {diag_png}")
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed; their output is in <run dir>/stdout.txt: "
+                         + ", ".join(f["run_dir"] for f in failed))
     return report
 
 

@@ -195,3 +195,16 @@ def test_measurements_leave_training_unchanged(tmp_path):
     assert not os.path.exists(tmp_path / "plain" / "diagnostics.jsonl")
     # with memory_confidence 0 every correctly predicted labeled pixel is a candidate; the bank fills
     assert sum(d[-1]["memory_fill"].values()) > 0 and d[-1]["bn"]["layers"]
+
+
+def test_a_failed_run_is_reported_after_the_others(tmp_path):
+    # 2 training images cannot hold 4 labeled ones: both runs fail at set-up; the report names them, then exits
+    with pytest.raises(SystemExit, match="2 run"):
+        bench.main(["--smoke", "--in-process", "--arms", "supervised", "full", "--set", "synthetic.num_train=2",
+                    "--out", str(tmp_path)])
+    with open(tmp_path / "ssl_synthetic.json") as f:
+        stored = json.load(f)
+    assert sorted(r["arm"] for r in stored["failed"]) == ["full", "supervised"] and stored["runs"] == []
+    assert "labeled" in stored["failed"][0]["error"]
+    with pytest.raises(SystemExit, match="arms set this key"):
+        bench.main(["--smoke", "--set", "method.use_contrastive=false", "--out", str(tmp_path)])
