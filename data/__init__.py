@@ -33,6 +33,7 @@ VOC_MEAN_RGB = (122.6789143, 116.66876762, 104.00698793)
 OTHER_MEAN_RGB = (127.5, 127.5, 127.5)
 DEFAULT_ROOTS = {"cityscapes": "../data/CityScapes", "pascal_voc": "../data/VOC2012", "gta5": "../data/GTA5"}
 DATASET_ALIASES = {"pascal": "pascal_voc"}
+SOURCE_STYLE = {"a": "b", "b": "a"}  # synthetic domain adaptation: the source is the other style
 
 
 @dataclass
@@ -126,8 +127,9 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
         s = cfg["synthetic"]
         size = parse_size(s["image_size"], "synthetic.image_size")
         train = SyntheticStreets(s["num_train"], size, seed_offset=0, train=True, crop_size=crop, channel_order=order,
-                                 ignore_label=ignore)
-        val = SyntheticStreets(s["num_val"], size, seed_offset=1, train=False, channel_order=order, ignore_label=ignore)
+                                 ignore_label=ignore, style=s["style"])
+        val = SyntheticStreets(s["num_val"], size, seed_offset=1, train=False, channel_order=order, ignore_label=ignore,
+                               style=s["style"])
     else:  # "folder" (dataset_info refuses any other name)
         f = dict(cfg["folder"])
         root = data_root or d.get("root")
@@ -147,6 +149,23 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),
                       ignore_label=ignore, mean_rgb=info.mean_rgb, channel_order=order, train_names=list(train.names))
+
+
+def build_source(cfg: dict, gta5_root: str | None = None) -> Dataset:
+    """The fully labeled source domain of domain adaptation for the config's target dataset: GTA5 for Cityscapes;
+    for the synthetic scenes, `synthetic.num_source` scenes of the other style (their own scenes: seed offset 2),
+    so that style "a" stands in for GTA5 and style "b" for Cityscapes."""
+    name = DATASET_ALIASES.get(cfg["dataset"], cfg["dataset"])
+    if name == "cityscapes":
+        return build_gta5(cfg, gta5_root)
+    if name == "synthetic":
+        s, t = cfg["synthetic"], cfg["training"]
+        return SyntheticStreets(s["num_source"], parse_size(s["image_size"], "synthetic.image_size"), seed_offset=2,
+                                train=True, crop_size=parse_size(t["data"]["input_size"], "training.data.input_size"),
+                                channel_order=channel_order_for(t["pretraining"]), ignore_label=cfg["ignore_label"],
+                                style=SOURCE_STYLE[s.get("style", "a")])
+    raise UserError(f"domain adaptation adapts GTA5 to Cityscapes (or synthetic style \"a\" to \"b\"); the config's "
+                    f"dataset is '{name}'. Use a configs/configSSL_city_*.json config, or \"dataset\": \"synthetic\".")
 
 
 def build_gta5(cfg: dict, root: str | None = None) -> GTA5Dataset:

@@ -10,6 +10,7 @@ script's own value from `utils/variants.py`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ SCHEMA: dict[str, Any] = {
         "use_unlabeled": ((bool,), True, "false: supervised only (no pseudo-labels, entropy, unlabeled contrastive)"),
         "use_contrastive": ((bool,), True, "false: no memory bank and no contrastive terms"),
         "bn_refresh_iterations": ((int,), 1000, "train-mode passes over unlabeled data after training (BN refresh)"),
+        "da_source_schedule": ((str, type(None)), None,
+                               "domain adaptation: iterations whose labeled batch is from the source; null: the "
+                               "fidelity preset's (\"last100_odd\" code, \"alternate\" paper)"),
     },
     "seed": ((int,), 5555, "seeds Python, NumPy and torch"),
     "ignore_label": ((int,), 250, "label value ignored by losses and metrics"),
@@ -91,6 +95,9 @@ SCHEMA: dict[str, Any] = {
         "num_train": ((int,), 300, "synthetic training images"),
         "num_val": ((int,), 40, "synthetic validation images"),
         "image_size": ((str,), "96,160", "\"H,W\" of the generated scenes"),
+        "style": ((str,), "a", "look of the scenes: \"a\", or \"b\" (other colours, textures, lighting and "
+                               "proportions; same classes)"),
+        "num_source": ((int,), 300, "domain adaptation: fully labeled source scenes, in the other style"),
     },
     "folder": {
         "train_images": ((str, type(None)), None, "directory (or list file) of training images"),
@@ -114,6 +121,8 @@ CHOICES = {
     "training.optimizer": ("SGD",),
     "training.lr_schedule": ("Poly", None),
     "training.pretraining": ("COCO", "imagenet"),
+    "synthetic.style": ("a", "b"),
+    "method.da_source_schedule": (None, "last100_odd", "alternate"),
 }
 
 
@@ -135,8 +144,11 @@ FIDELITY_PRESETS = {
 
 
 def fidelity(cfg: dict) -> Fidelity:
-    """The switches of the config's fidelity preset."""
-    return FIDELITY_PRESETS[cfg["fidelity"]]
+    """The switches of the config's fidelity preset; `method.da_source_schedule`, when set, replaces the preset's
+    domain-adaptation schedule (the released one draws source batches only on 50 of the last 100 iterations)."""
+    preset = FIDELITY_PRESETS[cfg["fidelity"]]
+    schedule = cfg.get("method", {}).get("da_source_schedule")
+    return preset if schedule is None else dataclasses.replace(preset, da_source_schedule=schedule)
 
 
 def _type_ok(value: Any, types: tuple) -> bool:

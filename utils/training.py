@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from data import build_data, build_gta5
+from data import build_data, build_source
 from data.check_files import check_files
 from data.sampler import InfiniteBatches
 from model import build_model
@@ -148,11 +148,8 @@ class Run:
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
         self.gta5 = None
-        if variant.uses_gta5:
-            if self.data.name != "cityscapes":
-                raise UserError(f"{variant.name} adapts GTA5 to Cityscapes; the config's dataset is "
-                                f"'{self.data.name}'. Use a configs/configSSL_city_*.json config.")
-            self.gta5 = build_gta5(cfg, self.args.gta5_root or cfg["training"]["data"]["gta5_root"])
+        if variant.uses_gta5:  # the labeled source: GTA5 for Cityscapes, the other style for synthetic scenes
+            self.gta5 = build_source(cfg, self.args.gta5_root or cfg["training"]["data"]["gta5_root"])
 
         # Networks: student, EMA teacher; the pseudo-labeler is the teacher or the student (eval mode).
         t = cfg["training"]
