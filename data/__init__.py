@@ -127,9 +127,9 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
         s = cfg["synthetic"]
         size = parse_size(s["image_size"], "synthetic.image_size")
         train = SyntheticStreets(s["num_train"], size, seed_offset=0, train=True, crop_size=crop, channel_order=order,
-                                 ignore_label=ignore, style=s["style"])
+                                 ignore_label=ignore, style=s.get("style", "a"))
         val = SyntheticStreets(s["num_val"], size, seed_offset=1, train=False, channel_order=order, ignore_label=ignore,
-                               style=s["style"])
+                               style=s.get("style", "a"))
     else:  # "folder" (dataset_info refuses any other name)
         f = dict(cfg["folder"])
         root = data_root or d.get("root")
@@ -159,6 +159,7 @@ def build_source(cfg: dict, gta5_root: str | None = None) -> Dataset:
     if name == "cityscapes":
         return build_gta5(cfg, gta5_root)
     if name == "synthetic":
+        from data.synthetic import SyntheticStreets
         s, t = cfg["synthetic"], cfg["training"]
         return SyntheticStreets(s["num_source"], parse_size(s["image_size"], "synthetic.image_size"), seed_offset=2,
                                 train=True, crop_size=parse_size(t["data"]["input_size"], "training.data.input_size"),
