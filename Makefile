@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR := runs/demo
 
-.PHONY: demo test gpu-check install clean-demo
+.PHONY: demo test gpu-check install clean-demo mutants
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,19 @@ test: $(STAMP)
 # benchmarks/gpu_check.json and benchmarks/gpu_check.md. Without CUDA it says so and exits 0.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+# Mutation testing (a developer tool, not CI): mutmut over utils/ and model/, each module's mutants against the fast
+# test files setup.cfg's [mutants] lists for it; then the score per module (tests/mutation.py). All modules take many
+# hours on two cores: MUTANTS narrows it (MUTANTS="utils/ssl_steps.py utils/memory_bank.py"); MUTANT_JOBS test
+# processes (one thread each). Results stay in mutants/; `$(PY) -m mutmut results` lists the survivors and
+# `$(PY) -m mutmut show NAME` shows one.
+MUTANTS ?= $(shell sed -n '/^\[mutants\]/,$$p' setup.cfg | sed -n 's/^\([a-z_/]*\.py\) = .*/\1/p')
+MUTANT_JOBS ?= 2
+mutants: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	SSL_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children $(MUTANT_JOBS) \
+		$(foreach m,$(MUTANTS),"$(subst /,.,$(m:.py=)).*")
+	$(PY) tests/mutation.py $(MUTANTS)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

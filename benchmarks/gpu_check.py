@@ -7,7 +7,9 @@
 Steps, in order, each under its own time limit (a subprocess killed when it runs over), so that one failure or
 hang does not hide the others:
   1 cuda_tests          pytest -m cuda: every method part agrees between CUDA and CPU, and one iteration makes
-                        no host sync beyond the documented ones (tests/test_cuda_parts.py, tests/test_cuda_sync.py)
+                        no host sync beyond the documented ones (tests/test_cuda_parts.py, tests/test_cuda_sync.py);
+                        fp16, channels_last and training.compile in a run (tests/test_switches_cuda.py);
+                        training.sync_batchnorm under torchrun (tests/test_distributed.py)
   2 demo                configs/demo.json for 200 iterations in fp32 and in bf16, then evaluateSSL.py of each
                         best_model.pth on CUDA and on the CPU (mIoU equal within 0.001)
   3 bench_step          benchmarks/bench_step.py at paper size: Cityscapes v2 COCO (B=5, 512x512) and v3+ (B=7),
@@ -552,7 +554,8 @@ def _skip_gloo(plan: Plan, results: dict) -> str | None:
 
 
 STEPS: tuple[Step, ...] = (
-    Step("cuda_tests", "pytest -m cuda (CUDA vs CPU per part; no host sync beyond the documented ones)", 45,
+    Step("cuda_tests", "pytest -m cuda (CUDA vs CPU per part; no host sync beyond the documented ones; the CUDA-only "
+         "switches)", 90,
          "command", cuda_tests_command, cuda_tests_result),
     Step("demo", "demo config, 200 iterations fp32 and bf16; evaluateSSL.py on CUDA vs CPU", 75, "python"),
     Step("bench_step", "bench_step.py at paper size, fp32 and bf16 (v2, v3+, less-memory)", 90, "python"),

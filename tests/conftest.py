@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU only, few threads, repository root importable, signal handlers restored."""
+"""Shared test set-up: CPU only, few threads, repository root importable, signal handlers restored; the hooks of
+mutation testing."""
 import os
 import signal
 import sys
@@ -10,8 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Under pytest-xdist (`make test` runs two workers) each worker computes on one thread; alone, two.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# Under pytest-xdist (`make test` runs two workers) each worker computes on one thread; alone, two; `make mutants`
+# sets SSL_TEST_THREADS=1 (one test process per core).
+torch.set_num_threads(int(os.environ.get("SSL_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +28,21 @@ def restore_signal_handlers(original_signal_handlers):
     yield
     for s, handler in original_signal_handlers.items():
         signal.signal(s, handler)
+
+
+def pytest_runtest_logreport(report):
+    from tests import mutation
+    if mutation.collecting_stats():
+        mutation.add_setup_duration(report)
+
+
+def pytest_sessionfinish(session):
+    from tests import mutation
+    if mutation.collecting_stats():
+        mutation.widen_stats(session)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    from tests import mutation
+    if mutation.running_a_mutant():
+        mutation.order_fast_files_first(session, items)

@@ -7,6 +7,9 @@ rank appends one JSON line to $DW_OUT/rank<r>.jsonl with digests of its student,
 class balancing and class weights, the dataset indices it drew and the memory rows it contributed/received;
 every evaluation appends the model digest, confusion matrix and the validation images this rank predicted.
 $DW_FAIL_RANK / $DW_FAIL_ITER make that rank raise after that iteration (the failure test);
+$DW_STARVE_RANK / $DW_STARVE_ITER give that rank no valid pixel for the memory update and the contrastive terms in
+that iteration (all labels ignored there), as a rank with fewer than two selected pixels of every class has: its
+heads and selectors then skip a step the other rank's take;
 $DW_CHECK_COLLECTIVES runs `check_collectives` on the torchrun group before training.
 $DW_SHARE_DEVICE=1 puts every rank on the first GPU (LOCAL_RANK 0: two processes on a one-GPU machine);
 $DW_BACKEND=gloo starts the process group with that backend before Run does (gloo on CUDA tensors, where NCCL
@@ -88,9 +91,17 @@ def install_probes() -> None:
 
     def write_step(self, i):
         record = {"kind": "step", "i": i, "lr": self.lr,
+                  "optimizer_lr": [g["lr"] for g in self.optimizer.param_groups],
                   "student": digest(self.student_module.state_dict()),
                   "student_params": digest([p for p in self.student_module.parameters()]),
                   "teacher": digest(self.teacher.state_dict()),
+                  # every buffer by name (persistent or not), and every parameter, of both networks
+                  "student_buffers": buffer_digests(self.student_module),
+                  "teacher_buffers": buffer_digests(self.teacher),
+                  "student_all_params": digest(dict(self.student_module.named_parameters())),
+                  "teacher_all_params": digest(dict(self.teacher.named_parameters())),
+                  "sync_batchnorm": sum(isinstance(m, torch.nn.SyncBatchNorm) for m in self.student_module.modules()),
+                  "starved": starving(i),
                   "optimizer": digest(self.optimizer.state_dict()["state"]),
                   "memory": digest(self.memory.state_dict()), "memory_counts": self.memory.counts.tolist(),
                   "balancing": digest(self.balancing.state_dict()) if self.balancing is not None else None,
@@ -114,10 +125,28 @@ def install_probes() -> None:
                 "confusion": result["confusion"].tolist(), "miou": result["miou"], "loss": result["loss"]})
         return result
 
+    from utils import ssl_steps
+    update_memory, contrastive_term = ssl_steps.update_memory, ssl_steps.contrastive_term
+
+    def starve(labels, run):
+        return torch.full_like(labels, run.ignore_label) if starving(run.iteration) else labels
+
+    ssl_steps.update_memory = lambda run, images, labels: update_memory(run, images, starve(labels, run))
+    ssl_steps.contrastive_term = lambda run, features, labels: contrastive_term(run, features, starve(labels, run))
     training.Run.__init__ = init
     training.Run.gather_rows = gather
     training.Run.end_iteration = end
     training.evaluate = evaluate_probe
+
+
+def starving(i: int) -> bool:
+    """Whether this rank has no valid pixel for the memory and the contrastive terms in iteration i."""
+    return os.environ.get("DW_STARVE_RANK") == str(dist.rank()) and os.environ.get("DW_STARVE_ITER") == str(i)
+
+
+def buffer_digests(module: torch.nn.Module) -> dict[str, str]:
+    """A short digest of every buffer of `module` by name (running statistics and step counters)."""
+    return {name: digest(b)[:16] for name, b in module.named_buffers()}
 
 
 def check_collectives() -> None:
@@ -167,15 +196,16 @@ def check_collectives() -> None:
     assert m.a.grad.tolist() == [[1.0, 1.0], [1.0, 1.0]] and m.b.grad.tolist() == [0.0, 0.0, 0.0], m.b.grad
     assert m.c.grad is None
 
-    # average_buffers: running stats averaged, num_batches_tracked untouched
+    # average_buffers: running stats averaged; the step counters take the largest: a BatchNorm that ran on one rank
+    # only (rank 1 here: 9 steps against 7) counts the step on both
     bn = nn.BatchNorm2d(2)
     bn.running_mean.fill_(float(rank))                      # 0, 1 -> 0.5
     bn.running_var.fill_(1.0 + 2 * rank)                    # 1, 3 -> 2
-    bn.num_batches_tracked.fill_(7)
+    bn.num_batches_tracked.fill_(7 + 2 * rank)              # 7, 9 -> 9
     bn.weight.data.fill_(float(rank))                       # a parameter: not a buffer
     dist.average_buffers(bn, bucket_numel=1)
     assert bn.running_mean.tolist() == [0.5, 0.5] and bn.running_var.tolist() == [2.0, 2.0]
-    assert int(bn.num_batches_tracked) == 7 and bn.weight.tolist() == [float(rank)] * 2
+    assert int(bn.num_batches_tracked) == 9 and bn.weight.tolist() == [float(rank)] * 2
 
     # broadcast_parameters: rank 0's parameters and buffers
     dist.broadcast_parameters(bn)
@@ -196,7 +226,8 @@ def check_collectives() -> None:
     assert torch.allclose(w, torch.tensor([(5 / 6) ** 0.5, (5 / 4) ** 0.5, 1.0])), w
 
 
-STATE_KEYS = ("student", "teacher", "optimizer", "memory", "balancing", "class_weights", "lr")
+STATE_KEYS = ("student", "teacher", "student_buffers", "teacher_buffers", "student_all_params", "teacher_all_params",
+              "optimizer", "memory", "balancing", "class_weights", "lr", "optimizer_lr")
 
 
 def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
@@ -216,7 +247,12 @@ def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
         i = per_rank[0]["i"]
         for key in STATE_KEYS:
             if len({json.dumps(s[key]) for s in per_rank}) > 1:
-                problems.append(f"{key} differs between the ranks after iteration {i}")
+                names = ""
+                if key.endswith("_buffers"):  # which buffers, by name
+                    differing = sorted(k for k in per_rank[0][key] if len({json.dumps(s[key].get(k))
+                                                                           for s in per_rank}) > 1)
+                    names = f": {', '.join(differing[:6])}{' ...' if len(differing) > 6 else ''}"
+                problems.append(f"{key} differs between the ranks after iteration {i}{names}")
         labeled = [set(s["labeled"]) for s in per_rank]
         if any(a & b for k, a in enumerate(labeled) for b in labeled[k + 1:]):
             problems.append(f"ranks drew the same labeled images in iteration {i}")

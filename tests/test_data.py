@@ -81,11 +81,35 @@ def test_cityscapes_v2_train_is_half_size_then_crop(city):
     expected = torch.from_numpy(half[y:y + 32, x:x + 32].transpose(2, 0, 1).copy()).float()
     assert torch.equal(image, expected)
     ids = np.asarray(Image.open(files["train"][1][1]).resize((W // 2, H // 2), Image.Resampling.NEAREST))
-    from data.cityscapes_labels import ID_TO_TRAINID
-    assert torch.equal(label, torch.from_numpy(ID_TO_TRAINID[ids][y:y + 32, x:x + 32].astype(np.int64)))
+    # the fixture's label ids and their train ids by hand (road 7, sidewalk 8, building 11, pole 17, vegetation 21,
+    # sky 23, person 24, car 26; unlabeled 0, ego vehicle 1 and the license plate's 255 are ignored)
+    by_hand = np.full(256, 250, dtype=np.int64)
+    by_hand[[7, 8, 11, 17, 21, 23, 24, 26]] = [0, 1, 2, 5, 8, 10, 11, 13]
+    assert set(np.unique(ids)) <= {0, 1, 7, 8, 11, 17, 21, 23, 24, 26, 255}
+    assert torch.equal(label, torch.from_numpy(by_hand[ids][y:y + 32, x:x + 32]))
     # same key -> same crop; a plain int key means seed = index
     assert torch.equal(ds[(1, 1234)][0], image)
     assert torch.equal(ds[1][0], ds[(1, 1)][0])
+
+
+def test_cityscapes_table_is_the_official_one():
+    """All 34 label ids against cityscapesScripts' own table (test-only dependency): the 19 train ids, names and
+    colours; every id the official table leaves out of training (train id 255 or -1) maps to the ignore label."""
+    from cityscapesscripts.helpers.labels import labels as official
+
+    from data.cityscapes_labels import CLASS_NAMES, ID_TO_TRAINID, IGNORE_LABEL, LABELS, NUM_CLASSES, PALETTE
+
+    official = [l for l in official if l.id >= 0]                    # the license plate has id -1
+    assert [(name, lid) for name, lid, _, _ in LABELS] == [(l.name, l.id) for l in official]
+    trained = sorted((l for l in official if 0 <= l.trainId < 255), key=lambda l: l.trainId)
+    assert [l.trainId for l in trained] == list(range(19)) and NUM_CLASSES == 19
+    for l in official:
+        expected = l.trainId if 0 <= l.trainId < 255 else IGNORE_LABEL
+        assert ID_TO_TRAINID[l.id] == expected, l.name
+    assert set(np.unique(np.delete(ID_TO_TRAINID, [l.id for l in official]))) == {IGNORE_LABEL}
+    assert CLASS_NAMES == [l.name for l in trained]
+    assert [tuple(c) for c in PALETTE] == [tuple(l.color) for l in trained]
+    assert [tuple(col) for _, _, _, col in LABELS] == [tuple(l.color) for l in official]
 
 
 def test_cityscapes_v3_train_crops_at_full_resolution(city):

@@ -3,12 +3,16 @@
 tests/dist_worker.py is the program torchrun starts: trainSSL.py with probes that write, after every iteration,
 digests of each rank's student, teacher, optimiser, memory bank and class balancing, the dataset indices it
 drew, the memory rows it contributed and received, and every evaluation's confusion matrix. The checks:
-- after every step both ranks hold bit-identical student (parameters and BatchNorm buffers), teacher, optimiser,
-  memory bank, class-balancing histories and weights, while drawing disjoint batches;
+- after every step both ranks hold bit-identical student and teacher (every parameter and every buffer, by name:
+  running statistics and step counters), optimiser, memory bank, class-balancing histories and weights, while
+  drawing disjoint batches; in iteration 2 rank 1 has no valid pixel for the memory and the contrastive terms
+  ($DW_STARVE_RANK), so its heads and selectors skip a step that rank 0's take;
 - the memory bank received the selected rows of both ranks (gathered count = sum of the ranks' counts);
 - the split evaluation equals evaluateSSL.py's single-process evaluation of the saved checkpoint;
 - the 2-rank latest.pth loads into a 1-process run (weights, memory, RNG of rank 0);
-- a rank that raises ends the whole job non-zero, with its message, well before any collective timeout;
+- a rank that raises ends the whole job non-zero, with its message, well before any collective timeout (that job
+  runs with scale_lr_with_world_size: its first step uses twice the config's learning rate on both ranks);
+- with training.sync_batchnorm (CUDA only, marker `cuda`): the same identity with SyncBatchNorm layers;
 - before training, the same job checks the helpers of utils/distributed.py against hand-worked values
   (tests/dist_worker.py: check_collectives), so the suite starts only two torchrun jobs (startup dominates).
 """
@@ -27,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist_worker import digest
+from tests.dist_worker import STATE_KEYS, digest, rank_differences
 from utils import distributed as dist
 from utils.errors import UserError
 
@@ -91,7 +95,8 @@ def records(out_dir: str, rank: int) -> list[dict]:
 def two_rank_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     out_dir = str(tmp_path_factory.mktemp("probes"))
-    code, out, _ = torchrun(tiny_args(run_dir), out_dir, timeout=400, DW_CHECK_COLLECTIVES="1")
+    code, out, _ = torchrun(tiny_args(run_dir), out_dir, timeout=400, DW_CHECK_COLLECTIVES="1",
+                            DW_STARVE_RANK="1", DW_STARVE_ITER="2")
     assert code == 0, out[-6000:]
     return run_dir, records(out_dir, 0), records(out_dir, 1)
 
@@ -101,14 +106,18 @@ def test_ranks_identical_after_every_step(two_rank_run):
     steps0 = [r for r in rec0 if r["kind"] == "step"]
     steps1 = [r for r in rec1 if r["kind"] == "step"]
     assert [r["i"] for r in steps0] == [r["i"] for r in steps1] == list(range(N))
+    assert rank_differences([rec0, rec1], N) == []
     for a, b in zip(steps0, steps1):
-        for key in ("student", "teacher", "optimizer", "memory", "balancing", "class_weights", "lr"):
+        for key in STATE_KEYS:
             assert a[key] == b[key], f"{key} differs between the ranks after iteration {a['i']}"
+        assert len(a["student_buffers"]) > 100 and len(a["teacher_buffers"]) == len(a["student_buffers"])
+        assert not a["starved"] and b["starved"] == (a["i"] == 2)
         # ... although the ranks trained on different images (disjoint shards of the same epoch)
         assert a["labeled"] and b["labeled"] and not set(a["labeled"]) & set(b["labeled"]), (a, b)
         assert a["unlabeled"] and not set(a["unlabeled"]) & set(b["unlabeled"])
-    # the config's learning rate at iteration 0, not scaled by the world size (the default)
+    # the config's learning rate at iteration 0, not scaled by the world size (the default), in the optimiser too
     assert steps0[0]["lr"] == json.load(open(CONFIG))["training"]["learning_rate"]
+    assert steps0[0]["optimizer_lr"] == [steps0[0]["lr"]]
     # every step changed the student (the digests would also agree if nothing trained)
     assert len({r["student_params"] for r in steps0}) == N
     # memory: from iteration R - offset + 1 = 1 on, every rank receives the rows of both ranks, in the same order
@@ -116,6 +125,8 @@ def test_ranks_identical_after_every_step(two_rank_run):
     assert [i for i, _, _ in events] == list(range(1, N))
     for i, (n0, g0), (n1, g1) in events:
         assert g0 == g1 == n0 + n1, (i, n0, n1, g0, g1)
+        if i == 2:
+            assert n1 == 0 < n0  # the starved rank sent nothing in iteration 2; rank 0 did
     assert any(ea[0] > 0 and eb[0] > 0 for _, ea, eb in events)
     assert sum(steps0[-1]["memory_counts"]) > 0
     log = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
@@ -189,6 +200,7 @@ def test_failing_rank_ends_the_job(tmp_path):
     out_dir = str(tmp_path / "probes")
     os.makedirs(out_dir)
     args = tiny_args(str(tmp_path / "run"))
+    args += ["--set", "training.scale_lr_with_world_size=true"]
     code, out, seconds = torchrun(args, out_dir, timeout=240, DW_FAIL_RANK="1", DW_FAIL_ITER="0",
                                   SSL_DIST_TIMEOUT_MIN="30")
     assert code != 0, out[-4000:]
@@ -198,6 +210,11 @@ def test_failing_rank_ends_the_job(tmp_path):
     assert "rank      : 1" in root_cause and "injected failure on rank 1" in root_cause, out[-4000:]
     # rank 0 got no further than iteration 0: it waited in iteration 1's first collective until torchrun stopped it
     assert [r["i"] for r in records(out_dir, 0) if r["kind"] == "step"] == [0]
+    # scale_lr_with_world_size: iteration 0 stepped with 2 x the config's rate (poly factor 1) on both ranks
+    lr = 2 * json.load(open(CONFIG))["training"]["learning_rate"]
+    for rank in (0, 1):
+        (step,) = [r for r in records(out_dir, rank) if r["kind"] == "step"]
+        assert step["lr"] == lr and step["optimizer_lr"] == [lr], step
     assert seconds < 240
 
 
@@ -295,3 +312,22 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     trainSSL.main(args + ["--resume", "auto"])
     out = capsys.readouterr().out
     assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm has CUDA kernels only")
+def test_sync_batchnorm_under_torchrun(tmp_path):
+    """training.sync_batchnorm: 2 ranks on the first GPU (gloo on CUDA tensors, as gpu_check's fallback: NCCL
+    refuses two ranks on one GPU), 2 iterations; the network's BatchNorm2d layers are SyncBatchNorm and every
+    rank holds the same state after every step."""
+    from tests.dist_worker import rank_differences
+
+    out_dir = str(tmp_path / "probes")
+    os.makedirs(out_dir)
+    args = [a if a != "cpu" else "cuda" for a in tiny_args(str(tmp_path / "run"))]
+    args += ["--set", "training.num_iterations=2", "--set", "training.sync_batchnorm=true"]
+    code, out, _ = torchrun(args, out_dir, timeout=300, DW_SHARE_DEVICE="1", DW_BACKEND="gloo")
+    assert code == 0, out[-4000:]
+    recs = [records(out_dir, 0), records(out_dir, 1)]
+    assert rank_differences(recs, 2) == []
+    assert all(r["sync_batchnorm"] > 10 for rank in recs for r in rank if r["kind"] == "step")

@@ -308,9 +308,11 @@ def test_torchrun_figure_and_unmeasured_targets():
 
 
 # ------------------------------------------------------------------------------------ rank-identical check
-def step_record(i, memory="m", labeled=(0,), gathered=((1, 2),)):
+def step_record(i, memory="m", labeled=(0,), gathered=((1, 2),), counter="c"):
     return {"kind": "step", "i": i, "student": "s", "teacher": "t", "optimizer": "o", "memory": memory,
-            "balancing": None, "class_weights": "w", "lr": 0.1, "labeled": list(labeled),
+            "student_buffers": {"bn1.running_mean": "r", "head.1.num_batches_tracked": counter},
+            "teacher_buffers": {"bn1.running_mean": "r"}, "student_all_params": "p", "teacher_all_params": "q",
+            "balancing": None, "class_weights": "w", "lr": 0.1, "optimizer_lr": [0.1], "labeled": list(labeled),
             "gathered": [list(g) for g in gathered]}
 
 
@@ -323,6 +325,9 @@ def test_rank_differences():
     assert rank_differences([rank0, diverged], 2) == ["memory differs between the ranks after iteration 1"]
     overlap = [rank1[0], step_record(1, labeled=(4,))]
     assert rank_differences([rank0, overlap], 2) == ["ranks drew the same labeled images in iteration 1"]
+    counted = [rank1[0], step_record(1, labeled=(5,), counter="d")]
+    assert rank_differences([rank0, counted], 2) == [
+        "student_buffers differs between the ranks after iteration 1: head.1.num_batches_tracked"]
     lost = [rank1[0], step_record(1, labeled=(5,), gathered=((1, 1),))]
     problems = rank_differences([rank0, lost], 2)
     assert problems == ["memory update of iteration 1: ranks sent 2 rows in all but received [2, 1]"]

@@ -17,6 +17,7 @@ import trainSSL
 import trainSSL_domain_adaptation_targetCity as da_script
 import trainSSL_less_memory as less_memory
 from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree, make_voc_tree
+from tests.run_helpers import TeacherProbe
 from utils import ssl_steps
 from utils.errors import UserError
 from utils.training import Run
@@ -138,6 +139,9 @@ class Spy:
             return result
 
         run.evaluate = evaluate_
+        # the teacher after every step against the EMA of the student with alpha by hand
+        probe = TeacherProbe(run, div=1, other_div=10)  # the warm-up 1 - 1/(i + 1) of both scripts
+        self.ema_deviation = probe.deviation
         sources = {"labeled": run.labeled, "unlabeled": run.unlabeled, "gta5": run.gta5_batches}
         for source, batches in sources.items():
             if batches is not None:
@@ -218,14 +222,21 @@ def ema_alpha_by_hand(i: int, n: int, div: int) -> float:
     return min(1 - 1 / (div * i + 1), 1 - 0.005 * (math.cos(math.pi * i / n) + 1) / 2)
 
 
-def assert_run_outputs(run_dir: str, last_iteration: int, num_classes: int) -> None:
+def assert_run_outputs(run_dir: str, last_iteration: int, num_classes: int, scripted: dict | None = None) -> None:
+    """The run's files, and evaluation.json's best mIoU = the best of the evaluations: as logged, except where the
+    spy scripted the mIoU the run saw (`scripted`, by iteration)."""
+    scripted = scripted or {}
     for name in ("best_model.pth", "latest.pth", "config.json", "train_split.txt", "evaluation.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert f"checkpoint-iter{last_iteration}.pth" in os.listdir(run_dir)
     report = json.load(open(os.path.join(run_dir, "evaluation.json")))
-    assert len(report["iou"]) == num_classes and 0 <= report["best_miou"] <= 1
-    kinds = [json.loads(line)["kind"] for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "train_log.jsonl"))]
+    kinds = [r["kind"] for r in rows]
     assert "val" in kinds and "val_bn_refresh" in kinds
+    seen = [scripted.get(r["iteration"], r["miou"]) if r["kind"] == "val" and r["iteration"] < last_iteration
+            else r["miou"] for r in rows if r["kind"] in ("val", "val_bn_refresh")]
+    best = max(seen)
+    assert len(report["iou"]) == num_classes and report["best_miou"] == pytest.approx(best, rel=1e-12)
 
 
 @contextmanager
@@ -329,10 +340,13 @@ def test_less_memory_memory_and_outputs(less_memory_run):
     assert int(counts.sum()) > 0 and int(counts.max()) <= 256
     entered = set().union(*(d["changed"] for _, d in spy.at("update_memory")))
     assert {c for c in range(run.num_classes) if counts[c] > 0} == entered
-    # EMA warm-up 1 - 1/(i + 1) (not trainSSL.py's 1 - 1/(10 i + 1))
+    # EMA warm-up 1 - 1/(i + 1) (not trainSSL.py's 1 - 1/(10 i + 1)): as logged, and in the teacher after each step
+    assert run.variant.ema_warmup_div == 1
     for i, row in train_rows(run_dir).items():
         assert row["ema_alpha"] == pytest.approx(ema_alpha_by_hand(i, N_LM, 1), abs=1e-9), i
-    assert_run_outputs(run_dir, N_LM, 21)
+    assert sorted(spy.ema_deviation) == list(range(N_LM))
+    assert all(d < 1e-6 for d in spy.ema_deviation.values()), spy.ema_deviation
+    assert_run_outputs(run_dir, N_LM, 21, SCRIPTED_MIOU)
     assert result["miou"] == pytest.approx(json.load(open(os.path.join(run_dir, "evaluation.json")))["best_miou"])
 
 
@@ -442,10 +456,14 @@ def test_da_constants_and_outputs(da_code_run):
     assert run.method["contrastive_weight"] == 0.2 and run.method["labeled_classmix_prob"] == 0.25
     for i, row in train_rows(run_dir).items():
         assert row["ema_alpha"] == pytest.approx(ema_alpha_by_hand(i, N_DA, 1), abs=1e-9), i
-        assert row["loss_sup"] >= 0 and row["loss_pseudo"] >= 0
+        terms = [k for k in row if k.startswith("loss_")]
+        assert row["loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5), i
         if i <= R:  # later the class-balancing weights apply; on this tiny tree (most of the 19 classes never
             # seen in Cityscapes labels) the released median rule can give the seen classes weight 0
-            assert row["loss_pseudo"] > 0, i
+            assert row["loss_sup"] > 0 and row["loss_pseudo"] > 0, i
+    # the teacher after every step: the EMA of the student with alpha = min(1 - 1/(i + 1), m_i) by hand
+    assert sorted(spy.ema_deviation) == list(range(N_DA))
+    assert all(d < 1e-6 for d in spy.ema_deviation.values()), spy.ema_deviation
     # every iteration: one labeled step and one unlabeled step, pseudo-labels once
     assert [i for i, _ in spy.at("pseudo_label")] == list(range(N_DA))
     assert [i for i, _ in spy.at("augment_labeled")] == list(range(N_DA))

@@ -4,7 +4,8 @@ Without a launcher every function is the identity for one process. Under torchru
 WORLD_SIZE > 1) `init_distributed` starts the process group (NCCL on CUDA, gloo on CPU) and the collectives below
 keep every rank's run state identical:
 - gradients: averaged after backward (`average_gradients`), so every rank takes the same SGD step;
-- BatchNorm running statistics of student and teacher: averaged after every step (`average_buffers`);
+- BatchNorm running statistics of student and teacher: averaged after every step, and their step counters
+  (num_batches_tracked) set to the largest over ranks (`average_buffers`);
 - memory bank: the vectors selected on every rank are gathered (`all_gather_rows`) before the update;
 - class-balancing counts, evaluation confusion matrix and loss sums: summed (`all_reduce_sum`);
 - start and the return to the best model: rank 0's weights broadcast (`broadcast_parameters`).
@@ -147,9 +148,12 @@ def broadcast_parameters(module: nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def _all_reduce_flat(tensors: list[torch.Tensor], bucket_numel: int, finish: Callable[[torch.Tensor], None]) -> None:
-    """Sum `tensors` over ranks in place, in flat buckets of at most ~bucket_numel elements per dtype and device;
-    `finish(flat)` runs on each summed bucket before it is copied back (e.g. the division by world size)."""
+def _all_reduce_flat(tensors: list[torch.Tensor], bucket_numel: int, finish: Callable[[torch.Tensor], None],
+                     op: Any = None) -> None:
+    """Reduce `tensors` over ranks in place (sum, or `op`), in flat buckets of at most ~bucket_numel elements per
+    dtype and device; `finish(flat)` runs on each reduced bucket before it is copied back (e.g. the division by
+    world size)."""
+    op = dist.ReduceOp.SUM if op is None else op
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
@@ -162,7 +166,7 @@ def _all_reduce_flat(tensors: list[torch.Tensor], bucket_numel: int, finish: Cal
                 size += group[start].numel()
                 start += 1
             flat = torch.cat([t.reshape(-1) for t in bucket])
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            dist.all_reduce(flat, op=op)
             finish(flat)
             offset = 0
             for t in bucket:
@@ -206,19 +210,28 @@ def average_gradients(module: nn.Module, bucket_numel: int = 2 ** 24) -> None:
 
 
 def average_buffers(*modules: nn.Module, bucket_numel: int = 2 ** 24) -> None:
-    """Average the floating-point buffers (BatchNorm running mean/var) of `modules` over ranks, in place.
+    """Make the buffers of `modules` identical on all ranks, in place: floating-point ones (BatchNorm running
+    mean/var) averaged, integer ones (BatchNorm's num_batches_tracked) set to their largest value over ranks.
 
     Each rank's forwards update the running statistics from its own batch; their mean equals running statistics
     updated with the rank-averaged batch statistics (the update is linear), so all ranks evaluate, refresh and
-    save the same model. Integer buffers (num_batches_tracked) are equal on all ranks already and stay as they are.
+    save the same model. The step counters can differ: the heads and the per-class selectors run on a rank's own
+    selected pixels and are skipped on a rank with fewer than two of a class, so their BatchNorm counts a step on
+    one rank and not on another. The largest count is the number of steps in which the layer ran on some rank
+    (the counters agree before every step). With momentum set, as everywhere here, the counter changes no value;
+    it is part of every checkpoint, which must not depend on the rank that writes it.
     """
     if not is_distributed():
         return
-    floats = [b for m in modules for b in m.buffers() if b.is_floating_point()]
-    if floats:
-        n_ranks = world_size()
-        with torch.no_grad():
+    buffers = [b for m in modules for b in m.buffers()]
+    floats = [b for b in buffers if b.is_floating_point()]
+    counters = [b for b in buffers if not b.is_floating_point()]
+    n_ranks = world_size()
+    with torch.no_grad():
+        if floats:
             _all_reduce_flat(floats, bucket_numel, lambda flat: flat.div_(n_ranks))
+        if counters:
+            _all_reduce_flat(counters, bucket_numel, lambda flat: None, op=dist.ReduceOp.MAX)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:

@@ -1,0 +1,184 @@
+"""Return to the best model across an interruption, with `save_teacher_test` and `use_teacher_train=false`, in one
+tiny trainSSL.py run of N = 5 iterations that is interrupted after iteration 2 and resumed with --resume auto.
+
+Evaluation after every iteration with PLANTED mIoU (tests/run_helpers.py): 0.2 at iteration 1, then 0.1. Worked
+out by hand (return when more than N/5 = 1 iteration passed without improvement):
+  iteration 1: new best, since_best 0, best_model.pth written (with save_teacher_test: the teacher);
+  iteration 2: since_best 1; latest.pth of 3 iterations (save_latest_every 3), the run stops;
+  resumed, iteration 3: since_best 2 > 1: back to best_model.pth, teacher rebuilt, since_best 0;
+  iteration 4: since_best 1.
+A resume that forgot since_best would return at iteration 4 instead. Periodic checkpoints at 2 and 4 (trainSSL.py
+puts the teacher there with save_teacher_test). With use_teacher_train false the student, in eval mode, gives the
+pseudo-labels and the memory's predictions and features; the teacher never runs a forward.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import trainSSL
+from tests.run_helpers import argv_of, planted_miou, single_thread, tiny_sets
+from utils.checkpoint import load_checkpoint
+from utils.training import Run
+from utils.variants import TRAIN_SSL
+
+N = 5
+PLANTED = {1: 0.2, 2: 0.1, 3: 0.1, 4: 0.1}
+STOP_AFTER = 3  # latest.pth holding 3 iterations (0, 1, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+class Interrupted(Exception):
+    pass
+
+
+def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Probe:
+    """What one Run (the first part or the resumed one) did, recorded from the outside."""
+
+    def __init__(self, run: Run, log: dict):
+        self.run, self.log = run, log
+        self.in_loop_step = False
+        run.student_module.register_forward_pre_hook(self._forward("student"))
+        run.teacher.register_forward_pre_hook(self._forward("teacher"))
+
+        set_lr, end, evaluate_and_keep_best = run.set_learning_rate, run.end_iteration, run.evaluate_and_keep_best
+        back, periodic, add = run.return_to_best, run.save_periodic, run.memory.add
+
+        def set_learning_rate(i):
+            self.in_loop_step = True
+            return set_lr(i)
+
+        def end_iteration(i, terms):
+            self.in_loop_step = False  # evaluations, checkpoints
+            return end(i, terms)
+
+        def keep_best(i, final=False):
+            teacher, student = state_of(run.teacher), state_of(run.student_module)
+            result = evaluate_and_keep_best(i, final)
+            log["since_best"][i] = run.since_best
+            if i == 1:
+                log["at_best"] = {"teacher": teacher, "student": student,
+                                  "file": load_checkpoint(os.path.join(run.run_dir, "best_model.pth"))["model"]}
+            return result
+
+        def return_to_best(i):
+            log["returns"].append(i)
+            back(i)
+            teacher = run.teacher
+            bn = [m for m in teacher.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            log["after_return"] = {
+                "student": state_of(run.student_module),
+                "teacher_params": [p.detach().clone() for p in teacher.parameters()],
+                "student_params": [p.detach().clone() for p in run.student_module.parameters()],
+                "teacher_bn_fresh": all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+                                        and torch.equal(m.running_var, torch.ones_like(m.running_var))
+                                        and int(m.num_batches_tracked) == 0 for m in bn) and len(bn) > 0,
+                "labeler_is_student": run.labeler is run.student_module,
+                "best_file": load_checkpoint(os.path.join(run.run_dir, "best_model.pth"))["model"]}
+            teacher.register_forward_pre_hook(self._forward("teacher"))  # the rebuilt teacher is watched too
+
+        def save_periodic(i):
+            teacher, student = state_of(run.teacher), state_of(run.student_module)
+            periodic(i)
+            saved = load_checkpoint(os.path.join(run.run_dir, f"checkpoint-iter{i}.pth"))["model"]
+            log["periodic"][i] = {"teacher": same(saved, teacher), "student": same(saved, student)}
+
+        def memory_add(features, labels, selectors, **kw):
+            log["ranked_with_teacher"].append(all(a is b for a, b in zip(selectors, run.teacher.feature_selectors()))
+                                              and len(selectors) == run.num_classes)
+            return add(features, labels, selectors, **kw)
+
+        run.set_learning_rate, run.end_iteration, run.evaluate_and_keep_best = set_learning_rate, end_iteration, keep_best
+        run.return_to_best, run.save_periodic, run.memory.add = return_to_best, save_periodic, memory_add
+
+    def _forward(self, name: str):
+        def hook(module, args):
+            if self.in_loop_step:
+                self.log["forwards"].setdefault(self.run.iteration, []).append((name, module.training))
+        return hook
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    argv = argv_of(tiny_sets(run_dir, N, **{
+        "utils.val_per_iter": 1, "utils.save_latest_every": STOP_AFTER, "utils.save_checkpoint_every": 2,
+        "training.save_teacher_test": True, "training.use_teacher_train": False,
+        "method.ramp_up_iterations": 1, "method.memory_start_offset": 1, "method.memory_confidence": 0.0}))
+    log = {"since_best": {}, "returns": [], "periodic": {}, "forwards": {}, "ranked_with_teacher": []}
+    with planted_miou(PLANTED):
+        first = Run(TRAIN_SSL, argv)
+        Probe(first, log)
+        save_latest = first.save_latest
+
+        def save_then_stop(next_iteration):
+            save_latest(next_iteration)
+            if next_iteration == STOP_AFTER:
+                raise Interrupted
+
+        first.save_latest = save_then_stop
+        with pytest.raises(Interrupted):
+            trainSSL.train(first)
+        first.logger.close()
+        log["latest_at_stop"] = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+        resumed = Run(TRAIN_SSL, argv + ["--resume", "auto"])
+        log["resumed_start"] = (resumed.start_iteration, resumed.since_best, resumed.best_miou)
+        Probe(resumed, log)
+        resumed.finish = lambda: resumed.logger.close()
+        trainSSL.train(resumed)
+    return run_dir, log
+
+
+def test_since_best_survives_the_resume(interrupted_and_resumed):
+    _, log = interrupted_and_resumed
+    latest = log["latest_at_stop"]
+    assert latest["iteration"] == STOP_AFTER and latest["since_best"] == 1 and latest["best_miou"] == 0.2
+    assert log["resumed_start"] == (STOP_AFTER, 1, 0.2)
+    assert log["since_best"] == {1: 0, 2: 1, 3: 2, 4: 1}  # after each evaluation; the return at 3 resets it
+    assert log["returns"] == [3]  # an uninterrupted run returns at 3 as well (by hand, module docstring)
+
+
+def test_return_to_best_loads_best_model_and_rebuilds_the_teacher(interrupted_and_resumed):
+    _, log = interrupted_and_resumed
+    after = log["after_return"]
+    assert same(after["student"], after["best_file"])
+    # with save_teacher_test the best model written in the loop is the teacher of iteration 1 (as released)
+    assert same(after["student"], log["at_best"]["teacher"])
+    assert all(torch.equal(t, s) for t, s in zip(after["teacher_params"], after["student_params"]))
+    assert len(after["teacher_params"]) == len(after["student_params"])
+    assert after["teacher_bn_fresh"]            # a new teacher: BatchNorm statistics from their defaults
+    assert after["labeler_is_student"]          # use_teacher_train false stays false
+
+
+def test_save_teacher_test_puts_the_teacher_in_best_and_periodic_checkpoints(interrupted_and_resumed):
+    _, log = interrupted_and_resumed
+    at_best = log["at_best"]
+    assert not same(at_best["teacher"], at_best["student"])
+    assert same(at_best["file"], at_best["teacher"])
+    assert log["periodic"] == {2: {"teacher": True, "student": False}, 4: {"teacher": True, "student": False}}
+
+
+def test_student_in_eval_mode_labels_when_use_teacher_train_is_false(interrupted_and_resumed):
+    """Per iteration: pseudo-labels (student, eval), the two strong views and the labeled batch (student, train),
+    then from iteration 1 on the memory's predictions (student, eval); the teacher only ranks the memory."""
+    _, log = interrupted_and_resumed
+    assert sorted(log["forwards"]) == list(range(N))
+    for i, calls in log["forwards"].items():
+        expected = [("student", False), ("student", True), ("student", True)] + ([("student", False)] if i >= 1 else [])
+        assert calls == expected, (i, calls)
+    assert log["ranked_with_teacher"] == [True] * (N - 1)

@@ -1,0 +1,380 @@
+"""The wiring of a real `Run`: what trainSSL.py's loop hands to each building block, observed inside two tiny runs
+(fidelity "code" and "paper") and compared with values worked out by hand (tests/run_helpers.py), not with the
+functions under test.
+
+Each run: trainSSL.py on synthetic scenes, N = 5 iterations, ramp-up R = 2 (pseudo-label ramp before 2, class
+weights and contrastive terms after 2), memory from iteration 2 on with a confidence threshold of 0.5, the memory
+quota cut to 3 vectors per class and update so that the selectors rank, the student's memory selectors' last
+layer scaled by 100 (their scores spread, so that the memory-weight forms differ by far). The teacher's outputs for the memory
+update are PLANTED (its forward is replaced when it is asked for features), so which labeled pixels are confident
+and which are correct is known:
+  labeled image 0: every pixel predicts class k0 (the most frequent label of its feature-grid pixels) with
+                   confidence 0.9 > 0.5: exactly its pixels labelled k0 enter the memory;
+  labeled image 1: a tie of its two most frequent classes, confidence exactly 0.5, not above the threshold:
+                   none of its pixels enters, although half of them are predicted correctly.
+Probes record, per iteration: the learning rate the optimiser holds when it steps, the teacher against the EMA
+of the student with alpha by hand, the pseudo-label pixel weights, the class weights the losses receive, the
+vectors that enter the projection head and the memory, which of them the memory keeps, the contrastive loss
+against both memory-weight forms, the entropy term and the DeepLabv2 classifier's sum.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import trainSSL
+from tests.run_helpers import (TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand, ramp_by_hand, single_thread,
+                               tiny_sets)
+from utils import ssl_steps
+from utils.training import Run
+from utils.variants import TRAIN_SSL
+
+N, R = 5, 2
+BASE_LR = 0.01
+THRESHOLD = 0.5
+QUOTA = 3
+C = 8           # synthetic classes
+IGNORE = 250
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+def sampled(size: int, out: int) -> list[int]:
+    """The pixels a nearest-neighbour resize from `size` to `out` reads: floor(j size / out)."""
+    return [j * size // out for j in range(out)]
+
+
+def counts(labels: torch.Tensor) -> np.ndarray:
+    values = labels.reshape(-1).numpy()
+    return np.bincount(values[values < C], minlength=C).astype(np.float64)
+
+
+def balancing_by_hand(f: np.ndarray) -> np.ndarray:
+    """sqrt(median(f) / f); a class never seen gets the largest finite weight (at least 1) (SPEC 5.3)."""
+    median = np.median(f)
+    seen = f > 0
+    w = np.where(seen, median / np.where(seen, f, 1.0), 0.0)
+    w[~seen] = max(w[seen].max(), 1.0)
+    return np.sqrt(w)
+
+
+def contrastive_by_hand(x, labels, memory, mem_counts, feature_selectors, memory_selectors, weights: str):
+    """SPEC 5.4 written out class by class: 1 - cosine distances, feature weights sigmoid(selector) rescaled to mean
+    1, memory weights 1 ("ones") or sigmoid(memory selector) rescaled to mean 1 ("mean"); sum over classes / C."""
+    total = 0.0
+    for c in range(C):
+        xc = x[labels == c]
+        mc = memory[c, : int(mem_counts[c])]
+        if xc.shape[0] < 2 or mc.shape[0] < 2:
+            continue
+        xh, mh = xc / xc.norm(dim=1, keepdim=True), mc / mc.norm(dim=1, keepdim=True)
+        distance = 1 - xh @ mh.T
+        w = torch.sigmoid(copy.deepcopy(feature_selectors[c])(xc))[:, 0]
+        w = w * xc.shape[0] / w.sum()
+        v = torch.ones(mc.shape[0])
+        if weights == "mean":
+            v = torch.sigmoid(copy.deepcopy(memory_selectors[c])(mh))[:, 0]
+            v = v * mc.shape[0] / v.sum()
+        total += float((w[:, None] * v[None, :] * distance).mean())
+    return total / C
+
+
+class Recorder:
+    """Probes on one Run and on the step functions of utils/ssl_steps.py (the loop calls them through the module)."""
+
+    def __init__(self, run: Run, mp: pytest.MonkeyPatch):
+        self.run = run
+        self.lr: dict[int, list[float]] = {}
+        self.balancing_inputs: dict[int, tuple] = {}
+        self.sup_weights: dict[int, torch.Tensor] = {}
+        self.pseudo_weights: dict[int, torch.Tensor] = {}
+        self.pixel_weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # i -> (pixel weight, confidence)
+        self.entropy: dict[int, dict] = {}
+        self.memory_updates: list[dict] = []
+        self.contrastive: list[dict] = []
+        self.classifier: tuple | None = None
+        self.teacher = TeacherProbe(run, div=10, other_div=1)
+        run.memory_quota = QUOTA  # per_class_quota has its own tests; here the selectors must rank
+        self._planted: dict | None = None
+        self._projected: list[torch.Tensor] = []
+
+        step = run.optimizer.step
+
+        def optimizer_step(*a, **k):
+            self.lr[run.iteration] = [g["lr"] for g in run.optimizer.param_groups]
+            return step(*a, **k)
+        run.optimizer.step = optimizer_step
+
+        update_cw = run.update_class_weights
+
+        def update_class_weights(i, labels, pseudo, after_ramp_up=True):
+            self.balancing_inputs[i] = (labels.clone(), pseudo.clone())
+            return update_cw(i, labels, pseudo, after_ramp_up)
+        run.update_class_weights = update_class_weights
+
+        supervised_ce, pseudo_label_ce = ssl_steps.supervised_ce, ssl_steps.pseudo_label_ce
+
+        def sup(logits, labels, ignore_label, weight=None):
+            self.sup_weights[run.iteration] = weight.clone()
+            return supervised_ce(logits, labels, ignore_label, weight)
+
+        def pseudo(logits, labels, pixel_weight, ignore_label, weight=None):
+            self.pseudo_weights[run.iteration] = weight.clone()
+            self._pixel_weight = pixel_weight.detach().clone()
+            return pseudo_label_ce(logits, labels, pixel_weight, ignore_label, weight)
+        mp.setattr(ssl_steps, "supervised_ce", sup)
+        mp.setattr(ssl_steps, "pseudo_label_ce", pseudo)
+
+        unlabeled_losses = ssl_steps.unlabeled_losses
+
+        def unlabeled(run_, i, logits, pseudo_labels, confidence, class_weights, broadcast=False):
+            out = unlabeled_losses(run_, i, logits, pseudo_labels, confidence, class_weights, broadcast)
+            self.pixel_weights[i] = (self._pixel_weight, confidence.detach().clone())
+            with torch.no_grad():  # the entropy term written out per image, and with the release's [n,1,h,w] mask
+                n, c, h, w = logits.shape
+                q = torch.softmax(logits, dim=1)
+                plogq = (q * torch.log2(q + 1e-30)).sum(dim=1)
+                mask = (pseudo_labels != IGNORE).float()
+                scale = n * h * w * math.log2(c) * mask.mean()
+                self.entropy[i] = {"term": float(out[1]), "per_image": float(-(mask * plogq).sum() / scale),
+                                   "broadcast": float(-(mask.unsqueeze(1) * plogq).sum() / scale)}
+            return out
+        mp.setattr(ssl_steps, "unlabeled_losses", unlabeled)
+
+        update_memory = ssl_steps.update_memory
+
+        def memory_update(run_, images, labels):
+            self._labels = labels
+            self._projected.clear()
+            update_memory(run_, images, labels)
+            self.memory_updates[-1]["projected_input"] = list(self._projected)
+        mp.setattr(ssl_steps, "update_memory", memory_update)
+        run.teacher.projection_head.register_forward_pre_hook(
+            lambda m, args: self._projected.append(args[0].detach().clone()))
+        self._plant_teacher()
+
+        add = run.memory.add
+
+        def memory_add(features, labels, selectors, quota, keep="lowest", **kw):
+            record = self.memory_updates[-1]
+            record.update(features=features.clone(), labels=labels.clone(), keep=keep, quota=quota, kept={})
+            x = features.detach()
+            with torch.no_grad():
+                for c in range(C):
+                    xc = x[labels == c]
+                    if xc.shape[0] > quota:  # ranked: the scores by hand, from a copy of the class's selector
+                        score = torch.sigmoid(copy.deepcopy(selectors[c])(xc))[:, 0]
+                        record["kept"][c] = {"vectors": xc, "score": score}
+            add(features, labels, selectors, quota, keep=keep, **kw)
+            for c, k in record["kept"].items():
+                k["stored"] = run.memory.memory[c, :quota].clone()
+        run.memory.add = memory_add
+
+        contrastive_loss = ssl_steps.contrastive_loss
+
+        def contrastive(features, labels, memory, feature_selectors, memory_selectors, num_classes, **kw):
+            with torch.no_grad():
+                x = features.detach()
+                hand = {w: contrastive_by_hand(x, labels, memory.memory, memory.counts, feature_selectors,
+                                               memory_selectors, w) for w in ("ones", "mean")}
+            out = contrastive_loss(features, labels, memory, feature_selectors, memory_selectors, num_classes, **kw)
+            self.contrastive.append({"i": run.iteration, "value": float(out.detach()), **hand})
+            return out
+        mp.setattr(ssl_steps, "contrastive_loss", contrastive)
+
+        layer5 = run.student_module.layer5
+
+        def classifier_hook(module, args, output):
+            if self.classifier is None:  # the first forward, with the weights it used
+                weights = [(conv.weight.detach().clone(), conv.bias.detach().clone()) for conv in module.conv2d_list]
+                self.classifier = (args[0].detach().clone(), output.detach().clone(), weights)
+        layer5.register_forward_hook(classifier_hook)
+
+    def _plant_teacher(self) -> None:
+        """The teacher's forward with features (the memory update only) returns planted logits (at crop size, so
+        the upsampling leaves them as they are) and planted random features; see the module docstring."""
+        run, teacher = self.run, self.run.teacher
+        real_forward = teacher.forward
+        generator = torch.Generator().manual_seed(0)
+
+        def forward(x, return_features=False):
+            if not return_features:
+                return real_forward(x)
+            _, real_features = real_forward(x, return_features=True)
+            b, channels, h, w = real_features.shape
+            H, W = run.crop
+            labels_down = self._labels[:, sampled(H, h)][:, :, sampled(W, w)]         # [B,h,w]
+            k0 = int(torch.mode(labels_down[0][labels_down[0] < C]).values)
+            frequent = counts(labels_down[1]).argsort()[::-1]
+            k1, k1b = int(frequent[0]), int(frequent[1])
+            logits = torch.zeros(b, C, H, W)
+            logits[0, k0] = math.log(63.0)          # softmax: 63 / (63 + 7) = 0.9
+            logits[1] = -30.0
+            logits[1, k1] = logits[1, k1b] = 0.0    # 1 / (1 + 1 + 6 e^-30) = 0.5 exactly in float32
+            features = torch.randn(b, channels, h, w, generator=generator)
+            admitted = torch.zeros(b, h, w, dtype=torch.bool)
+            admitted[0] = labels_down[0] == k0
+            self.memory_updates.append({
+                "i": run.iteration, "k0": k0, "labels_down": labels_down,
+                "expected_vectors": features.permute(0, 2, 3, 1)[admitted],
+                "expected_labels": labels_down[admitted],
+                # what a missing confidence test or a missing correctness test would let in
+                "unconfident_correct": int((labels_down[1] == min(k1, k1b)).sum()),
+                "confident_wrong": int(((labels_down[0] != k0) & (labels_down[0] < C)).sum())})
+            return logits, features
+
+        teacher.forward = forward
+
+
+def train(tmp_path_factory, fidelity: str) -> Recorder:
+    run_dir = str(tmp_path_factory.mktemp(f"run_{fidelity}"))
+    sets = tiny_sets(run_dir, N, fidelity=fidelity, **{
+        "training.learning_rate": BASE_LR, "method.ramp_up_iterations": R, "method.memory_start_offset": 1,
+        "method.memory_confidence": THRESHOLD})
+    run = Run(TRAIN_SSL, argv_of(sets))
+    run.finish = lambda: run.logger.close()
+    with torch.no_grad():  # memory selectors with spread-out scores, so the two memory-weight forms differ by far
+        for selector in run.student_module.memory_selectors():
+            selector[3].weight.mul_(100.0)
+    with pytest.MonkeyPatch.context() as mp:
+        recorder = Recorder(run, mp)
+        trainSSL.train(run)
+    return recorder
+
+
+@pytest.fixture(scope="module")
+def code_run(tmp_path_factory) -> Recorder:
+    return train(tmp_path_factory, "code")
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory) -> Recorder:
+    return train(tmp_path_factory, "paper")
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+def test_optimiser_steps_with_the_poly_learning_rate(code_run):
+    """The rate the SGD step uses (read from the optimiser's one group when it steps), not the logged one."""
+    assert sorted(code_run.lr) == list(range(N))
+    for i, rates in code_run.lr.items():
+        assert rates == [pytest.approx(poly_by_hand(BASE_LR, i, N), rel=1e-12)], i
+    # 0.01 (1 - 3/5)^0.9 = 0.01 * 0.4^0.9 = 0.0043838...
+    assert code_run.lr[3][0] == pytest.approx(0.0043838, rel=1e-4)
+
+
+def test_teacher_is_the_ema_of_the_student_with_trainssl_warm_up(code_run):
+    """alpha_i = min(1 - 1/(10 i + 1), m_i): 0 at i = 0 (teacher = student), 10/11 at i = 1, 20/21 at i = 2 ..."""
+    probe = code_run.teacher
+    assert sorted(probe.deviation) == list(range(N))
+    for i in range(N):
+        assert probe.deviation[i] < 1e-6, (i, probe.deviation[i])
+    # the other scripts' warm-up 1 - 1/(i + 1) would leave a visibly different teacher
+    assert all(probe.other_deviation[i] > 1e-4 for i in range(1, N)), probe.other_deviation
+
+
+
+def test_pseudo_label_weight_is_ramp_times_confidence_power(code_run):
+    """pixel weight = exp(-5 (1 - i/R)^2) p^6 before R (exp(-5), exp(-1.25)), p^6 from R on."""
+    assert sorted(code_run.pixel_weights) == list(range(N))
+    assert ramp_by_hand(0, R) == pytest.approx(0.006737947) and ramp_by_hand(1, R) == pytest.approx(0.2865048)
+    for i, (weight, confidence) in code_run.pixel_weights.items():
+        assert confidence.shape == weight.shape and confidence.max() < 1
+        expected = ramp_by_hand(i, R) * confidence.double() ** 6
+        torch.testing.assert_close(weight.double(), expected, rtol=1e-5, atol=0)
+
+
+def test_class_weights_are_ones_until_r_then_balanced(code_run):
+    """Class balancing: 1 labeled slot (iteration 0's labels) and 2 unlabeled slots (the two latest pseudo-label
+    maps): full from iteration 1 on, but the losses get ones while i <= R and sqrt(median(f)/f) after R."""
+    rec = code_run
+    assert sorted(rec.balancing_inputs) == sorted(rec.sup_weights) == sorted(rec.pseudo_weights) == list(range(N))
+    labeled = counts(rec.balancing_inputs[0][0])
+    pseudo = {i: counts(p) for i, (_, p) in rec.balancing_inputs.items()}
+    balanced = {i: balancing_by_hand(labeled + pseudo[i] + pseudo[i - 1]) for i in range(1, N)}
+    assert not np.allclose(balanced[1], 1) and not np.allclose(balanced[2], 1)  # full, yet not used before R
+    for i in range(N):
+        expected = np.ones(C) if i <= R else balanced[i]
+        for used in (rec.sup_weights[i], rec.pseudo_weights[i]):
+            np.testing.assert_allclose(used.numpy(), expected, rtol=1e-6, err_msg=f"iteration {i}")
+
+
+def check_memory_updates(rec: Recorder, keep: str) -> None:
+    updates = rec.memory_updates
+    assert [u["i"] for u in updates] == [2, 3, 4]  # memory from iteration R - offset + 1 = 2 on
+    for u in updates:
+        # the confidence filter (image 1 is predicted correctly at these pixels) and the correctness filter (image 0
+        # is confident at these) both have something to reject
+        assert u["unconfident_correct"] > 0 and u["confident_wrong"] > 0, u["i"]
+        (projected_input,) = u["projected_input"]
+        assert torch.equal(projected_input, u["expected_vectors"]), u["i"]
+        assert torch.equal(u["labels"], u["expected_labels"]) and set(u["labels"].tolist()) == {u["k0"]}
+        assert u["keep"] == keep and u["quota"] == QUOTA
+        (kept,) = u["kept"].values()                     # only class k0 entered, with more than the quota
+        order = torch.argsort(kept["score"], descending=keep == "highest")
+        assert torch.equal(kept["stored"], kept["vectors"][order[:QUOTA]]), u["i"]
+        other = torch.argsort(kept["score"], descending=keep != "highest")
+        assert not torch.equal(kept["stored"], kept["vectors"][other[:QUOTA]])
+    expected_counts = [QUOTA * sum(u["k0"] == c for u in updates) for c in range(C)]
+    assert rec.run.memory.counts.tolist() == expected_counts
+
+
+def test_memory_admits_confident_correct_pixels_and_keeps_lowest_scores(code_run):
+    check_memory_updates(code_run, "lowest")
+
+
+def test_paper_memory_keeps_highest_scores(paper_run):
+    check_memory_updates(paper_run, "highest")
+
+
+@pytest.mark.parametrize("fidelity, weights", [("code", "ones"), ("paper", "mean")])
+def test_contrastive_memory_weights_of_the_preset(fidelity, weights, code_run, paper_run):
+    rec = code_run if fidelity == "code" else paper_run
+    other = "mean" if weights == "ones" else "ones"
+    calls = rec.contrastive
+    assert [c["i"] for c in calls] == [3, 3, 4, 4]  # labeled, then unlabeled term, after R
+    assert any(c[weights] > 0 for c in calls)       # some class had vectors in the batch and in memory
+    for c in calls:
+        assert c["value"] == pytest.approx(c[weights], rel=1e-5, abs=1e-8), c
+    # the other form, where a class qualified, differs by far more than that tolerance
+    assert all(abs(c[other] - c[weights]) > 1e-3 * c[weights] for c in calls if c[weights] > 0), calls
+
+
+@pytest.mark.parametrize("fidelity, branches", [("code", 2), ("paper", 4)])
+def test_deeplabv2_classifier_sums_the_preset_branches(fidelity, branches, code_run, paper_run):
+    rec = code_run if fidelity == "code" else paper_run
+    features, logits, weights = rec.classifier
+    assert len(weights) == 4  # all four convolutions exist in both presets (checkpoints are the same)
+    with torch.no_grad():
+        parts = [F.conv2d(features, w, b, padding=d, dilation=d) for (w, b), d in zip(weights, (6, 12, 18, 24))]
+    torch.testing.assert_close(logits, sum(parts[:branches]), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits, sum(parts[:6 - branches]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("fidelity", ["code", "paper"])
+def test_trainssl_entropy_mask_is_per_image(fidelity, code_run, paper_run):
+    """trainSSL.py multiplies by the [n,h,w] mask in both presets (only the other two scripts broadcast it)."""
+    rec = code_run if fidelity == "code" else paper_run
+    assert sorted(rec.entropy) == list(range(N))
+    for i, e in rec.entropy.items():
+        assert e["term"] == pytest.approx(0.01 * e["per_image"], rel=1e-5), i
+        assert e["broadcast"] > 1.5 * e["per_image"] > 0  # n = 2 views: the broadcast form would be about twice
+
+def test_teacher_takes_the_momentum_once_the_warm_up_passes_it(code_run):
+    """i = 30 of N = 5: 1 - 1/301 = 0.99668 > m_30 = 1 - 0.005 (cos(6 pi) + 1) / 2 = 0.995, so alpha = 0.995."""
+    run = code_run.run
+    assert ema_alpha_by_hand(30, N, 10) == pytest.approx(0.995, abs=1e-12)
+    loss = sum(p.sum() for p in run.student_module.parameters() if p.requires_grad)
+    run.optimizer_step(30, loss)
+    assert code_run.teacher.deviation[30] < 1e-6
+    assert code_run.teacher.other_deviation[30] > 0  # 1 - 1/31 = 0.9677 there
+
+
