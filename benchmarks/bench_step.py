@@ -175,7 +175,8 @@ def build_run(cfg: dict, device: torch.device, compile_student: bool = False, ch
 
     t = cfg["training"]
     student = build_model(cfg["version"], run.num_classes, t["pretraining"], cfg["backbone"]["depth"], None,
-                          v2_branches=run.fidelity.v2_branches, verbose=False).to(device)
+                          v2_branches=run.fidelity.v2_branches, width=cfg["backbone"]["width"],
+                          verbose=False).to(device)
     if channels_last:
         student = student.to(memory_format=torch.channels_last)
     student.train()
@@ -445,7 +446,7 @@ def _main(args: argparse.Namespace) -> dict:
     report = {
         "benchmark": "step", "config": args.config, "overrides": overrides, "env": environment(device),
         "setup": {"script": args.script, "dataset": base["dataset"], "version": base["version"],
-                  "depth": base["backbone"]["depth"],
+                  "depth": base["backbone"]["depth"], "width": base["backbone"]["width"],
                   "pretraining": t["pretraining"], "batch_size": t["batch_size"],
                   "unlabeled_batch": t["batch_size"] // 2, "crop": t["data"]["input_size"],
                   "fidelity": base["fidelity"], "memory_size": base["method"]["memory_size"],

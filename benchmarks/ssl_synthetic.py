@@ -13,19 +13,21 @@ in its own run directory under --out; arms of one comparison differ only in conf
     source_only        --set method.use_unlabeled=false --set method.use_contrastive=false
     domain_adaptation  --set method.use_unlabeled=true  --set method.use_contrastive=true
 
-Every run goes through benchmarks/ssl_diagnostics.py, which adds measurements at each evaluation (teacher
-accuracy on unlabeled crops, memory candidates, BatchNorm statistics) without changing training. Output in --out:
-ssl_synthetic.json (per-run learning curves, diagnostics and the table), ssl_synthetic.png (validation mIoU against
-iteration, mean and min-max band over seeds, per arm) and ssl_synthetic_diagnostics.png.
+With --diagnose every run goes through benchmarks/ssl_diagnostics.py, which adds measurements at each evaluation
+(teacher accuracy on unlabeled crops, memory candidates, BatchNorm statistics) without changing training; they cost
+~4.5 CPU-seconds per evaluation, so they are off by default. Output in --out: ssl_synthetic.json (per-run learning
+curves, loss scales, memory fill, CPU and wall time, diagnostics, the table), ssl_synthetic.png (validation mIoU
+against iteration, mean and min-max band over seeds, per arm) and ssl_synthetic_diagnostics.png.
 
 The method's constants are the released ones. Run-length constants are scaled from the release's N = 150000:
 ramp-up R and memory start offset by N/150000 (R/N = 2000/150000), BatchNorm refresh passes likewise. Runs are
 2000 iterations, 10x the EMA teacher's averaging window at the released momentum 0.995 (~200 iterations).
 
-    python benchmarks/ssl_synthetic.py            # everything: 5 arms x 3 seeds x 2000 iterations
-    python benchmarks/ssl_synthetic.py --quick    # one seed, 200 iterations per arm
+    python benchmarks/ssl_synthetic.py            # everything: 3 arms x 3 seeds + 2 DA arms x 2 seeds, 2000 iterations
+    python benchmarks/ssl_synthetic.py --quick    # one seed, 400 iterations per arm
     python benchmarks/ssl_synthetic.py --smoke    # 3 iterations per arm, tiny sizes (tests)
     python benchmarks/ssl_synthetic.py --report   # tables and plots from the runs already in --out
+    python benchmarks/ssl_synthetic.py --diagnose # any mode, with the measurements of ssl_diagnostics.py
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +81,10 @@ RELEASED_RUN_LENGTH = {"method.ramp_up_iterations": 2000, "method.memory_start_o
 
 # Modes: run length, seeds, evaluation interval and size overrides on the base config.
 MODES: dict[str, dict] = {
-    "full": {"iterations": 2000, "seeds": [1, 2, 3], "val_every": 200, "sets": {}},
-    "quick": {"iterations": 200, "seeds": [1], "val_every": 50, "sets": {}},
+    # "da_seeds": the seeds of the domain-adaptation comparison where fewer than "seeds" (two in "full": the
+    # 75-minute budget on 2 cores holds 3 x 3 semi-supervised runs and 2 x 2 domain-adaptation runs)
+    "full": {"iterations": 2000, "seeds": [1, 2, 3], "da_seeds": [1, 2], "val_every": 250, "sets": {}},
+    "quick": {"iterations": 400, "seeds": [1], "val_every": 100, "sets": {}},
     "smoke": {"iterations": 3, "seeds": [1], "val_every": 2,
               "sets": {"synthetic.num_train": 12, "synthetic.num_val": 2, "synthetic.num_source": 8,
                        "synthetic.image_size": "40,64", "training.data.input_size": "32,48",
@@ -90,10 +95,13 @@ MODES: dict[str, dict] = {
 DIFFERENCES_FROM_RELEASE = [
     "network DeepLabv3+ on ResNet-18 from random initialisation, batch 4 (the smallest v3+ batch), small crops of "
     "small scenes: CPU-sized (released: ImageNet/COCO-pretrained ResNet-50/101, 512x512 crops, batch 7 or 10)",
+    "backbone.width 32: the ResNet-18 has half the standard channels in every layer (stem 32, layer4 256); ASPP "
+    "and decoder keep the released 256 channels. Chosen for speed (a training iteration costs about half) and "
+    "checked on the supervised arm alone before any method run",
     "learning rate 0.01 for training from scratch (released 2.5e-4 to 4e-4 for pretrained backbones), chosen on "
     "the supervised arm alone: with one SGD group at the base lr it learned faster at 0.01 than at 0.002",
     "N = 2000 iterations (released 150000); ramp-up R, memory start offset and BatchNorm refresh passes scaled "
-    "by N/150000 (2000 -> 27, 1000 -> 13, 1000 -> 13); evaluation every 200 iterations (released 1000)",
+    "by N/150000 (2000 -> 27, 1000 -> 13, 1000 -> 13); evaluation every 250 iterations (released 1000)",
     "class balancing on (method.class_balancing true): the synthetic scenes stand in for Cityscapes, where the "
     "release balances classes",
     "domain adaptation: method.da_source_schedule \"alternate\" (source and target labeled batches alternate, as "
@@ -125,6 +133,7 @@ def mode_settings(mode: str, iterations: int | None = None, seeds: list[int] | N
         m["iterations"] = iterations
     if seeds:
         m["seeds"] = list(seeds)
+        m.pop("da_seeds", None)
     if val_every is not None:
         m["val_every"] = val_every
     return m
@@ -149,6 +158,8 @@ def plan(mode: str | dict, out: str, arms: list[str] | None = None, extra: dict 
         for arm, spec in ARMS.items():
             if arms and arm not in arms:
                 continue
+            if spec["comparison"] == "domain_adaptation" and seed not in m.get("da_seeds", m["seeds"]):
+                continue
             comparison = COMPARISONS[spec["comparison"]]
             run_dir = os.path.join(out, f"{arm}_seed{seed}")
             sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": run_dir}
@@ -157,8 +168,10 @@ def plan(mode: str | dict, out: str, arms: list[str] | None = None, extra: dict 
     return runs
 
 
-def command(run: dict, config: str, device: str) -> list[str]:
-    return [sys.executable, RUNNER, run["script"], "--config", config, "--device", device] + set_args(run["sets"])
+def command(run: dict, config: str, device: str, diagnose: bool = False) -> list[str]:
+    """The run's command line: the training script itself, or through ssl_diagnostics.py with `diagnose`."""
+    script = [RUNNER, run["script"]] if diagnose else [os.path.join(ROOT, run["script"])]
+    return [sys.executable] + script + ["--config", config, "--device", device] + set_args(run["sets"])
 
 
 def _stored_config_matches(run: dict, config: str) -> bool:
@@ -172,47 +185,76 @@ def _stored_config_matches(run: dict, config: str) -> bool:
     return not config_diff(stored, planned, ignore=("utils.checkpoint_dir",))
 
 
-def finished(run: dict, config: str) -> bool:
-    """Whether the run directory holds a finished run of exactly this config."""
-    return os.path.isfile(os.path.join(run["run_dir"], "evaluation.json")) and _stored_config_matches(run, config)
+def finished(run: dict, config: str, diagnose: bool = False) -> bool:
+    """Whether the run directory holds a finished run of exactly this config (with its measurements when
+    `diagnose`)."""
+    d = run["run_dir"]
+    return (os.path.isfile(os.path.join(d, "evaluation.json")) and _stored_config_matches(run, config)
+            and (not diagnose or os.path.isfile(os.path.join(d, "diagnostics.jsonl"))))
 
 
-def run_in_process(run: dict, config: str, device: str, threads: int) -> int:
+def run_in_process(run: dict, config: str, device: str, threads: int, diagnose: bool = False) -> int:
     """The run in this process (no interpreter start-up and imports per run: the smoke test); returns 0."""
     import contextlib
+    import importlib
 
     import torch
 
     from benchmarks.ssl_diagnostics import run_script
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    argv = command(run, config, device)[2:]
     try:
         with open(os.path.join(run["run_dir"], "stdout.txt"), "w") as log, contextlib.redirect_stdout(log):
-            run_script(run["script"], command(run, config, device)[3:])
+            if diagnose:
+                run_script(run["script"], argv)
+            else:
+                importlib.import_module(os.path.splitext(run["script"])[0]).main(argv)
     finally:
         torch.set_num_threads(previous)
     return 0
 
 
+def run_subprocess(cmd: list[str], env: dict, log_path: str) -> tuple[int, float | None]:
+    """Run `cmd` with its output in `log_path`; (exit code, CPU seconds user + system of the process and its
+    children, None where os.wait4 is missing)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if not hasattr(os, "wait4"):
+            return proc.wait(), None
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+RUN_TIME = "run_time.json"  # in each run directory: wall and CPU seconds of the run, as this script measured them
+
+
 def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints: bool,
-            in_process: bool = False) -> dict:
+            in_process: bool = False, diagnose: bool = False) -> dict:
     """Run one training subprocess (its output in run_dir/stdout.txt) unless already finished; `in_process`: call
-    the script in this process instead."""
-    if finished(run, config):
+    the script in this process instead. Wall and CPU seconds go to run_dir/run_time.json."""
+    if finished(run, config, diagnose):
         return {**run, "seconds": None, "cached": True}
     os.makedirs(run["run_dir"], exist_ok=True)
-    stale = [os.path.join(run["run_dir"], n) for n in ("train_log.jsonl", "diagnostics.jsonl", "evaluation.json")]
+    stale = [os.path.join(run["run_dir"], n)
+             for n in ("train_log.jsonl", "diagnostics.jsonl", "evaluation.json", RUN_TIME)]
     for path in stale + glob.glob(os.path.join(run["run_dir"], "*.pth")):  # of another config or interrupted
         if os.path.exists(path):
             os.remove(path)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     if in_process:
-        rc = run_in_process(run, config, device, threads)
+        rc = run_in_process(run, config, device, threads, diagnose)
+        cpu = time.process_time() - cpu0
     else:
-        with open(os.path.join(run["run_dir"], "stdout.txt"), "w") as log:
-            rc = subprocess.run(command(run, config, device), cwd=ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT).returncode
+        rc, cpu = run_subprocess(command(run, config, device, diagnose), env,
+                                 os.path.join(run["run_dir"], "stdout.txt"))
     seconds = time.time() - t0
     if rc != 0:
         with open(os.path.join(run["run_dir"], "stdout.txt")) as f:
@@ -221,6 +263,11 @@ def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints:
     if not keep_checkpoints:  # tens of MB each; the benchmark needs only the logs and evaluation.json
         for path in glob.glob(os.path.join(run["run_dir"], "*.pth")):
             os.remove(path)
+    timing = {"wall_seconds": round(seconds, 1), "cpu_seconds": None if cpu is None else round(cpu, 1),
+              "threads": threads, "in_process": in_process, "diagnose": diagnose,
+              "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    with open(os.path.join(run["run_dir"], RUN_TIME), "w") as f:
+        json.dump(timing, f)
     return {**run, "seconds": round(seconds, 1), "cached": False}
 
 
@@ -233,11 +280,17 @@ def collect(run: dict) -> dict | None:
         ev = json.load(f)
     s = summarize_run(run["run_dir"])
     curve = s["curve"]
+    timing = {}
+    if os.path.isfile(os.path.join(run["run_dir"], RUN_TIME)):
+        with open(os.path.join(run["run_dir"], RUN_TIME)) as f:
+            timing = json.load(f)
     return {**{k: run[k] for k in ("arm", "comparison", "seed", "script", "run_dir", "sets")},
-            "seconds": run.get("seconds") or ev.get("seconds"), "cached": run.get("cached", True),
+            "seconds": run.get("seconds") or timing.get("wall_seconds") or ev.get("seconds"),
+            "cached": run.get("cached", True),
             "best_miou": float(ev["best_miou"]), "last_miou": curve[-1][1] if curve else None,
             "bn_refresh_miou": s["bn_refresh_miou"], "curve": curve,
-            "cpu_seconds": (s.get("diagnostics") or {}).get("cpu_seconds"),
+            "cpu_seconds": timing.get("cpu_seconds") or (s.get("diagnostics") or {}).get("cpu_seconds"),
+            "diagnosed": bool(s.get("diagnostics")),
             "losses": s["losses"], "memory_total": s["memory_total"], "diagnostics": s.get("diagnostics")}
 
 
@@ -379,14 +432,14 @@ def draw_diagnostics(results: list[dict], path: str) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     panels = [
-        (axes[0][0], "teacher pixel accuracy on unlabeled crops", lambda r: (r["diagnostics"] or {}).get(
+        (axes[0][0], "teacher pixel accuracy on unlabeled crops (--diagnose)", lambda r: (r["diagnostics"] or {}).get(
             "teacher_accuracy"), 100.0, "%"),
-        (axes[0][1], "teacher pixels above memory_confidence", lambda r: (r["diagnostics"] or {}).get(
+        (axes[0][1], "teacher pixels above memory_confidence (--diagnose)", lambda r: (r["diagnostics"] or {}).get(
             "teacher_confident_fraction"), 100.0, "%"),
         (axes[0][2], "memory bank: vectors in all classes", lambda r: r["memory_total"], 1.0, "vectors"),
-        (axes[1][1], "val mIoU with BatchNorm statistics re-estimated", lambda r: (r["diagnostics"] or {}).get(
+        (axes[1][1], "val mIoU, BatchNorm statistics re-estimated (--diagnose)", lambda r: (r["diagnostics"] or {}).get(
             "val_miou_bn_reestimated"), 100.0, "points"),
-        (axes[1][2], "BatchNorm at evaluation: mean |Δmean|/std over layers", lambda r: (r["diagnostics"] or {}).get(
+        (axes[1][2], "BatchNorm at evaluation: mean |Δmean|/std (--diagnose)", lambda r: (r["diagnostics"] or {}).get(
             "bn_mean_shift"), 1.0, ""),
     ]
     for ax, title, get, scale, unit in panels:
@@ -447,10 +500,41 @@ def machine() -> dict:
     return info
 
 
+class LoadSampler:
+    """The 1-minute load average every `every` seconds while the runs train ([elapsed seconds, load] pairs): how
+    busy the machine was, to read the wall time by."""
+
+    def __init__(self, t0: float, every: float = 60.0):
+        self.t0, self.every, self.samples = t0, every, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _sample(self) -> None:
+        if hasattr(os, "getloadavg"):
+            self.samples.append([round(time.time() - self.t0), round(os.getloadavg()[0], 2)])
+
+    def _loop(self) -> None:
+        self._sample()
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self._sample()
+
+    def values(self) -> list[float]:
+        return [v for _, v in self.samples]
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--quick", action="store_true", help="one seed, 200 iterations per arm")
+    g.add_argument("--quick", action="store_true", help="one seed, 400 iterations per arm")
     g.add_argument("--smoke", action="store_true", help="3 iterations per arm, tiny sizes (tests)")
     p.add_argument("--report", action="store_true",
                    help="no training: tables and plots from the finished runs already in --out")
@@ -466,6 +550,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the runs' .pth files")
+    p.add_argument("--diagnose", action="store_true",
+                   help="run every script through benchmarks/ssl_diagnostics.py: teacher accuracy, memory candidates "
+                        "and BatchNorm statistics at each evaluation (~4.5 CPU-seconds each)")
     p.add_argument("--in-process", action="store_true",
                    help="run the arms one after another in this process instead of as subprocesses (tests)")
     p.add_argument("--plan", action="store_true", help="print the runs' commands and exit")
@@ -490,23 +577,25 @@ def main(argv: list[str] | None = None) -> dict:
     print("arms (the only config keys in which they differ):\n" + arm_documentation(), flush=True)
     if args.plan:
         for r in runs:
-            print(" ".join(shlex.quote(a) for a in command(r, config, args.device)))
+            print(" ".join(shlex.quote(a) for a in command(r, config, args.device, args.diagnose)))
         return {}
     os.makedirs(out, exist_ok=True)
     t0 = time.time()
     info = machine()
     done: list[dict] = []
     failed: list[dict] = []
+    load = LoadSampler(t0)
     if args.report:
-        done = [r for r in runs if finished(r, config)]
+        done = [r for r in runs if finished(r, config, args.diagnose)]
         print(f"--report: {len(done)} of {len(runs)} runs finished in {out}")
     else:
+        load.start()
         with cf.ThreadPoolExecutor(max_workers=1 if args.in_process else max(1, args.jobs)) as pool:
             # slowest arms first, so that the last runs of the pool are short ones
             cost = {"full": 0, "domain_adaptation": 1, "pseudo_classmix": 2, "supervised": 3, "source_only": 4}
             order = sorted(runs, key=lambda r: (cost[r["arm"]], r["seed"]))
             futures = {pool.submit(execute, r, config, args.device, args.threads, args.keep_checkpoints,
-                                   args.in_process): r for r in order}
+                                   args.in_process, args.diagnose): r for r in order}
             for fut in cf.as_completed(futures):
                 try:
                     r = fut.result()
@@ -519,19 +608,25 @@ def main(argv: list[str] | None = None) -> dict:
                     continue
                 done.append(r)
                 c = collect(r)
-                took = "cached" if r["cached"] else f"{r['seconds']:.0f} s"
+                took = "cached" if r["cached"] else f"{r['seconds']:.0f} s" + (
+                    f", {c['cpu_seconds']:.0f} CPU-s" if c.get("cpu_seconds") is not None else "")
                 print(f"  {r['arm']:18s} seed={r['seed']}: best mIoU {100 * c['best_miou']:.2f} ({took}; "
                       f"{len(done)}/{len(runs)} done, {time.time() - t0:.0f} s elapsed)", flush=True)
+    load.stop()
     results = [c for c in (collect(r) for r in done) if c is not None]
     results.sort(key=lambda r: (list(ARMS).index(r["arm"]), r["seed"]))
     rows = summarize(results)
     target = target_check(rows)
     elapsed = time.time() - t0
+    ran = [r for r in results if not r["cached"]]
+    cpu_total = sum(r["cpu_seconds"] or 0.0 for r in results)
     if rows:
         print("\n" + format_table(rows))
     if target:
         print("\n" + format_targets(target))
-    print(f"total {elapsed / 60:.1f} min")
+    print(f"total {elapsed / 60:.1f} min wall ({len(ran)} runs trained now); CPU time of all {len(results)} runs "
+          f"{cpu_total:.0f} s = {cpu_total / 60:.1f} CPU-min" + (
+              f"; load average 1 min: {min(load.values()):.1f}-{max(load.values()):.1f}" if load.values() else ""))
     png = os.path.join(out, "ssl_synthetic.png")
     diag_png = os.path.join(out, "ssl_synthetic_diagnostics.png")
     if results:
@@ -549,7 +644,10 @@ def main(argv: list[str] | None = None) -> dict:
         "differences_from_release": DIFFERENCES_FROM_RELEASE,
         "runs": [_shown_run(r) for r in results], "failed": failed,
         "summary": rows, "target": target, "machine": info, "jobs": args.jobs,
-        "threads": args.threads, "elapsed_seconds": round(elapsed, 1), "plots": [_shown(png), _shown(diag_png)],
+        "threads": args.threads, "diagnose": args.diagnose, "elapsed_seconds": round(elapsed, 1),
+        "runs_trained_now": len(ran), "cpu_seconds_total": round(cpu_total, 1),
+        "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_samples": load.samples, "plots": [_shown(png), _shown(diag_png)],
     }
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
         json.dump(report, f, indent=1)

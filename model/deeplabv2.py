@@ -1,6 +1,7 @@
 """DeepLabv2 (SPEC 3): dilated ResNet (output stride 8) + the four-branch atrous classifier `layer5`.
 
-Contrastive features are the layer4 output (2048 channels for depth 50/101, 512 for 18/34).
+Contrastive features are the layer4 output (2048 channels for depth 50/101, 512 for 18/34; times width/64 for a
+narrower backbone).
 """
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ class DeepLabV2(SegmentationModel):
 
     decoder_modules = ("layer5",)
 
-    def __init__(self, num_classes: int, depth: int = 101, variant: str = "coco", branches: int = 2):
-        backbone = ResNetBackbone(depth, variant, dilate_layer3=2, dilate_layer4=4)
+    def __init__(self, num_classes: int, depth: int = 101, variant: str = "coco", branches: int = 2,
+                 width: int = 64):
+        backbone = ResNetBackbone(depth, variant, dilate_layer3=2, dilate_layer4=4, width=width)
         super().__init__(backbone, num_classes, backbone.out_channels, backbone.output_stride)
         self.layer5 = Classifier_Module(backbone.out_channels, num_classes, branches)
         self._finish()

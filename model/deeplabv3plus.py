@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.heads import SegmentationModel
-from model.resnet import ResNetBackbone
+from model.resnet import ResNetBackbone, same_conv3x3
 
 ASPP_DILATIONS = (6, 12, 18)
 
@@ -30,7 +30,7 @@ class _ASPPModule(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.atrous_conv(x)))
+        return self.relu(self.bn(same_conv3x3(self.atrous_conv, x)))
 
 
 class ASPP(nn.Module):
@@ -90,12 +90,14 @@ class Decoder(nn.Module):
 class DeepLabV3Plus(SegmentationModel):
     """DeepLabv3+ on a torchvision-style ResNet (default depth 50; the domain-adaptation script uses 101) at
     output stride 16: layer4 has stride 1 and dilation 2 in every block, the first included, as released.
+    A narrower backbone (width < 64) changes only the backbone and the input channels of ASPP and the decoder's
+    low-level 1x1 conv; ASPP and decoder keep the released 256 channels.
     """
 
     decoder_modules = ("aspp", "decoder")
 
-    def __init__(self, num_classes: int, depth: int = 50):
-        backbone = ResNetBackbone(depth, "torchvision", dilate_layer3=1, dilate_layer4=2)
+    def __init__(self, num_classes: int, depth: int = 50, width: int = 64):
+        backbone = ResNetBackbone(depth, "torchvision", dilate_layer3=1, dilate_layer4=2, width=width)
         super().__init__(backbone, num_classes, feature_channels=256, output_stride=4)
         self.aspp = ASPP(backbone.out_channels)
         self.decoder = Decoder(backbone.low_level_channels, num_classes)

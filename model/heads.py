@@ -56,7 +56,7 @@ class SegmentationModel(nn.Module):
         super().__init__()
         for name in BACKBONE_MODULES + ("relu", "maxpool"):
             self.add_module(name, getattr(backbone, name))
-        self.depth, self.variant = backbone.depth, backbone.variant
+        self.depth, self.variant, self.width = backbone.depth, backbone.variant, backbone.width
         self.num_classes = num_classes
         self.feature_channels = feature_channels
         self.output_stride = output_stride

@@ -9,18 +9,47 @@ downsample.0/downsample.1`) so released checkpoints and torchvision weights load
   the shape changes), so ImageNet weights load unchanged.
 All BatchNorm2d layers have frozen affine parameters (requires_grad False) but stay in train mode with the
 rest of the model, i.e. they normalise with batch statistics during training, as released.
+
+`width` is the base width W of the stem and layer1 (layer2..4: 2W, 4W, 8W planes, times the block expansion).
+W = 64 is the standard ResNet, the one every released and pretrained network has; a narrower one (e.g. 32) is
+for CPU-sized experiments from random initialisation. Tensor names do not depend on W.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 VARIANTS = ("coco", "torchvision")
+STANDARD_WIDTH = 64  # the base width of the standard (released, pretrained) ResNets
 
 
 def _conv3x3(inplanes: int, planes: int, stride: int = 1, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False)
+
+
+def same_conv3x3(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 3x3 conv with padding = dilation d, computed without the kernel rows (columns) that read
+    only zero padding: when d >= the map's height (width), the outer taps of every output pixel fall outside the
+    map, so the conv equals one with the centre row (column) of the kernel and no padding there. Same output and
+    same gradients (the outer taps get zero gradient either way), up to float summation order.
+
+    Small maps meet large dilations at small crops: DeepLabv3+'s ASPP (dilation 6/12/18) on a 2x3 layer4 map
+    is then a 1x1 conv computed at 9x its cost, and layer4 (dilation 2) on a 2-pixel-high map a 1x3 conv.
+    Convs of another shape (kernel, stride, groups, padding) are called as they are.
+    """
+    d = conv.dilation[0]
+    if (conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.groups != 1 or conv.dilation != (d, d)
+            or conv.padding != (d, d)):
+        return conv(x)
+    h, w = x.shape[-2:]
+    rows, cols = d >= h, d >= w
+    if not (rows or cols):
+        return conv(x)
+    centre, whole = slice(1, 2), slice(0, 3)
+    weight = conv.weight[:, :, centre if rows else whole, centre if cols else whole]
+    return F.conv2d(x, weight, conv.bias, 1, (0 if rows else d, 0 if cols else d), (d, d))
 
 
 class BasicBlock(nn.Module):
@@ -40,8 +69,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(self.bn1(same_conv3x3(self.conv1, x)))
+        out = self.bn2(same_conv3x3(self.conv2, out))
         return self.relu(out + identity)
 
 
@@ -66,7 +95,7 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu(self.bn2(same_conv3x3(self.conv2, out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -81,28 +110,31 @@ class ResNetBackbone(nn.Module):
     the previous layer's dilation. Dilation changes no parameter shape.
     """
 
-    def __init__(self, depth: int = 101, variant: str = "coco", dilate_layer3: int = 1, dilate_layer4: int = 1):
+    def __init__(self, depth: int = 101, variant: str = "coco", dilate_layer3: int = 1, dilate_layer4: int = 1,
+                 width: int = STANDARD_WIDTH):
         super().__init__()
         if depth not in LAYERS:
             raise ValueError(f"ResNet depth {depth}; choose one of {sorted(LAYERS)}")
         if variant not in VARIANTS:
             raise ValueError(f"ResNet variant {variant!r}; choose one of {VARIANTS}")
-        self.depth, self.variant = depth, variant
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"ResNet width {width!r}; give a positive integer (64: the standard ResNet)")
+        self.depth, self.variant, self.width = depth, variant, width
         block = BasicBlock if depth < 50 else Bottleneck
-        self._block, self._inplanes = block, 64
+        self._block, self._inplanes = block, width
 
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=variant == "coco")
         n = LAYERS[depth]
-        self.layer1 = self._make_layer(64, n[0], 1, 1)
-        self.layer2 = self._make_layer(128, n[1], 2, 1)
-        self.layer3 = self._make_layer(256, n[2], 2, dilate_layer3)
-        self.layer4 = self._make_layer(512, n[3], 2, dilate_layer4)
+        self.layer1 = self._make_layer(width, n[0], 1, 1)
+        self.layer2 = self._make_layer(2 * width, n[1], 2, 1)
+        self.layer3 = self._make_layer(4 * width, n[2], 2, dilate_layer3)
+        self.layer4 = self._make_layer(8 * width, n[3], 2, dilate_layer4)
 
-        self.low_level_channels = 64 * block.expansion        # layer1 output
-        self.out_channels = 512 * block.expansion             # layer4 output
+        self.low_level_channels = width * block.expansion      # layer1 output (64 or 256 at the standard width)
+        self.out_channels = 8 * width * block.expansion        # layer4 output (512 or 2048 at the standard width)
         self.output_stride = 4 * 2 * (2 if dilate_layer3 == 1 else 1) * (2 if dilate_layer4 == 1 else 1)
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):

@@ -34,6 +34,8 @@ SCHEMA: dict[str, Any] = {
                   "ResNet depth 18/34/50/101; null: 101 for v2, 50 for v3 (101 in domain adaptation)"),
         "pretrained": ((str, type(None)), "default",
                        "\"default\" (COCO or ImageNet file by `training.pretraining`), \"none\", or a file path"),
+        "width": ((int,), 64, "ResNet base width (stem and layer1; layer2..4: 2x, 4x, 8x); 64 is the standard and "
+                              "pretrained one, another width needs backbone.pretrained \"none\""),
     },
     "training": {
         "batch_size": ((int,), REQUIRED, "labeled batch B; the unlabeled batch is B/2, augmented twice"),
@@ -223,6 +225,12 @@ def _check_semantics(cfg: dict, source: str) -> None:
     depth = cfg["backbone"]["depth"]
     if depth is not None and depth not in (18, 34, 50, 101):
         raise UserError(f"{source}: 'backbone.depth' is {depth}; choose 18, 34, 50, 101 or null.")
+    width, pretrained = cfg["backbone"]["width"], cfg["backbone"]["pretrained"]
+    if width < 1:
+        raise UserError(f"{source}: 'backbone.width' must be at least 1, got {width}.")
+    if width != 64 and pretrained is not None and pretrained.lower() != "none":
+        from model import width_without_weights
+        raise UserError(f"{source}: {width_without_weights(width, pretrained)}")
 
 
 def parse_size(text: str, what: str = "size") -> tuple[int, int]:

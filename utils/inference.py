@@ -42,7 +42,7 @@ def load_trained_model(path: str, device: torch.device, overrides: list[str] | N
     # backbone.depth null: the depth the weights have (DeepLabv3+ is ResNet-101 in domain adaptation, else 50)
     depth = cfg["backbone"]["depth"] or backbone_depth_of(state)
     model = build_model(cfg["version"], info.num_classes, cfg["training"]["pretraining"], depth,
-                        None, v2_branches=fidelity(cfg).v2_branches)
+                        None, v2_branches=fidelity(cfg).v2_branches, width=cfg["backbone"]["width"])
     load_state_strict(model, state, path)
     model.to(device).eval()
     window = parse_size(cfg["training"]["data"]["input_size"], "training.data.input_size")

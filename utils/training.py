@@ -157,11 +157,12 @@ class Run:
         if self.args.dry_run:  # shapes only: no allocation, no weights read
             with torch.device("meta"):
                 self.student = build_model(cfg["version"], self.num_classes, t["pretraining"],
-                                           depth, None, v2_branches=self.fidelity.v2_branches)
+                                           depth, None, v2_branches=self.fidelity.v2_branches,
+                                           width=cfg["backbone"]["width"])
         else:
             self.student = build_model(cfg["version"], self.num_classes, t["pretraining"], depth,
                                        cfg["backbone"]["pretrained"], v2_branches=self.fidelity.v2_branches,
-                                       verbose=dist.is_main()).to(self.device)
+                                       width=cfg["backbone"]["width"], verbose=dist.is_main()).to(self.device)
         if t["sync_batchnorm"] and dist.is_distributed():
             self.student = dist.convert_sync_batchnorm(self.student, self.device)
         dist.broadcast_parameters(self.student)
