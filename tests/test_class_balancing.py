@@ -149,5 +149,9 @@ def test_state_dict_round_trip_and_mismatch():
     assert b.count == 3
     # the restored ring buffer continues where it stopped
     assert torch.equal(a.update(t([0] * 4), t([2, 0, IGN, 7])), b.update(t([0] * 4), t([2, 0, IGN, 7])))
-    with pytest.raises(UserError, match="unlabeled history"):
+    # the message names the history, the shape found and the shape expected (slots x classes)
+    with pytest.raises(UserError, match=r"has unlabeled history \(2, 3\), expected \(5, 3\);"):
         ClassBalancing(3, 2, 5).load_state_dict(a.state_dict())
+    missing = {k: v for k, v in a.state_dict().items() if k != "labeled"}
+    with pytest.raises(UserError, match=r"has labeled history missing, expected \(2, 3\);"):
+        ClassBalancing(3, 2, 2).load_state_dict(missing)
