@@ -50,6 +50,7 @@ if ROOT not in sys.path:
 
 from utils import distributed as dist  # noqa: E402
 from utils.augmentations import normalize  # noqa: E402
+from utils.curves import read_log  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.metrics import class_iou, confusion_matrix, mean_iou  # noqa: E402
 from utils.ssl_steps import upsample  # noqa: E402
@@ -268,21 +269,9 @@ def restored(model: torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------- reading
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a .jsonl file (rows after a 'resume' marker replace those of the same iterations)."""
-    if not os.path.isfile(path):
-        return []
-    rows: list[dict] = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            row = json.loads(line)
-            if row.get("kind") == "resume":
-                rows = [r for r in rows if r.get("iteration", -1) < row["iteration"]]
-                continue
-            rows.append(row)
-    return rows
+    """Rows of a train_log.jsonl or diagnostics.jsonl (utils.curves.read_log: resume markers applied); [] when the
+    file is missing."""
+    return read_log(path) if os.path.isfile(path) else []
 
 
 LOSS_KEYS = ("loss_sup", "loss_pseudo", "loss_entropy", "loss_contr_l", "loss_contr_u")
@@ -298,8 +287,12 @@ def summarize_run(run_dir: str) -> dict:
     losses = {k: [[r["iteration"], r[k]] for r in log if r.get("kind") == "train" and k in r] for k in LOSS_KEYS}
     memory = [[r["iteration"], sum(v for v in r["values"].values() if v is not None)]
               for r in log if r.get("kind") == "memory_fill"]
+    fills = [r["values"] for r in log if r.get("kind") == "memory_fill"]
+    ious = [r["values"] for r in log if r.get("kind") in ("val_iou", "val_bn_refresh_iou")]
     out = {"curve": curve, "bn_refresh_miou": refreshed[-1] if refreshed else None,
-           "losses": {k: v for k, v in losses.items() if v}, "memory_total": memory}
+           "losses": {k: v for k, v in losses.items() if v}, "memory_total": memory,
+           "memory_fill_final": fills[-1] if fills else None,   # vectors per class at the end of the run
+           "class_iou_final": ious[-1] if ious else None}       # per-class IoU of the last evaluation
     if diag:
         def series(get):
             return [[r["iteration"], get(r)] for r in diag if get(r) is not None]

@@ -292,7 +292,8 @@ def collect(run: dict) -> dict | None:
             "bn_refresh_miou": s["bn_refresh_miou"], "curve": curve,
             "cpu_seconds": timing.get("cpu_seconds") or (s.get("diagnostics") or {}).get("cpu_seconds"),
             "diagnosed": bool(s.get("diagnostics")),
-            "losses": s["losses"], "memory_total": s["memory_total"], "diagnostics": s.get("diagnostics")}
+            "losses": s["losses"], "memory_total": s["memory_total"], "memory_fill_final": s["memory_fill_final"],
+            "class_iou_final": s["class_iou_final"], "diagnostics": s.get("diagnostics")}
 
 
 def _stats(values: list[float]) -> dict:
@@ -344,8 +345,10 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         c = COMPARISONS[r["comparison"]]
         where = f"{c['script']}, style {c['sets']['synthetic.style']}"
-        last = f"{r['last_mean']:.2f} ± {r['last_std']:.2f}" if r["last_mean"] is not None else "n/a"
-        lines.append(f"| {r['arm']} | {where} | {r['mean']:.2f} ± {r['std']:.2f} | {r['min']:.2f} – {r['max']:.2f} "
+        def pm(mean: float, std: float) -> str:  # no spread from a single seed
+            return f"{mean:.2f} ± {std:.2f}" if r["n"] > 1 else f"{mean:.2f}"
+        last = pm(r["last_mean"], r["last_std"]) if r["last_mean"] is not None else "n/a"
+        lines.append(f"| {r['arm']} | {where} | {pm(r['mean'], r['std'])} | {r['min']:.2f} – {r['max']:.2f} "
                      f"| {last} | {r['n']} |")
     return "\n".join(lines)
 
@@ -454,7 +457,11 @@ def draw_diagnostics(results: list[dict], path: str) -> None:
         ax.set_xlabel("iteration")
         ax.set_ylabel(unit)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+        if not ax.lines:
+            ax.text(0.5, 0.5, "no measurements: run with --diagnose", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=9, color="0.4")
+    if axes[0][2].lines:
+        axes[0][2].legend(fontsize=7)
     ax = axes[1][0]  # loss scales of the two method arms (first seed)
     styles = {"loss_sup": "-", "loss_pseudo": "--", "loss_entropy": ":", "loss_contr_l": "-.",
               "loss_contr_u": (0, (1, 3))}
@@ -499,6 +506,20 @@ def machine() -> dict:
     except OSError:
         info["cpu"] = platform.processor()
     return info
+
+
+SESSION_KEYS = ("elapsed_seconds", "runs_trained_now", "jobs", "threads", "machine", "load_samples")
+
+
+def training_session(previous_json: str, report: dict) -> dict | None:
+    """Wall time, machine and load of the invocation that trained the runs: this one's when it trained any,
+    else the one recorded in the previous ssl_synthetic.json (so --report keeps the measured wall time)."""
+    if report["runs_trained_now"]:
+        return {k: report[k] for k in SESSION_KEYS}
+    if os.path.isfile(previous_json):
+        with open(previous_json) as f:
+            return json.load(f).get("training_session")
+    return None
 
 
 class LoadSampler:
@@ -650,7 +671,9 @@ def main(argv: list[str] | None = None) -> dict:
         "runs_trained_now": len(ran), "cpu_seconds_total": round(cpu_total, 1),
         "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "load_samples": load.samples, "plots": [_shown(png), _shown(diag_png)],
+        "training_session": None,
     }
+    report["training_session"] = training_session(os.path.join(out, "ssl_synthetic.json"), report)
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {os.path.join(out, 'ssl_synthetic.json')}, {png} and {diag_png}")

@@ -105,7 +105,9 @@ def test_pretrained_weights_refused_for_another_width(tmp_path):
     assert "ssl_synthetic.json" in str(err.value) and "backbone.pretrained" in str(err.value)
     with pytest.raises(UserError, match="at least 1"):
         load_config(BENCH_CONFIG, ["backbone.width=0", "backbone.pretrained=none"])
-    assert load_config(BENCH_CONFIG, ["backbone.pretrained=default"])["backbone"]["width"] == 64
+    assert load_config(BENCH_CONFIG)["backbone"]["width"] == 32                 # the benchmark's network
+    demo = os.path.join(ROOT, "configs", "demo.json")                          # no width key: the standard 64
+    assert load_config(demo, ["backbone.pretrained=default"])["backbone"]["width"] == 64
 
 
 def test_a_width_16_checkpoint_is_rebuilt_from_its_config(tmp_path):

@@ -59,6 +59,11 @@ def test_smoke_outputs(smoke):
     # --report rebuilds the same table from the finished runs without training
     again = bench.main(["--smoke", "--report", "--diagnose", "--out", out])
     assert [(s["arm"], s["mean"]) for s in again["summary"]] == [(s["arm"], s["mean"]) for s in stored["summary"]]
+    # ... and keeps the wall time of the invocation that trained them
+    assert stored["training_session"]["runs_trained_now"] == len(stored["runs"]) == 5
+    assert again["runs_trained_now"] == 0 and again["training_session"] == stored["training_session"]
+    for r in stored["runs"]:  # per class at the end: memory vectors and IoU (8 classes)
+        assert len(r["memory_fill_final"]) == len(r["class_iou_final"]) == 8
 
 
 def test_arms_differ_only_in_documented_keys(smoke):
