@@ -104,6 +104,8 @@ def test_hand_worked_value(mode, impl):
     loss = impl(x, y, bank, feat, mem_sel, C_HAND, memory_weights=mode)
     assert loss.item() == pytest.approx(hand_expected(mode), abs=1e-6)
     assert hand_expected("ones") != pytest.approx(hand_expected("mean"), abs=1e-3)  # the modes differ here
+    if mode == "ones":  # the default memory weights are the released "ones"
+        assert impl(x, y, bank, feat, mem_sel, C_HAND).item() == loss.item()
 
 
 def test_ones_mode_is_unweighted_mean_and_never_runs_memory_selectors():

@@ -126,3 +126,21 @@ def test_per_class_quota():
     assert per_class_quota("pascal_voc", 8, 102, 21) == 8 * 21    # int(7 * round(2.51)) = 21
     with pytest.raises(UserError, match="labeled_samples"):
         per_class_quota("cityscapes", 5, 0, 19)
+
+
+def test_load_state_dict_accepts_a_full_class_zeroes_unused_slots_and_names_bad_states():
+    """A class at exactly `size` vectors is valid; slots from each class's count on are zeroed (`add` relies on
+    it), the slot at index == count included; wrong keys, a non-dict and counts out of [0, size] are named."""
+    bank = MemoryBank(num_classes=2, size=3, dim=2)
+    stored = torch.arange(1.0, 13.0).reshape(2, 3, 2)                    # no zeros anywhere: garbage beyond counts
+    bank.load_state_dict({"memory": stored, "counts": torch.tensor([3, 1])})
+    assert bank.counts.tolist() == [3, 1]
+    expected = stored.clone()
+    expected[1, 1:] = 0.0                                                # class 1 keeps its first vector only
+    assert torch.equal(bank.memory, expected)
+    with pytest.raises(UserError, match=r"exactly 'memory' and 'counts', got \['counts', 'extra', 'memory'\]$"):
+        bank.load_state_dict({"memory": stored, "counts": torch.tensor([3, 1]), "extra": 0})
+    with pytest.raises(UserError, match=r"exactly 'memory' and 'counts', got list$"):
+        bank.load_state_dict([stored])
+    with pytest.raises(UserError, match=r"counts must lie in \[0, 3\]"):
+        bank.load_state_dict({"memory": stored, "counts": torch.tensor([4, 0])})

@@ -132,11 +132,6 @@ class MemoryBank:
         """Stored vectors per class [C] (a copy of counts)."""
         return self.counts.clone()
 
-    def to(self, device: torch.device | str) -> "MemoryBank":
-        self.memory = self.memory.to(device)
-        self.counts = self.counts.to(device)
-        return self
-
     def state_dict(self) -> dict:
         return {"memory": self.memory.clone(), "counts": self.counts.clone()}
 
