@@ -142,6 +142,23 @@ def test_memory_update_agrees(keep):
             close(b_d, b_c, rtol=1e-5, atol=1e-6)
 
 
+def test_memory_state_from_a_cpu_checkpoint_loads_on_the_device():
+    """A resume maps the checkpoint to the CPU (utils/training.py): its memory state, CPU tensors, must load into a
+    bank on the device, the unused slots zeroed on the device."""
+    state = memory_bank(CPU, torch.Generator().manual_seed(13)).state_dict()
+    state["memory"][:, -1] = 1.0                                      # garbage beyond every count below the size
+    state["counts"] = state["counts"].clamp(max=23)                  # size 24: slot 23 is unused in every class
+    loaded = {}
+    for side, device in SIDES:
+        bank = MemoryBank(C, size=24, dim=D, device=device)
+        bank.load_state_dict({k: v.clone() for k, v in state.items()})
+        assert bank.memory.device.type == bank.counts.device.type == torch.device(device).type
+        loaded[side] = bank
+    assert torch.equal(loaded["dut"].counts.cpu(), loaded["cpu"].counts)
+    close(loaded["dut"].memory, loaded["cpu"].memory, rtol=0, atol=0)
+    assert not loaded["cpu"].memory[:, -1].any()                      # the garbage is gone
+
+
 # ------------------------------------------------------------------------------------------ class balancing
 def test_class_balancing_agrees():
     g = torch.Generator().manual_seed(20)
