@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import evaluateSSL
+from benchmarks.common import cpu_threads
 from model import build_model
 from model.checkpoint_io import backbone_depth_of
 from model.deeplabv3plus import Decoder
@@ -36,10 +37,8 @@ EPS = 1e-5  # BatchNorm eps of torch (1.6 and now)
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: these small convolutions run several times faster so on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with cpu_threads(1):
+        yield
 
 # ------------------------------------------------------------------ the released backbone, block by block
 # Released ResNet (model/deeplabv3.py, output_stride 16): bottleneck 1x1 (stride 1) -> 3x3 (stride s, dilation d,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import trainSSL
+from tests.run_helpers import planted_miou
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils import training
 from utils.training import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,18 +64,9 @@ PLANTED_MIOU = {1: 0.10, 2: 0.20, 3: 0.15}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def planted_miou():
+def planted_miou_in_every_run():
     """Evaluations run for real; their mIoU is replaced by PLANTED_MIOU[i]."""
-    real_evaluate = Run.evaluate
-
-    def planted(self, model, i, tag="val"):
-        with pytest.MonkeyPatch.context() as mp:
-            inner = training.evaluate
-            mp.setattr(training, "evaluate", lambda *a, **k: {**inner(*a, **k), "miou": PLANTED_MIOU.get(i, 0.0)})
-            return real_evaluate(self, model, i, tag)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Run, "evaluate", planted)
+    with planted_miou(PLANTED_MIOU):
         yield
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import trainSSL
+from benchmarks.common import cpu_threads
 from utils import ssl_steps
 from utils.class_balancing import ClassBalancing
 from utils.training import Run
@@ -22,10 +23,8 @@ DEMO = os.path.join(ROOT, "configs", "demo.json")
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with cpu_threads(1):
+        yield
 
 
 def make_run(variant, run_dir, **sets) -> Run:
