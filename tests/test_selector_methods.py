@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.test_contrastive import random_selectors
 from utils.selectors import (grouped_selector_scores, padded_selector_scores, reference_selector_scores,
                              selector_method)
 
@@ -19,14 +20,7 @@ def selectors(seed: int) -> list[nn.Sequential]:
     """Spread-out BatchNorm affine and output weights (scores differ visibly), one cumulative-average BatchNorm
     (momentum None) and one class with its own LeakyReLU slope."""
     torch.manual_seed(seed)
-    out = []
-    for _ in range(C):
-        s = nn.Sequential(nn.Linear(D, H), nn.BatchNorm1d(H), nn.LeakyReLU(0.2), nn.Linear(H, 1))
-        with torch.no_grad():
-            s[1].weight.uniform_(0.5, 1.5)
-            s[1].bias.normal_(0, 0.5)
-            s[3].weight.mul_(3)
-        out.append(s)
+    out = random_selectors(C, D, H)
     out[4][1].momentum = None
     out[2][2].negative_slope = 0.1
     return out
