@@ -95,11 +95,11 @@ MODES: dict[str, dict] = {
 # Where the benchmark's config differs from the released method, and why (README and JSON).
 DIFFERENCES_FROM_RELEASE = [
     "network DeepLabv3+ on ResNet-18 from random initialisation, batch 4 (the smallest v3+ batch), small crops of "
-    "small scenes: CPU-sized (released: ImageNet/COCO-pretrained ResNet-50/101, 512x512 crops, batch 7 or 10)",
+    "small scenes: CPU-sized (released: ImageNet/COCO-pretrained ResNet-50/101, 321x321 or 512x512 crops, batch 5 to 20)",
     "backbone.width 32: the ResNet-18 has half the standard channels in every layer (stem 32, layer4 256); ASPP "
     "and decoder keep the released 256 channels. Chosen for speed (a training iteration costs about half) and "
     "checked on the supervised arm alone before any method run",
-    "learning rate 0.01 for training from scratch (released 2.5e-4 to 4e-4 for pretrained backbones), chosen on "
+    "learning rate 0.01 for training from scratch (released 2e-4, 4e-4 for the v3+ Cityscapes configs), chosen on "
     "the supervised arm alone: with one SGD group at the base lr it learned faster at 0.01 than at 0.002",
     "N = 2000 iterations (released 150000); ramp-up R, memory start offset and BatchNorm refresh passes scaled "
     "by N/150000 (2000 -> 27, 1000 -> 13, 1000 -> 13); evaluation every 250 iterations (released 1000)",
