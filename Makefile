@@ -25,9 +25,10 @@ demo: $(STAMP)
 		--out $(DEMO_DIR)/predictions --overlay --device cpu
 	@echo "pictures: $(DEMO_DIR)/predictions/ (*_color.png, *_classes.png, *_overlay.jpg); training curves: $(DEMO_DIR)/curves.png"
 
-# Two pytest-xdist workers (one compute thread each, tests/conftest.py): the CI machine has two cores.
+# Two pytest-xdist workers (one compute thread each), whole files each, the costliest first (tests/conftest.py): the
+# CI machine has two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # On a machine with CUDA: tests, demo training, benchmarks and targets in at most 8 minutes; writes
 # benchmarks/gpu_check.json and benchmarks/gpu_check.md. Without CUDA it says so and exits 0.

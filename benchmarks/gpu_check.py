@@ -28,7 +28,7 @@ step and figure (--json, default benchmarks/gpu_check.json) and a Markdown repor
 into the README (--markdown, default benchmarks/gpu_check.md); logs, checkpoints and per-step records under
 --work (default runs/gpu_check/). Without CUDA and without --dry-run it says so and exits 0.
 
---dry-run: the same steps at toy sizes on the CPU (ResNet-18, 33x33 crops, a few iterations, fp32 only, no time
+--dry-run: the same steps at toy sizes on the CPU (ResNet-18 at width 16, 33x33 crops, a few iterations, fp32 only, no time
 budget), the cuda tests with the CPU standing in for the device (SSL_CUDA_TESTS_ON_CPU=1), NCCL skipped; its
 figures are not GPU figures. Output under runs/gpu_check_dry/.
 
@@ -117,7 +117,8 @@ class Plan:
     child_steps: tuple[str, ...]          # Python steps run in a process of their own (with a time limit)
 
 
-TOY_NET = ("backbone.depth=18", "training.data.input_size=33,33")
+# the dry run's networks: ResNet-18 at a quarter of the standard width (random initialisation), 33x33 crops
+TOY_NET = ("backbone.depth=18", "backbone.pretrained=none", "backbone.width=16", "training.data.input_size=33,33")
 PY_STEP_NAMES = ("demo", "bench_step", "bench_components", "eval_full_size", "bench_step_compile")
 DIST_ITERATIONS = 4
 
@@ -142,8 +143,8 @@ def plan_for(dry_run: bool) -> Plan:
     # process) beside the others.
     return Plan(
         dry_run=True, device="cpu", demo_precisions=("fp32",), demo_iterations=3,
-        demo_sets=("version=2", "backbone.depth=18", "training.batch_size=2", "training.data.input_size=33,49",
-                   "training.data.labeled_samples=4", "synthetic.num_train=12", "synthetic.num_val=3",
+        demo_sets=("version=2", "backbone.depth=18", "backbone.width=16", "training.batch_size=2",
+                   "training.data.input_size=33,49", "training.data.labeled_samples=4", "synthetic.num_train=12", "synthetic.num_val=3",
                    "synthetic.image_size=40,60", "method.ramp_up_iterations=1", "method.memory_start_offset=1",
                    "method.memory_confidence=0.0", "method.bn_refresh_iterations=1", "utils.val_per_iter=2",
                    "utils.log_every=1"),
@@ -155,7 +156,8 @@ def plan_for(dry_run: bool) -> Plan:
         bench_args=("--iterations", "1", "--warmup", "0", "--threads", "1", "--compile-backend", "eager"),
         components_args=("--quick", "--repeats", "1", "--warmup", "0", "--threads", "1"),
         eval_images=3, eval_size=(64, 128), eval_depth=18, eval_chunk=2,
-        dist_iterations=2, dist_sets=("training.data.input_size=33,49",), child_steps=("eval_full_size",))
+        dist_iterations=2, dist_sets=("training.data.input_size=33,49", "backbone.width=16"),
+        child_steps=("eval_full_size",))
 
 
 # ------------------------------------------------------------------------------------- records and processes

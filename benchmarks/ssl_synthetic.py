@@ -89,7 +89,7 @@ MODES: dict[str, dict] = {
     "smoke": {"iterations": 3, "seeds": [1], "val_every": 2,
               "sets": {"synthetic.num_train": 12, "synthetic.num_val": 2, "synthetic.num_source": 8,
                        "synthetic.image_size": "40,64", "training.data.input_size": "32,48",
-                       "training.data.labeled_samples": 4}},
+                       "training.data.labeled_samples": 4, "utils.curves": False}},
 }
 
 # Where the benchmark's config differs from the released method, and why (README and JSON).

@@ -16,6 +16,10 @@ from utils.training import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.json")
+# backbone.width of the tests' tiny runs: a ResNet-18 with a quarter of the standard channels (stem 16, layer4 128)
+# trains, evaluates and checkpoints about 4x faster; what these runs check (the run's machinery) does not depend
+# on it. tests/test_model_width.py checks the width itself; the networks of the release are checked at width 64.
+TINY_WIDTH = 16
 
 
 def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
@@ -24,13 +28,14 @@ def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
     (class-balancing histories of 1 labeled and 2 unlabeled slots: full from iteration 1 on), 2 validation
     images, no evaluation, checkpoint or BatchNorm refresh unless asked for."""
     sets = {
-        "version": "2", "backbone.depth": 18, "training.batch_size": 2, "training.num_workers": 0,
+        "version": "2", "backbone.depth": 18, "backbone.width": TINY_WIDTH, "training.batch_size": 2, "training.num_workers": 0,
         "training.num_iterations": iterations, "training.learning_rate": 0.01,
         "training.data.labeled_samples": 2, "training.data.input_size": "33,49",
         "synthetic.num_train": 4, "synthetic.num_val": 2, "synthetic.image_size": "40,60",
         "method.class_balancing": True, "method.bn_refresh_iterations": 0,
         "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 1000, "utils.save_checkpoint_every": 1000,
         "utils.save_latest_every": 1000, "utils.log_every": 1, "utils.tensorboard": False, "utils.log_images": 0,
+        "utils.curves": False,  # about a second of matplotlib per run; tests/test_logging.py draws them
     }
     sets.update(extra)
     return sets

@@ -163,7 +163,7 @@ def tiny_config(precision: str) -> dict:
                      "data": {"labeled_samples": 4, "input_size": "33,33"}},
         "method": {"ramp_up_iterations": 1, "memory_start_offset": 1, "memory_confidence": 0.0,
                    "class_balancing": True, "labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0},
-        "ignore_label": IGNORE, "utils": {"log_images": 0, "tensorboard": False},
+        "ignore_label": IGNORE, "utils": {"log_images": 0, "tensorboard": False, "curves": False},
     }, "test_cuda_sync")
 
 

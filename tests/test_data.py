@@ -229,6 +229,24 @@ def test_voc_train_list_file(tmp_path):
     assert VOCDataset(root, "train", crop_size=(4, 4), list_file=str(lst)).names == [ids["train"][2], ids["train"][0]]
 
 
+def test_voc_list_names_a_missing_image_or_label(tmp_path):
+    """A listed id without its JPEG or its label PNG stops with the path it expected (one folder listing each)."""
+    from utils.errors import UserError
+    root = str(tmp_path)
+    ids = make_voc_tree(root, n_train=3, n_val=2, size=(8, 8))
+    os.remove(os.path.join(root, "JPEGImages", ids["val"][1] + ".jpg"))
+    with pytest.raises(UserError, match=f"JPEGImages/{ids['val'][1]}.jpg \\(id {ids['val'][1]} of the val split\\) "
+                                        "not found"):
+        VOCDataset(root, "val")
+    os.remove(os.path.join(root, "SegmentationClassAug", ids["train"][0] + ".png"))
+    lst = tmp_path / "train_aug.txt"
+    lst.write_text(f"{ids['train'][1]}\n{ids['train'][0]}\n")
+    with pytest.raises(UserError, match=f"has no label: expected .*SegmentationClassAug/{ids['train'][0]}.png"):
+        VOCDataset(root, "train", crop_size=(4, 4), list_file=str(lst))
+    lst.write_text(f"{ids['train'][1]}\n")
+    assert VOCDataset(root, "train", crop_size=(4, 4), list_file=str(lst)).names == [ids["train"][1]]
+
+
 def test_voc_label_out_of_range_raises(tmp_path):
     root = str(tmp_path)
     ids = make_voc_tree(root, n_train=2, n_val=1, size=(8, 8))

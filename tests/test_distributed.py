@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from tests.dist_worker import STATE_KEYS, digest, rank_differences
+from tests.run_helpers import TINY_WIDTH
 from utils import distributed as dist
 from utils.errors import UserError
 
@@ -48,12 +49,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 def tiny_args(run_dir: str) -> list[str]:
     sets = {
         "version": "2",  # the demo is v3+; batch 2 leaves one unlabeled image, too few for its image-pooling BN
-        "backbone.depth": 18, "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": N,
+        "backbone.depth": 18, "backbone.width": TINY_WIDTH, "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": N,
         "training.data.input_size": "33,49", "training.data.labeled_samples": 4,
         "synthetic.num_train": 12, "synthetic.num_val": 4, "synthetic.image_size": "40,60",
         "method.ramp_up_iterations": R, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1, "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2,
-        "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False,
+        "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False, "utils.curves": False,
         "utils.checkpoint_dir": run_dir,
     }
     args = ["--config", CONFIG, "--device", "cpu"]

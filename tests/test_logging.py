@@ -31,7 +31,8 @@ def logged_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("logged"))
     config = export_folder(str(tmp_path_factory.mktemp("data")), num_train=24, num_val=2, image_size=(40, 60))
     argv = tiny_argv(run_dir, ITERATIONS, config, **{"utils.val_per_iter": 2, "utils.log_every": 1,
-                                                     "utils.log_images": 2, "utils.save_latest_every": 100})
+                                                     "utils.log_images": 2, "utils.save_latest_every": 100,
+                                                     "utils.curves": True})
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdout", out)
@@ -145,13 +146,22 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
             assert text.splitlines()[-1].startswith("[train] it 5/10 eta ") and "loss_sup=4.5 loss=1.25" in text
 
 
-def test_resumed_logger_supersedes_events_after_the_checkpoint(tmp_path):
+def test_resumed_logger_supersedes_events_after_the_checkpoint(tmp_path, monkeypatch):
     """Events logged after the last latest.pth by an interrupted run are dropped from TensorBoard on resume, and
     train_log.jsonl marks where the resumed rows start."""
+    import types
+
+    from tensorboard.summary.writer import event_file_writer
+
+    # TensorBoard reads a folder's event files in name order: <seconds>.<host>.<pid>.<writer counter>. A resumed run
+    # starts later, in another process; here both writers live in this process, within a second or two, and the
+    # counter may pass from 9 to 10 (which sorts first): each writer's file gets its own second.
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_000.0))
     first = TrainLogger(str(tmp_path), total=6, start=0, stream=io.StringIO())
     for i in range(5):
         first.scalars(i, {"loss": float(i)})
     first.close()
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1_700_000_100.0))
     second = TrainLogger(str(tmp_path), total=6, start=3, stream=io.StringIO())
     for i in range(3, 6):
         second.scalars(i, {"loss": 10.0 + i})
@@ -251,3 +261,28 @@ def test_curves_redrawn_at_evaluations_at_most_every_30_s_and_at_close(tmp_path,
     clock[0] = 1080.0
     log.close()
     assert drawn == [1040.0, 1075.0, 1080.0]
+
+
+def test_utils_curves_false_draws_nothing(tmp_path, monkeypatch):
+    """utils.curves false (the tests' tiny runs): no curves.png at evaluations or at close; the log is written."""
+    clock, drawn = [1000.0], []
+    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
+    log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, curves=False, stream=io.StringIO())
+    for t in (1040.0, 1080.0):
+        clock[0] = t
+        log.evaluation_started()
+        log.evaluation_finished()
+    log.scalars(0, {"loss": 1.0})
+    log.close()
+    assert drawn == [] and os.path.isfile(tmp_path / "train_log.jsonl")
+
+
+def test_run_passes_utils_curves_to_its_logger(tmp_path):
+    from tests.run_helpers import argv_of, tiny_sets
+    from utils.training import Run
+    from utils.variants import TRAIN_SSL
+    for value in (False, True):
+        run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / str(value)), 1, **{"utils.curves": value})))
+        assert run.logger.curves is value
+        run.logger.close()

@@ -6,7 +6,6 @@ import urllib.error
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from model import DeepLabV2, DeepLabV3Plus, build_model
@@ -16,6 +15,12 @@ from model.pretrained import COCO_FILE, COCO_URL, load_pretrained
 from model.resnet import ResNetBackbone
 from utils.errors import UserError
 
+
+
+def tv_models():
+    """torchvision.models, imported on first use (its import costs a test worker seconds)."""
+    import torchvision
+    return torchvision.models
 
 def _meta(*args, **kwargs):
     with torch.device("meta"):
@@ -32,7 +37,7 @@ def _backbone_shapes(model: nn.Module) -> dict[str, tuple]:
 
 def _torchvision_shapes(depth: int) -> dict[str, tuple]:
     with torch.device("meta"):
-        net = getattr(torchvision.models, f"resnet{depth}")()
+        net = getattr(tv_models(), f"resnet{depth}")()
     return {k: s for k, s in _shapes(net).items() if not k.startswith("fc.")}
 
 
@@ -187,10 +192,10 @@ def test_torchvision_backbones_compute_like_torchvision():
     replace_stride_with_dilation keeps dilation 1: the reference gets that one conv's dilation and padding 2."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, 64, 64)
-    os16 = torchvision.models.resnet50(replace_stride_with_dilation=[False, False, True])
+    os16 = tv_models().resnet50(replace_stride_with_dilation=[False, False, True])
     assert os16.layer4[0].conv2.dilation == (1, 1)
     os16.layer4[0].conv2.dilation, os16.layer4[0].conv2.padding = (2, 2), (2, 2)
-    cases = [(ResNetBackbone(18, "torchvision"), torchvision.models.resnet18()),
+    cases = [(ResNetBackbone(18, "torchvision"), tv_models().resnet18()),
              (ResNetBackbone(50, "torchvision", dilate_layer4=2), os16)]
     for ours, ref in cases:
         missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
@@ -378,7 +383,7 @@ def test_pretrained_default_imagenet_file(tmp_path, monkeypatch):
     """torchvision's file at torch hub's checkpoint folder: every backbone tensor loads, fc is skipped."""
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     torch.manual_seed(0)
-    tv = torchvision.models.resnet18()
+    tv = tv_models().resnet18()
     os.makedirs(tmp_path / "checkpoints")
     torch.save(tv.state_dict(), tmp_path / "checkpoints" / "resnet18-f37072fd.pth")
     model = build_model("3", 4, "imagenet", 18, "default", verbose=False)

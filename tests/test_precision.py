@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import utils.ssl_steps as step
+from tests.run_helpers import TINY_WIDTH
 from benchmarks.bench_step import LoopClock, build_run, run_iterations
 from utils.config import resolve_config
 from utils.memory_bank import MemoryBank
@@ -18,11 +19,11 @@ R = 1  # ramp-up iterations: iterations 2 and 3 have ClassMix, memory update and
 def tiny_config(precision: str) -> dict:
     return resolve_config({
         "dataset": "folder", "folder": {"num_classes": CLASSES}, "version": "2", "precision": precision,
-        "backbone": {"depth": 18, "pretrained": "none"},
+        "backbone": {"depth": 18, "pretrained": "none", "width": TINY_WIDTH},
         "training": {"batch_size": 2, "num_iterations": 100, "learning_rate": 0.01, "pretraining": "imagenet",
                      "data": {"labeled_samples": 4, "input_size": "33,33"}},
         "method": {"ramp_up_iterations": R, "memory_start_offset": 1, "memory_confidence": 0.0},
-        "ignore_label": 250, "utils": {"log_images": 0, "tensorboard": False},
+        "ignore_label": 250, "utils": {"log_images": 0, "tensorboard": False, "curves": False},
     }, "test_precision")
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainSSL
-from tests.run_helpers import planted_miou
+from tests.run_helpers import TINY_WIDTH, planted_miou
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.training import Run
@@ -39,6 +39,7 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
     the interruption)."""
     sets = {
         "version": "2",  # the demo is v3+; batch 2 leaves one unlabeled image, too few for its image-pooling BN
+        "backbone.width": TINY_WIDTH,
         "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": iterations,
         "training.data.labeled_samples": 6, "training.data.input_size": "33,49",
         "synthetic.num_train": 24, "synthetic.num_val": 2, "synthetic.image_size": "40,60",
@@ -46,6 +47,7 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
         "method.bn_refresh_iterations": 1,
         "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 1, "utils.save_checkpoint_every": 1000,
         "utils.save_latest_every": N, "utils.log_every": 3, "utils.log_images": 0,
+        "utils.curves": False,  # tests/test_logging.py draws them
     }
     sets.update(extra)
     argv = ["--config", config, "--device", "cpu"]

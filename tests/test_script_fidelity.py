@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import trainSSL
+from tests.run_helpers import TINY_WIDTH
 from benchmarks.common import cpu_threads
 from utils import ssl_steps
 from utils.class_balancing import ClassBalancing
@@ -29,11 +30,12 @@ def one_thread():
 
 def make_run(variant, run_dir, **sets) -> Run:
     """B = 5 labeled (6 labeled images), B/2 = 2 unlabeled, 32x48 crops, memory and contrast far away (R = 1000)."""
-    values = {"backbone.depth": 18, "training.batch_size": 5, "training.num_iterations": 1,
+    values = {"backbone.depth": 18, "backbone.width": TINY_WIDTH, "training.batch_size": 5, "training.num_iterations": 1,
               "training.data.labeled_samples": 6, "training.data.input_size": "32,48",
               "synthetic.num_train": 10, "synthetic.num_val": 2, "synthetic.image_size": "32,48",
               "method.ramp_up_iterations": 1000, "method.class_balancing": False, "method.bn_refresh_iterations": 0,
-              "utils.checkpoint_dir": str(run_dir), "utils.tensorboard": False, **sets}
+              "utils.checkpoint_dir": str(run_dir), "utils.tensorboard": False, "utils.curves": False,
+              **sets}
     argv = ["--config", DEMO, "--device", "cpu"]
     for k, v in values.items():
         argv += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]

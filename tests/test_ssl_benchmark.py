@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import trainSSL
+from tests.run_helpers import TINY_WIDTH
 from benchmarks import ssl_diagnostics as diag
 from benchmarks import ssl_synthetic as bench
 from utils.config import config_diff
@@ -189,9 +190,9 @@ def test_score_by_hand():
 
 
 def _tiny_args(run_dir: str) -> list[str]:
-    sets = {"synthetic.num_train": 10, "synthetic.num_val": 2, "synthetic.image_size": "40,64",
+    sets = {"backbone.width": TINY_WIDTH, "synthetic.num_train": 10, "synthetic.num_val": 2, "synthetic.image_size": "40,64",
             "training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.num_iterations": 4,
-            "utils.val_per_iter": 2, "utils.log_every": 1, "method.ramp_up_iterations": 1,
+            "utils.val_per_iter": 2, "utils.log_every": 1, "utils.curves": False, "method.ramp_up_iterations": 1,
             "method.memory_start_offset": 1, "method.memory_confidence": 0.0, "method.bn_refresh_iterations": 1,
             "utils.checkpoint_dir": run_dir}
     return ["--config", bench.BASE_CONFIG, "--device", "cpu"] + bench.set_args(sets)

@@ -11,6 +11,7 @@ import evaluateSSL
 import trainSSL
 from data.cityscapes import list_cityscapes
 from tests.fixtures_data import make_cityscapes_tree
+from tests.run_helpers import TINY_WIDTH
 from utils.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,14 +21,14 @@ CONFIG = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_imagenet.json
 def tiny_overrides(run_dir: str, iterations: int = 12) -> list[str]:
     """The paper config with its constants scaled to a few iterations on a CPU."""
     sets = {
-        "backbone.depth": 18, "backbone.pretrained": "none",
+        "backbone.depth": 18, "backbone.pretrained": "none", "backbone.width": TINY_WIDTH,
         "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": iterations,
         "training.learning_rate": 0.001, "training.data.labeled_samples": 4, "training.data.input_size": "33,49",
         "method.ramp_up_iterations": 4, "method.memory_start_offset": 2, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 2,
         "training.data.split_id_list": -1,  # split 0 is the release's split of all 2975 images
         "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 5, "utils.save_checkpoint_every": 5,
-        "utils.save_latest_every": 5, "utils.log_every": 1,
+        "utils.save_latest_every": 5, "utils.log_every": 1, "utils.curves": False,
     }
     out = []
     for k, v in sets.items():
@@ -121,7 +122,8 @@ def test_released_checkpoint_format_evaluates(trained, city_root, tmp_path):
     ours = load_checkpoint(os.path.join(run_dir, "best_model.pth"))
     released_cfg = json.load(open(CONFIG))
     released_cfg["training"]["data"]["input_size"] = "33,49"
-    released_cfg["backbone"] = {"depth": 18}  # the release had only ResNet-101; our tiny model needs the key
+    # the release had only ResNet-101 (no backbone keys); our tiny model needs them
+    released_cfg["backbone"] = {"depth": 18, "width": TINY_WIDTH, "pretrained": "none"}
     path = str(tmp_path / "released.pth")
     torch.save({"model": ours["model"], "config": released_cfg, "optimizer": {}, "iteration": 7}, path)
     report = evaluateSSL.main(["--model-path", path, "--data-root", city_root, "--device", "cpu"])

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-import torchvision
 
 import model.pretrained as pretrained
 import trainSSL
@@ -35,8 +34,9 @@ def serve(server, monkeypatch, content: bytes, name: str) -> str:
     return pretrained.IMAGENET_URL + name
 
 
-def resnet18_bytes(tmp_path) -> tuple[bytes, torchvision.models.ResNet]:
+def resnet18_bytes(tmp_path) -> tuple[bytes, torch.nn.Module]:  # (bytes of the file, torchvision ResNet-18)
     torch.manual_seed(0)
+    import torchvision
     tv = torchvision.models.resnet18()
     torch.save(tv.state_dict(), tmp_path / "weights.pth")
     return (tmp_path / "weights.pth").read_bytes(), tv

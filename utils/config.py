@@ -90,6 +90,8 @@ SCHEMA: dict[str, Any] = {
         "save_latest_every": ((int,), 1000, "interval of latest.pth, the full run state for exact resume"),
         "log_every": ((int,), 50, "interval of log lines, train_log.jsonl rows and TensorBoard scalars"),
         "tensorboard": ((bool,), True, "write TensorBoard event files in the run directory"),
+        "curves": ((bool,), True, "draw curves.png in the run directory at evaluations (at most every 30 s) and at "
+                                  "the end (about a second of matplotlib each time)"),
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
         "eval_batch_size": ((int,), 1, "validation batch size (VOC images differ in size: keep 1)"),
     },

@@ -23,8 +23,9 @@ class TrainLogger:
     """Writes every logged row to train_log.jsonl, scalars and images to TensorBoard, and shows progress."""
 
     def __init__(self, run_dir: str, total: int, start: int, *, enabled: bool = True, tensorboard: bool = True,
-                 stream=None):
+                 curves: bool = True, stream=None):
         self.enabled = enabled
+        self.curves = curves         # draw curves.png (utils.curves)
         self.total, self.start = total, start
         self.stream = stream or sys.stdout
         self.t0 = time.time()
@@ -125,6 +126,8 @@ class TrainLogger:
     def draw_curves(self) -> None:
         """<run dir>/curves.png from train_log.jsonl; a failure is reported once and never stops training."""
         self._curves_t = time.time()
+        if not self.curves:
+            return
         try:
             draw_curves(self.run_dir)
         except Exception as e:  # a plotting problem must not end a long run

@@ -232,7 +232,7 @@ class Run:
         if resume_ckpt is not None:
             self.load_state_dict(resume_ckpt)
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
-                                  tensorboard=cfg["utils"]["tensorboard"])
+                                  tensorboard=cfg["utils"]["tensorboard"], curves=cfg["utils"]["curves"])
         if dist.is_main():
             self._write_run_files()
         self.logger.message(f"{variant.name}: {self.data.name} v{cfg['version']} ({t['pretraining']}), "
