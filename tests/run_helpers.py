@@ -60,15 +60,17 @@ def single_thread():
 
 
 @contextmanager
-def planted_miou(by_iteration: dict[int, float]):
-    """Evaluations run for real, but report the mIoU `by_iteration[i]` (0.0 where not given), so a run's new
-    bests and returns to the best model happen where the test says, whatever the weights."""
+def planted_miou(by_iteration: dict):
+    """Evaluations run for real, but report the mIoU `by_iteration[(i, tag)]` or else `by_iteration[i]` (0.0 where
+    neither is given), so a run's new bests and returns to the best model happen where the test says, whatever the
+    weights. Tags: "val", and "val_bn_refresh" for the evaluation after the final BatchNorm refresh."""
     real_evaluate = Run.evaluate
 
     def planted(self, model, i, tag="val"):
+        miou = by_iteration.get((i, tag), by_iteration.get(i, 0.0))
         with pytest.MonkeyPatch.context() as mp:
             inner = training.evaluate
-            mp.setattr(training, "evaluate", lambda *a, **k: {**inner(*a, **k), "miou": by_iteration.get(i, 0.0)})
+            mp.setattr(training, "evaluate", lambda *a, **k: {**inner(*a, **k), "miou": miou})
             return real_evaluate(self, model, i, tag)
 
     with pytest.MonkeyPatch.context() as mp:

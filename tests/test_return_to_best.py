@@ -13,12 +13,14 @@ pseudo-labels and the memory's predictions and features; the teacher never runs 
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
 import trainSSL
+from data.synthetic import CLASS_NAMES
 from tests.run_helpers import argv_of, planted_miou, single_thread, tiny_sets
 from utils.checkpoint import load_checkpoint
 from utils.training import Run
@@ -182,3 +184,39 @@ def test_student_in_eval_mode_labels_when_use_teacher_train_is_false(interrupted
         expected = [("student", False), ("student", True), ("student", True)] + ([("student", False)] if i >= 1 else [])
         assert calls == expected, (i, calls)
     assert log["ranked_with_teacher"] == [True] * (N - 1)
+
+
+# ------------------------------------------------------------------------------ the end of a run: finish()
+FINISH_N = 3
+FINISH_PLANTED = {1: 0.3, 2: 0.1, 3: 0.2}  # best after iteration 1; the final evaluation (at N = 3) gives 0.2
+
+
+@pytest.mark.parametrize("refresh_passes, refreshed, best", [(1, 0.5, 0.5), (1, 0.25, 0.3), (0, None, 0.3)])
+def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, refresh_passes, refreshed, best):
+    """finish(), worked by hand: the final evaluation (0.2) is no new best, so best_model.pth (iteration 1, 0.3)
+    goes back into the student; with refresh passes its BatchNorm statistics are re-estimated and it is evaluated
+    again: 0.5 beats 0.3 (best_model.pth rewritten: iteration N, 0.5), 0.25 does not (kept, and said so); without
+    passes nothing more is evaluated. checkpoint-iter3.pth holds the final evaluation; evaluation.json the best."""
+    run_dir = tmp_path / "run"
+    sets = tiny_sets(str(run_dir), FINISH_N, **{"utils.val_per_iter": 1,
+                                                "method.bn_refresh_iterations": refresh_passes})
+    planted = {**FINISH_PLANTED, **({(FINISH_N, "val_bn_refresh"): refreshed} if refreshed is not None else {})}
+    with planted_miou(planted):
+        result = trainSSL.main(argv_of(sets))
+    out = capsys.readouterr().out
+    assert result["miou"] == best
+    final = load_checkpoint(str(run_dir / f"checkpoint-iter{FINISH_N}.pth"))
+    assert final["iteration"] == FINISH_N and final["miou"] == 0.2
+    best_file = load_checkpoint(str(run_dir / "best_model.pth"))
+    assert best_file["miou"] == best and best_file["iteration"] == (FINISH_N if best == 0.5 else 1)
+    assert set(best_file["model"]) == set(final["model"]) and best_file["config"]["seed"] == final["config"]["seed"]
+    rows = [json.loads(line) for line in open(run_dir / "train_log.jsonl")]
+    refresh_rows = [r for r in rows if r["kind"] == "val_bn_refresh"]
+    assert [(r["iteration"], r["miou"]) for r in refresh_rows] == ([] if refreshed is None else
+                                                                   [(FINISH_N, refreshed)])
+    assert ("BatchNorm refresh did not improve the best model; keeping it" in out) == (refreshed == 0.25)
+    assert f"best mIoU {100 * best:.2f}; total time " in out
+    with open(run_dir / "evaluation.json") as f:
+        report = json.load(f)
+    assert report["best_miou"] == best and report["iterations"] == FINISH_N and report["seconds"] > 0
+    assert list(report["iou"]) == list(CLASS_NAMES) and report["loss"] > 0

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 import trainSSL
-from tests.run_helpers import (TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand, ramp_by_hand, single_thread,
-                               tiny_sets)
+from tests.run_helpers import (DEMO, TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand, ramp_by_hand,
+                               single_thread, tiny_sets)
 from utils import ssl_steps
 from utils.training import Run
 from utils.variants import TRAIN_SSL
@@ -378,3 +378,89 @@ def test_teacher_takes_the_momentum_once_the_warm_up_passes_it(code_run):
     assert code_run.teacher.other_deviation[30] > 0  # 1 - 1/31 = 0.9677 there
 
 
+
+
+def test_main_guard_exit_codes_and_messages(capsys, monkeypatch):
+    """The scripts' top level: success returns (and tears the process group down); a user error prints
+    "<label>: <message>" alone and exits with its code (2, or a stop's own: 128 + 15 after SIGTERM); any other
+    exception propagates with its traceback, and nothing is torn down after a failure."""
+    from utils import training
+    from utils.errors import RunStopped, UserError
+    cleaned = []
+    monkeypatch.setattr(training.dist, "cleanup", lambda: cleaned.append(True))
+    ran = []
+    assert training.main_guard(lambda: ran.append(1)) is None
+    assert ran == [1] and cleaned == [True]
+
+    def fails(error):
+        def main():
+            raise error
+        return main
+
+    for error, code, line in [(UserError("c.json: unknown key 'x'"), 2, "error: c.json: unknown key 'x'"),
+                              (RunStopped("stopped by SIGTERM", exit_code=143, label="stopped"), 143,
+                               "stopped: stopped by SIGTERM")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            training.main_guard(fails(error))
+        assert e.value.code == code and capsys.readouterr().err == line + "\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        training.main_guard(fails(RuntimeError("a bug")))
+    assert cleaned == [True]
+
+
+def test_dry_run_plan_lines(tmp_path, capsys):
+    """--dry-run's plan, line by line, for the tiny config worked out by hand: 4 synthetic training images of which
+    2 labeled, 2 validation images, 8 classes, DeepLabv2 on ResNet-18, one SGD group, an 8 x 256 memory."""
+    import json as json_module
+    run_dir = str(tmp_path / "run")
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3)) + ["--dry-run"])  # prints the plan; again:
+    capsys.readouterr()
+    run.print_plan()
+    lines = capsys.readouterr().out.splitlines()
+    n_params = sum(p.numel() for p in run.student.parameters())
+    n_tensors = len([p for p in run.student.parameters() if p.requires_grad])
+    assert lines[0] == f"config: {DEMO}"
+    config_end = lines.index("}")
+    assert json_module.loads("\n".join(lines[1:config_end + 1])) == run.cfg
+    assert lines[config_end + 1:] == [
+        "script: trainSSL; method constants: " + json_module.dumps(run.method),
+        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='ones', "
+        "da_source_schedule='last100_odd', entropy_mask_broadcast=True)",
+        "data: synthetic, 4 train (2 labeled, 2 unlabeled), 2 val, 8 classes, crop (33, 49), channel order RGB",
+        f"model: DeepLabv2 ResNet-18, {n_params / 1e6:.1f} M parameters, pretrained weights: none (random "
+        "initialisation)",
+        f"optimiser: SGD, one group of {n_tensors} trainable tensors at lr 0.01, momentum 0.9, weight decay 0.0005, "
+        "Poly power 0.9",
+        "memory: 8 x 256 vectors, quota 256 per class and update; class balancing: on",
+        f"run directory: {run_dir}; device cpu",
+        "dry run: OK",
+    ]
+    assert n_tensors > 100 and 1.0 < n_params / 1e6 < 3.0  # a quarter-width ResNet-18 with its DeepLabv2 head
+
+
+def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
+    """The plan's "pretrained weights:" for each backbone.pretrained: default (not cached / cached), a file that
+    exists, a missing one, and COCO weights that do not exist for this network."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))             # torch hub: $TORCH_HOME/hub
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # torchvision's ResNet-18 file
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    weights = tmp_path / "mine.pth"
+    weights.write_bytes(b"")
+
+    def status(**sets) -> str:
+        base = tiny_sets(str(tmp_path / "run"), 3, **{"backbone.width": 64, "training.pretraining": "imagenet"})
+        return Run(TRAIN_SSL, argv_of({**base, **sets}) + ["--dry-run"])._pretrained_status()
+
+    assert status(**{"backbone.pretrained": "default"}) == (
+        f"{cached} not cached yet: training will download {url} there first (nothing downloaded in a dry run)")
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert status(**{"backbone.pretrained": "default"}) == f"{cached} (cached; not loaded in a dry run)"
+    assert status(**{"backbone.pretrained": str(weights)}) == f"{weights} (found; not loaded in a dry run)"
+    missing = str(tmp_path / "nowhere.pth")
+    assert status(**{"backbone.pretrained": missing}) == (
+        f"{missing} MISSING (backbone.pretrained: give an existing file, \"default\" or \"none\")")
+    assert status(**{"backbone.pretrained": "none"}) == "none (random initialisation)"
+    coco = status(**{"backbone.pretrained": "default", "training.pretraining": "COCO"})
+    assert coco.startswith("unavailable: there are no default COCO weights for DeepLabv2 with ResNet-18 ")
