@@ -191,12 +191,14 @@ FINISH_N = 3
 FINISH_PLANTED = {1: 0.3, 2: 0.1, 3: 0.2}  # best after iteration 1; the final evaluation (at N = 3) gives 0.2
 
 
-@pytest.mark.parametrize("refresh_passes, refreshed, best", [(1, 0.5, 0.5), (1, 0.25, 0.3), (0, None, 0.3)])
+@pytest.mark.parametrize("refresh_passes, refreshed, best",
+                         [(1, 0.5, 0.5), (1, 0.3, 0.3), (1, 0.25, 0.3), (0, None, 0.3)])
 def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, refresh_passes, refreshed, best):
     """finish(), worked by hand: the final evaluation (0.2) is no new best, so best_model.pth (iteration 1, 0.3)
     goes back into the student; with refresh passes its BatchNorm statistics are re-estimated and it is evaluated
-    again: 0.5 beats 0.3 (best_model.pth rewritten: iteration N, 0.5), 0.25 does not (kept, and said so); without
-    passes nothing more is evaluated. checkpoint-iter3.pth holds the final evaluation; evaluation.json the best."""
+    again: 0.5 beats 0.3 (best_model.pth rewritten: iteration N, 0.5), 0.3 and 0.25 do not (kept, and said so);
+    without passes nothing more is evaluated. checkpoint-iter3.pth holds the final evaluation (and the student:
+    "final" is neither a best nor a periodic checkpoint); evaluation.json the best, with the run's seconds."""
     run_dir = tmp_path / "run"
     sets = tiny_sets(str(run_dir), FINISH_N, **{"utils.val_per_iter": 1,
                                                 "method.bn_refresh_iterations": refresh_passes})
@@ -214,9 +216,19 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
     refresh_rows = [r for r in rows if r["kind"] == "val_bn_refresh"]
     assert [(r["iteration"], r["miou"]) for r in refresh_rows] == ([] if refreshed is None else
                                                                    [(FINISH_N, refreshed)])
-    assert ("BatchNorm refresh did not improve the best model; keeping it" in out) == (refreshed == 0.25)
-    assert f"best mIoU {100 * best:.2f}; total time " in out
+    kept = "BatchNorm refresh did not improve the best model; keeping it"
+    assert (kept in out) == (refreshed is not None and refreshed <= 0.3)
+    # the IoU table of the best evaluation (one line per class, then its mIoU), then the summary line
+    table = [ln for ln in out.splitlines() if ln.startswith("class ")]
+    assert [ln.split()[2] for ln in table] == list(CLASS_NAMES)
+    (summary,) = [ln for ln in out.splitlines() if ln.startswith("best mIoU ")]
+    assert summary.startswith(f"best mIoU {100 * best:.2f}; total time ") and summary.endswith(" s")
     with open(run_dir / "evaluation.json") as f:
-        report = json.load(f)
-    assert report["best_miou"] == best and report["iterations"] == FINISH_N and report["seconds"] > 0
+        text = f.read()
+    report = json.loads(text)
+    assert text.startswith('{\n  "best_miou": ')  # indented by 2
+    assert report["best_miou"] == best and report["iterations"] == FINISH_N
     assert list(report["iou"]) == list(CLASS_NAMES) and report["loss"] > 0
+    # the run's seconds, to 0.1 s: what the summary line printed a moment later
+    assert report["seconds"] == round(report["seconds"], 1) > 0
+    assert abs(report["seconds"] - float(summary.split("total time ")[1][:-2])) <= 0.2

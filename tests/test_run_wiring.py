@@ -20,6 +20,7 @@ against both memory-weight forms, the entropy term and the DeepLabv2 classifier'
 from __future__ import annotations
 
 import copy
+import os
 import math
 
 import numpy as np
@@ -491,3 +492,27 @@ def test_seed_everything_and_rng_state_round_trip(tmp_path):
     seed_everything(123)
     set_rng_state(load_checkpoint(str(tmp_path / "s.pth"))["rng"])
     assert draws() == expected
+
+
+def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
+    """The other branches of the plan: DeepLabv3+ (ResNet-101 for domain adaptation with v3) on half-size Cityscapes
+    with full-size final evaluations, the GTA5 source counted, class balancing off."""
+    from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree
+    from utils.variants import DOMAIN_ADAPTATION
+    city, gta5 = str(tmp_path / "CityScapes"), str(tmp_path / "GTA5")
+    make_cityscapes_tree(city, n_train=6, n_val=1, size=(64, 96), seed=5)
+    make_gta5_tree(gta5, n_train=4, n_val=1, size=(64, 96), seed=6)
+    sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.batch_size": 4,
+            "training.data.split_id_list": 7, "training.num_workers": 0, "method.class_balancing": False,
+            "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False}
+    config = os.path.join(os.path.dirname(DEMO), "configSSL_city_1_30_split0_v3.json")
+    argv = argv_of(sets, config=config) + ["--data-root", city, "--gta5-root", gta5, "--dry-run"]
+    Run(DOMAIN_ADAPTATION, argv)
+    lines = capsys.readouterr().out.splitlines()
+    data = [ln for ln in lines if ln.startswith("data: ")]
+    assert data == ["data: cityscapes, 6 train (4 labeled, 2 unlabeled), 1 val, 19 classes, crop (32, 48) of "
+                    "half-size images (full-size final evaluations), channel order RGB; GTA5: 4 images"]
+    (model,) = [ln for ln in lines if ln.startswith("model: ")]
+    assert model.startswith("model: DeepLabv3+ ResNet-101, ")
+    (memory,) = [ln for ln in lines if ln.startswith("memory: ")]
+    assert memory.endswith("; class balancing: off") and lines[-1] == "dry run: OK"
