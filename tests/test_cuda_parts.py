@@ -263,3 +263,18 @@ def test_losses_and_gradients_agree(class_weights):
         close(a, b)
     for a, b in zip(out["dut"][1], out["cpu"][1]):
         close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_rng_state_round_trip_includes_the_cuda_generator():
+    """latest.pth's RNG states hold the CUDA generators when there is CUDA, and set_rng_state puts them back: the
+    draws on the device after a resume are those of the uninterrupted run (on the CPU stand-in: the CPU's)."""
+    from utils.training import rng_state, set_rng_state
+    torch.manual_seed(3)
+    state = rng_state()
+    assert ("cuda" in state) == torch.cuda.is_available()
+    expected = torch.rand(4, device=DEVICE)
+    torch.rand(7, device=DEVICE)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4, device=DEVICE), expected)
+    # a checkpoint written on a machine without CUDA resumes on one with it (its CUDA generators left as they are)
+    set_rng_state({k: v for k, v in state.items() if k != "cuda"})

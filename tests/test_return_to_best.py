@@ -209,6 +209,9 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
     assert result["miou"] == best
     final = load_checkpoint(str(run_dir / f"checkpoint-iter{FINISH_N}.pth"))
     assert final["iteration"] == FINISH_N and final["miou"] == 0.2
+    # the release's checkpoint format, the optimiser's state included (one SGD group at the poly lr of the end)
+    assert set(final) == {"model", "config", "optimizer", "iteration", "miou"}
+    assert len(final["optimizer"]["param_groups"]) == 1 and len(final["optimizer"]["state"]) > 0
     best_file = load_checkpoint(str(run_dir / "best_model.pth"))
     assert best_file["miou"] == best and best_file["iteration"] == (FINISH_N if best == 0.5 else 1)
     assert set(best_file["model"]) == set(final["model"]) and best_file["config"]["seed"] == final["config"]["seed"]
@@ -232,3 +235,25 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
     # the run's seconds, to 0.1 s: what the summary line printed a moment later
     assert report["seconds"] == round(report["seconds"], 1) > 0
     assert abs(report["seconds"] - float(summary.split("total time ")[1][:-2])) <= 0.2
+
+
+@pytest.mark.parametrize("use_teacher_train", [True, False])
+def test_return_to_best_loads_the_best_weights_and_rebuilds_the_teacher(tmp_path, capsys, use_teacher_train):
+    """return_to_best: the student gets best_model.pth's weights, the teacher is rebuilt as a copy of them and (when
+    the teacher labels) becomes the labeler; since_best restarts; the log says so with the best mIoU."""
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 5,
+                                           **{"training.use_teacher_train": use_teacher_train})))
+    best = state_of(run.student_module)
+    torch.save({"model": best, "config": run.cfg, "iteration": 1, "miou": 0.3}, tmp_path / "run" / "best_model.pth")
+    with torch.no_grad():
+        for p in run.student_module.parameters():
+            p.add_(1.0)
+    old_teacher = run.teacher
+    run.best_miou, run.since_best = 0.3, 2
+    capsys.readouterr()
+    run.return_to_best(7)
+    assert run.since_best == 0 and same(state_of(run.student_module), best)
+    assert run.teacher is not old_teacher and same(state_of(run.teacher), best)
+    assert run.labeler is (run.teacher if use_teacher_train else run.student_module)
+    assert "iteration 7: no improvement for 2 iterations, back to the best model (mIoU 30.00)" in capsys.readouterr().out
+    run.logger.close()
