@@ -23,6 +23,7 @@ import trainSSL
 from data.synthetic import CLASS_NAMES
 from tests.run_helpers import argv_of, planted_miou, single_thread, tiny_sets
 from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
 from utils.training import Run
 from utils.variants import TRAIN_SSL
 
@@ -256,4 +257,67 @@ def test_return_to_best_loads_the_best_weights_and_rebuilds_the_teacher(tmp_path
     assert run.teacher is not old_teacher and same(state_of(run.teacher), best)
     assert run.labeler is (run.teacher if use_teacher_train else run.student_module)
     assert "iteration 7: no improvement for 2 iterations, back to the best model (mIoU 30.00)" in capsys.readouterr().out
+    run.logger.close()
+
+
+def tiny_run(tmp_path, **sets) -> Run:
+    return Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 5, **sets)))
+
+
+def test_periodic_checkpoints_replace_each_other_and_hold_their_iteration(tmp_path):
+    run = tiny_run(tmp_path)
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoint-iter-notes.txt").write_text("kept")     # not a checkpoint: never removed
+    run.save_periodic(2)
+    assert load_checkpoint(str(run_dir / "checkpoint-iter2.pth"))["iteration"] == 2
+    run.save_periodic(4)
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-iter")) == [
+        "checkpoint-iter-notes.txt", "checkpoint-iter4.pth"]
+    assert load_checkpoint(str(run_dir / "checkpoint-iter4.pth"))["iteration"] == 4
+    run.logger.close()
+
+
+@pytest.mark.parametrize("save", ["periodic", "best"])
+def test_non_finite_weights_are_never_saved(tmp_path, save):
+    """A NaN in the weights stops the run before a periodic checkpoint or best_model.pth is written."""
+    from utils.errors import RunStopped
+    run = tiny_run(tmp_path)
+    with torch.no_grad():
+        next(run.student_module.parameters())[0].fill_(float("nan"))
+    with pytest.raises(RunStopped, match="non-finite weights"):
+        with planted_miou({1: 0.5}):
+            run.save_periodic(1) if save == "periodic" else run.evaluate_and_keep_best(1)
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".pth")]
+
+
+def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
+    """evaluate_and_keep_best: a new best must be strictly better (0.3 then 0.3: since_best grows by val_per_iter,
+    best_model.pth keeps iteration 1); with save_best_model false no best_model.pth is written, and finish() then
+    has no best model to refresh (no BatchNorm refresh evaluation), return_to_best nothing to go back to."""
+    run = tiny_run(tmp_path, **{"utils.val_per_iter": 2})
+    with planted_miou({1: 0.3, 3: 0.3}):
+        run.evaluate_and_keep_best(1)
+        run.evaluate_and_keep_best(3)
+    assert run.best_miou == 0.3 and run.since_best == 2
+    assert load_checkpoint(str(tmp_path / "run" / "best_model.pth"))["iteration"] == 1
+    run.logger.close()
+
+    other = tiny_run(tmp_path / "b", **{"utils.save_best_model": False, "method.bn_refresh_iterations": 1})
+    with planted_miou({1: 0.3}):
+        other.evaluate_and_keep_best(1)
+    assert other.best_miou == 0.3 and not os.path.exists(tmp_path / "b" / "run" / "best_model.pth")
+    teacher = other.teacher
+    other.since_best = 4
+    other.return_to_best(5)
+    assert other.teacher is teacher and other.since_best == 0
+    assert not other._load_best_into_student()
+    other.logger.close()
+
+
+def test_a_best_model_file_without_weights_is_named(tmp_path):
+    run = tiny_run(tmp_path)
+    path = tmp_path / "run" / "best_model.pth"
+    torch.save({"iteration": 1}, path)
+    with pytest.raises(UserError, match=f"{path} holds no model weights"):
+        run._load_best_into_student()
     run.logger.close()
