@@ -314,10 +314,14 @@ def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
     other.logger.close()
 
 
-def test_a_best_model_file_without_weights_is_named(tmp_path):
+def test_a_best_model_file_without_weights_or_of_another_network_is_named(tmp_path):
     run = tiny_run(tmp_path)
     path = tmp_path / "run" / "best_model.pth"
     torch.save({"iteration": 1}, path)
     with pytest.raises(UserError, match=f"{path} holds no model weights"):
+        run._load_best_into_student()
+    other = {k: v[..., :1] if v.dim() else v for k, v in run.student_module.state_dict().items()}  # other shapes
+    torch.save({"model": other, "iteration": 1}, path)
+    with pytest.raises(UserError, match=f"{path} is a checkpoint of another model or config"):
         run._load_best_into_student()
     run.logger.close()
