@@ -426,6 +426,7 @@ def test_dry_run_plan_lines(tmp_path, capsys):
     assert lines[0] == f"config: {DEMO}"
     config_end = lines.index("}")
     assert json_module.loads("\n".join(lines[1:config_end + 1])) == run.cfg
+    assert lines[1] == "{" and lines[2].startswith('  "') and not lines[2].startswith('   ')  # indented by 2
     assert lines[config_end + 1:] == [
         "script: trainSSL; method constants: " + json_module.dumps(run.method),
         "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='ones', "
