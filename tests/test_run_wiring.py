@@ -517,3 +517,15 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     assert model.startswith("model: DeepLabv3+ ResNet-101, ")
     (memory,) = [ln for ln in lines if ln.startswith("memory: ")]
     assert memory.endswith("; class balancing: off") and lines[-1] == "dry run: OK"
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_context_by_precision(tmp_path, capsys, precision, dtype):
+    """Run.autocast: no autocast in fp32; bf16 or fp16 autocast on the run's device otherwise."""
+    from contextlib import nullcontext
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, precision=precision)) + ["--dry-run"])
+    ctx = run.autocast()
+    if dtype is None:
+        assert isinstance(ctx, nullcontext)
+    else:
+        assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == dtype and ctx.device == "cpu"
