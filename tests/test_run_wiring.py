@@ -529,3 +529,31 @@ def test_autocast_context_by_precision(tmp_path, capsys, precision, dtype):
         assert isinstance(ctx, nullcontext)
     else:
         assert isinstance(ctx, torch.autocast) and ctx.fast_dtype == dtype and ctx.device == "cpu"
+
+
+def test_log_rows_average_their_interval_and_checkpoints_follow_their_intervals(tmp_path, monkeypatch):
+    """N = 5, log_every 2, save_checkpoint_every 2, save_latest_every 2, no evaluation, worked by hand: log rows after
+    iterations 1, 3 and 4 (the last), each the mean of its interval's terms (0-1, 2-3, 4); periodic checkpoints
+    after iterations 2 and 4 (not 0); latest.pth of 2 and 4 iterations, then of 5 at the end."""
+    terms, periodic, latest = {}, [], []
+    end, save_periodic, save_latest = Run.end_iteration, Run.save_periodic, Run.save_latest
+
+    def end_iteration(self, i, t):
+        terms[i] = {k: float(v.detach()) for k, v in t.items()}
+        end(self, i, t)
+
+    monkeypatch.setattr(Run, "end_iteration", end_iteration)
+    monkeypatch.setattr(Run, "save_periodic", lambda self, i: (periodic.append(i), save_periodic(self, i)))
+    monkeypatch.setattr(Run, "save_latest", lambda self, n: (latest.append(n), save_latest(self, n)))
+    run_dir = tmp_path / "run"
+    trainSSL.main(argv_of(tiny_sets(str(run_dir), 5, **{"utils.log_every": 2, "utils.save_checkpoint_every": 2,
+                                                         "utils.save_latest_every": 2})))
+    assert sorted(terms) == [0, 1, 2, 3, 4] and periodic == [2, 4] and latest == [2, 4, 5]
+    import json as json_module
+    rows = [json_module.loads(line) for line in open(run_dir / "train_log.jsonl")]
+    train = {r["iteration"]: r for r in rows if r["kind"] == "train"}
+    assert sorted(train) == [1, 3, 4]
+    for i, window in ((1, [0, 1]), (3, [2, 3]), (4, [4])):
+        for key in ("loss_sup", "loss"):
+            expected = sum(terms[j][key] for j in window) / len(window)
+            assert train[i][key] == pytest.approx(expected, rel=1e-5), (i, key)
