@@ -28,9 +28,9 @@ step and figure (--json, default benchmarks/gpu_check.json) and a Markdown repor
 into the README (--markdown, default benchmarks/gpu_check.md); logs, checkpoints and per-step records under
 --work (default runs/gpu_check/). Without CUDA and without --dry-run it says so and exits 0.
 
---dry-run: the same steps at toy sizes on the CPU (ResNet-18 at width 16, 33x33 crops, a few iterations, fp32 only, no time
-budget), the cuda tests with the CPU standing in for the device (SSL_CUDA_TESTS_ON_CPU=1), NCCL skipped; its
-figures are not GPU figures. Output under runs/gpu_check_dry/.
+--dry-run: the same steps at toy sizes on the CPU (ResNet-18 at width 16, 33x33 crops, a few iterations, fp32
+only, no time budget), the cuda tests with the CPU standing in for the device (SSL_CUDA_TESTS_ON_CPU=1), NCCL
+skipped; its figures are not GPU figures. Output under runs/gpu_check_dry/.
 
 Targets (PASS/FAIL in the report): bf16 >= 1.8x fp32 iterations/s at paper size on v2; method parts (everything
 but the network's forward and backward) < 10 % of an iteration; peak memory of the v2 Cityscapes config in fp32
@@ -144,10 +144,10 @@ def plan_for(dry_run: bool) -> Plan:
     return Plan(
         dry_run=True, device="cpu", demo_precisions=("fp32",), demo_iterations=3,
         demo_sets=("version=2", "backbone.depth=18", "backbone.width=16", "training.batch_size=2",
-                   "training.data.input_size=33,49", "training.data.labeled_samples=4", "synthetic.num_train=12", "synthetic.num_val=3",
-                   "synthetic.image_size=40,60", "method.ramp_up_iterations=1", "method.memory_start_offset=1",
-                   "method.memory_confidence=0.0", "method.bn_refresh_iterations=1", "utils.val_per_iter=2",
-                   "utils.log_every=1"),
+                   "training.data.input_size=33,49", "training.data.labeled_samples=4", "synthetic.num_train=12",
+                   "synthetic.num_val=3", "synthetic.image_size=40,60", "method.ramp_up_iterations=1",
+                   "method.memory_start_offset=1", "method.memory_confidence=0.0", "method.bn_refresh_iterations=1",
+                   "utils.val_per_iter=2", "utils.log_every=1"),
         bench_runs=(BenchRun("v2 toy", CITY_V2, ("fp32",), sets=TOY_NET + ("training.batch_size=2",)),
                     BenchRun("less-memory toy", VOC_REDUCED, ("fp32",), script="trainSSL_less_memory",
                              sets=TOY_NET + ("training.batch_size=2",))),

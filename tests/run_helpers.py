@@ -28,7 +28,8 @@ def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
     (class-balancing histories of 1 labeled and 2 unlabeled slots: full from iteration 1 on), 2 validation
     images, no evaluation, checkpoint or BatchNorm refresh unless asked for."""
     sets = {
-        "version": "2", "backbone.depth": 18, "backbone.width": TINY_WIDTH, "training.batch_size": 2, "training.num_workers": 0,
+        "version": "2", "backbone.depth": 18, "backbone.width": TINY_WIDTH,
+        "training.batch_size": 2, "training.num_workers": 0,
         "training.num_iterations": iterations, "training.learning_rate": 0.01,
         "training.data.labeled_samples": 2, "training.data.input_size": "33,49",
         "synthetic.num_train": 4, "synthetic.num_val": 2, "synthetic.image_size": "40,60",

@@ -256,7 +256,8 @@ def test_return_to_best_loads_the_best_weights_and_rebuilds_the_teacher(tmp_path
     assert run.since_best == 0 and same(state_of(run.student_module), best)
     assert run.teacher is not old_teacher and same(state_of(run.teacher), best)
     assert run.labeler is (run.teacher if use_teacher_train else run.student_module)
-    assert "iteration 7: no improvement for 2 iterations, back to the best model (mIoU 30.00)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "iteration 7: no improvement for 2 iterations, back to the best model (mIoU 30.00)" in out
     run.logger.close()
 
 
