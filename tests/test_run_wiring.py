@@ -557,3 +557,10 @@ def test_log_rows_average_their_interval_and_checkpoints_follow_their_intervals(
         for key in ("loss_sup", "loss"):
             expected = sum(terms[j][key] for j in window) / len(window)
             assert train[i][key] == pytest.approx(expected, rel=1e-5), (i, key)
+
+
+def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
+    """training.lr_schedule null: a constant learning rate (the poly factor is not applied), in the optimiser too."""
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 10, **{"training.lr_schedule": None})))
+    assert run.set_learning_rate(7) == 0.01 == run.optimizer.param_groups[0]["lr"]
+    run.logger.close()
