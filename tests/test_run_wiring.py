@@ -564,3 +564,42 @@ def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
     run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 10, **{"training.lr_schedule": None})))
     assert run.set_learning_rate(7) == 0.01 == run.optimizer.param_groups[0]["lr"]
     run.logger.close()
+
+
+def _bookkeeping(val_per_iter: int, n: int, log_images: int = 2, tensorboard: bool = True, **attrs):
+    """A stand-in for a Run with just what its evaluation bookkeeping reads (its methods called unbound)."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(cfg={"utils": {"val_per_iter": val_per_iter, "log_images": log_images}}, num_iterations=n,
+                          logger=SimpleNamespace(tb=object() if tensorboard else None), **attrs)
+    run.evaluation_due = lambda i: Run.evaluation_due(run, i)
+    return run
+
+
+def test_evaluation_due_after_each_period_and_the_last_iteration():
+    """Worked by hand: val_per_iter 3, N = 8: after iterations 3 and 6 (not 0) and 7 (the last); val_per_iter 1,
+    N = 4: after 1, 2, 3; val_per_iter 1000, N = 5: after the last only."""
+    assert [i for i in range(8) if Run.evaluation_due(_bookkeeping(3, 8), i)] == [3, 6, 7]
+    assert [i for i in range(4) if Run.evaluation_due(_bookkeeping(1, 4), i)] == [1, 2, 3]
+    assert [i for i in range(5) if Run.evaluation_due(_bookkeeping(1000, 5), i)] == [4]
+
+
+def test_unlabeled_views_are_kept_only_next_to_an_evaluation_with_images():
+    """remember_unlabeled holds the batch's views (the same tensors, for the TensorBoard pictures) at an iteration
+    that an evaluation follows, or that precedes one (the less-memory script draws unlabeled batches every other
+    iteration); never when no images are logged or TensorBoard is off, nor before the loop's first iteration."""
+    views = [torch.full((1, 2), float(k)) for k in range(4)]
+
+    def kept(run) -> bool:
+        Run.remember_unlabeled(run, *views)
+        if "_unlabeled_views" not in vars(run):
+            return False
+        assert all(torch.equal(a, b) and a.data_ptr() == b.data_ptr() for a, b in zip(run._unlabeled_views, views))
+        return True
+
+    # val_per_iter 3, N = 8: evaluations after 3, 6, 7 -> kept at 2, 3, 5, 6, 7
+    assert [i for i in range(8) if kept(_bookkeeping(3, 8, iteration=i))] == [2, 3, 5, 6, 7]
+    assert not any(kept(_bookkeeping(3, 8, log_images=0, iteration=i)) for i in range(8))
+    assert not any(kept(_bookkeeping(3, 8, tensorboard=False, iteration=i)) for i in range(8))
+    assert kept(_bookkeeping(3, 8, log_images=1, iteration=3))
+    # no iteration set yet: nothing, even where iteration 0, 1 or 2 is the last one
+    assert not any(kept(_bookkeeping(1000, n)) for n in (1, 2, 3))
