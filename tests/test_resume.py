@@ -271,3 +271,48 @@ def test_sigterm_stops_after_the_iteration_and_resumes_exactly(reference, tmp_pa
     val = [{r["iteration"]: r["miou"] for r in map(json.loads, open(os.path.join(d, "train_log.jsonl")))
             if r["kind"] == "val"} for d in (reference, run_dir)]
     assert val[0] == val[1] and sorted(val[0]) == [1, 2, 3]
+
+
+def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
+    """--resume with a checkpoint that is not a latest.pth run state (here the reference run's best_model.pth, of
+    iteration 2; a released checkpoint alike): the student takes its weights, the optimiser its state, the teacher
+    is rebuilt from the student (its parameters; fresh BatchNorm statistics, as released) and labels
+    (use_teacher_train), the run continues at its iteration, memory bank and
+    best mIoU start afresh, and a message says so. Without "optimizer" and "iteration": a fresh optimiser, from 0."""
+    from utils.variants import TRAIN_SSL
+    path = os.path.join(reference, "best_model.pth")
+    best = load_checkpoint(path)
+    assert "format" not in best and best["iteration"] == 2 and best["optimizer"]["state"]
+    capsys.readouterr()
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "a")) + ["--resume", path])
+    run.logger.close()
+    out = capsys.readouterr().out
+    assert f"resuming from {path}: weights and optimiser only" in out and "afresh at iteration 2" in out
+    assert run.start_iteration == 2 and run.best_miou == -1.0 and int(run.memory.counts.sum()) == 0
+    assert_same_state(best["model"], run.student_module.state_dict(), "student")
+    assert run.teacher is not run.student_module and run.labeler is run.teacher
+    teacher = dict(run.teacher.named_parameters())
+    assert_same_state({k: best["model"][k] for k in teacher}, teacher, "teacher")
+    assert all(float(b.abs().sum()) == 0 for k, b in run.teacher.named_buffers() if k.endswith("running_mean"))
+    assert_same_state(best["optimizer"], run.optimizer.state_dict(), "optimizer")
+
+    bare = {k: v for k, v in best.items() if k not in ("optimizer", "iteration")}
+    torch.save(bare, tmp_path / "bare.pth")
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b")) + ["--resume", str(tmp_path / "bare.pth")])
+    run.logger.close()
+    assert run.start_iteration == 0 and run.optimizer.state_dict()["state"] == {}
+    assert_same_state(best["model"], run.student_module.state_dict(), "student")
+
+
+def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path):
+    """A checkpoint (without a stored config) whose weights miss a tensor, or that holds none: the error names it."""
+    from utils.variants import TRAIN_SSL
+    best = load_checkpoint(os.path.join(reference, "best_model.pth"))
+    del best["config"]
+    missing = dict(best, model={k: v for k, v in list(best["model"].items())[1:]})
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(UserError, match="missing.pth is a checkpoint of another model"):
+        Run(TRAIN_SSL, tiny_argv(str(tmp_path / "a")) + ["--resume", str(tmp_path / "missing.pth")])
+    torch.save({"iteration": 2, "note": "no weights"}, tmp_path / "empty.pth")
+    with pytest.raises(UserError, match="empty.pth holds no model weights"):
+        Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b")) + ["--resume", str(tmp_path / "empty.pth")])
