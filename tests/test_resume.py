@@ -278,7 +278,8 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
     iteration 2; a released checkpoint alike): the student takes its weights, the optimiser its state, the teacher
     is rebuilt from the student (its parameters; fresh BatchNorm statistics, as released) and labels
     (use_teacher_train), the run continues at its iteration, memory bank and
-    best mIoU start afresh, and a message says so. Without "optimizer" and "iteration": a fresh optimiser, from 0."""
+    best mIoU start afresh, and a message says so. Without "optimizer" and "iteration": a fresh optimiser, from 0;
+    with use_teacher_train false the student labels."""
     from utils.variants import TRAIN_SSL
     path = os.path.join(reference, "best_model.pth")
     best = load_checkpoint(path)
@@ -296,11 +297,14 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
     assert all(float(b.abs().sum()) == 0 for k, b in run.teacher.named_buffers() if k.endswith("running_mean"))
     assert_same_state(best["optimizer"], run.optimizer.state_dict(), "optimizer")
 
-    bare = {k: v for k, v in best.items() if k not in ("optimizer", "iteration")}
+    # weights only (no stored config either, as the release wrote them), here with use_teacher_train false
+    bare = {k: v for k, v in best.items() if k not in ("optimizer", "iteration", "config")}
     torch.save(bare, tmp_path / "bare.pth")
-    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b")) + ["--resume", str(tmp_path / "bare.pth")])
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b"), **{"training.use_teacher_train": False})
+              + ["--resume", str(tmp_path / "bare.pth")])
     run.logger.close()
     assert run.start_iteration == 0 and run.optimizer.state_dict()["state"] == {}
+    assert run.labeler is run.student_module
     assert_same_state(best["model"], run.student_module.state_dict(), "student")
 
 
