@@ -603,3 +603,17 @@ def test_unlabeled_views_are_kept_only_next_to_an_evaluation_with_images():
     assert kept(_bookkeeping(3, 8, log_images=1, iteration=3))
     # no iteration set yet: nothing, even where iteration 0, 1 or 2 is the last one
     assert not any(kept(_bookkeeping(1000, n)) for n in (1, 2, 3))
+
+
+def test_run_files_hold_the_resolved_config_and_the_labeled_images(code_run):
+    """config.json: the resolved config (defaults filled in), as JSON indented by 2; train_split.txt: the names of
+    the labeled images (2 of the 4 synthetic training images), one per line, in the labeled subset's order."""
+    import json
+    run = code_run.run
+    text = open(os.path.join(run.run_dir, "config.json")).read()
+    assert json.loads(text) == run.cfg and text == json.dumps(run.cfg, indent=2)
+    assert run.cfg["training"]["data"]["labeled_samples"] == 2 and "memory_size" in run.cfg["method"]
+    split = open(os.path.join(run.run_dir, "train_split.txt")).read()
+    lines = split.split("\n")
+    assert len(lines) == 3 and lines[-1] == ""
+    assert [run.data.train_names.index(name) for name in lines[:2]] == list(run.data.labeled_idx)
