@@ -617,3 +617,47 @@ def test_run_files_hold_the_resolved_config_and_the_labeled_images(code_run):
     lines = split.split("\n")
     assert len(lines) == 3 and lines[-1] == ""
     assert [run.data.train_names.index(name) for name in lines[:2]] == list(run.data.labeled_idx)
+
+
+def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
+    """--help names the script by its docstring's first line; the run keeps its own argv (for the resume command a
+    stop prints), sys.argv's when none is given; --check-files without --dry-run and --recover without --resume are
+    refused by the parser (exit 2), and accepted with their partner."""
+    with pytest.raises(SystemExit) as e:
+        trainSSL.main(["--help"])
+    assert e.value.code == 0 and trainSSL.__doc__.splitlines()[0] in capsys.readouterr().out.replace("\n", " ")
+    argv = argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]
+    assert Run(TRAIN_SSL, argv).argv == argv
+    monkeypatch.setattr("sys.argv", ["trainSSL.py"] + argv)
+    assert Run(TRAIN_SSL, None).argv == argv
+    for extra in (["--check-files"], ["--recover"], ["--recover", "--check-files", "--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + extra)
+        assert e.value.code == 2
+        assert "--check-files goes with --dry-run, --recover with --resume" in capsys.readouterr().err
+    Run(TRAIN_SSL, argv + ["--check-files"])  # with its partner: accepted (and every file read)
+    assert "dry run: OK" in capsys.readouterr().out
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="missing.pth"):  # past the parser: the checkpoint is looked for
+        Run(TRAIN_SSL, argv + ["--recover", "--resume", str(tmp_path / "missing.pth")])
+
+
+def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
+    """On the CPU: the networks keep the default (NCHW) memory format, the student is not compiled; the labeled
+    sampler draws B items per batch from the labeled subset with the config's seed, the unlabeled one B/2 items from
+    the rest with seed + 1; a single process keeps the config's seed for its own random draws (no per-rank offset):
+    Python's stream continues as random.seed(seed) left it."""
+    import random
+    seed = 1234
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, seed=seed, **{"training.num_workers": 0})))
+    run.logger.close()
+    assert random.random() == random.Random(seed).random()
+    assert run.student is run.student_module
+    for net in (run.student_module, run.teacher):
+        weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert weights and all(w.is_contiguous() for w in weights)
+    labeled, unlabeled = run.labeled.sampler, run.unlabeled.sampler
+    assert (labeled.seed, labeled.batch_size, labeled.indices) == (seed, 2, list(run.data.labeled_idx))
+    assert (unlabeled.seed, unlabeled.batch_size, unlabeled.indices) == (seed + 1, 1, list(run.data.unlabeled_idx))
+    assert len(labeled.indices) == 2 and len(unlabeled.indices) == 2
+    assert run.labeled.loader.num_workers == 0 and (labeled.rank, labeled.world_size) == (0, 1)
