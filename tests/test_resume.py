@@ -320,3 +320,54 @@ def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path)
     torch.save({"iteration": 2, "note": "no weights"}, tmp_path / "empty.pth")
     with pytest.raises(UserError, match="empty.pth holds no model weights"):
         Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b")) + ["--resume", str(tmp_path / "empty.pth")])
+
+
+def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path, capsys):
+    """Dry runs (the checkpoint is read and checked before the plan): a latest.pth without --config brings its own
+    config (with --set applied) and directory; no config at all is refused; --resume auto without a latest.pth
+    starts afresh and says so, with one it resumes that file; a latest.pth given with a config that points elsewhere
+    continues in its own directory, and says so, warning when best_model.pth is not beside it; --recover names the
+    recovery keys that changed."""
+    from utils.variants import TRAIN_SSL
+    latest = os.path.join(reference, "latest.pth")
+    stored = load_checkpoint(latest)["config"]
+    assert load_checkpoint(latest)["best_miou"] == 0.2  # the planted best of iteration 2
+
+    run = Run(TRAIN_SSL, ["--resume", latest, "--set", "utils.log_every=7", "--dry-run"])
+    assert run.cfg_source == latest and run.run_dir == reference and run.cfg["utils"]["log_every"] == 7
+    assert run.cfg["training"] == stored["training"] and run.cfg["method"] == stored["method"]
+    with pytest.raises(UserError, match="--config is required"):
+        Run(TRAIN_SSL, ["--dry-run"])
+    with pytest.raises(UserError, match="--config is required"):
+        Run(TRAIN_SSL, ["--resume", "auto", "--dry-run"])
+    capsys.readouterr()
+
+    fresh = str(tmp_path / "fresh")
+    run = Run(TRAIN_SSL, tiny_argv(fresh) + ["--resume", "auto", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"--resume auto: no {os.path.join(fresh, 'latest.pth')} yet, starting a new run" in out
+    assert run.args.resume == "auto" and run.run_dir == fresh
+
+    run = Run(TRAIN_SSL, tiny_argv(reference) + ["--resume", "auto", "--dry-run"])
+    out = capsys.readouterr().out
+    assert run.args.resume == latest and "starting a new run" not in out and "continuing the run" not in out
+    assert "is missing" not in out  # best_model.pth is beside it
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    state = load_checkpoint(latest)
+    state["best_miou"] = 0.0  # a best of 0 is a best: its best_model.pth is missing
+    torch.save(state, alone / "latest.pth")
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "elsewhere")) + ["--resume", str(alone / "latest.pth"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert run.run_dir == str(alone) and run.cfg["utils"]["checkpoint_dir"] == str(alone)
+    assert (f"--resume {alone / 'latest.pth'}: continuing the run in its directory {alone} (utils.checkpoint_dir "
+            f"{tmp_path / 'elsewhere'} is not used)") in out
+    assert f"warning: {alone / 'best_model.pth'} is missing, so the return to the best model" in out
+
+    Run(TRAIN_SSL, tiny_argv(reference) + ["--resume", "auto", "--recover", "--dry-run"])
+    assert f"--recover: resuming {latest} with no changed key" in capsys.readouterr().out
+    Run(TRAIN_SSL, tiny_argv(reference, **{"training.learning_rate": DEMO_LR / 2})
+        + ["--resume", "auto", "--recover", "--dry-run"])
+    out = capsys.readouterr().out
+    assert f"--recover: resuming {latest} with training.learning_rate: {DEMO_LR} -> {DEMO_LR / 2}" in out
