@@ -661,3 +661,51 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     assert (unlabeled.seed, unlabeled.batch_size, unlabeled.indices) == (seed + 1, 1, list(run.data.unlabeled_idx))
     assert len(labeled.indices) == 2 and len(unlabeled.indices) == 2
     assert run.labeled.loader.num_workers == 0 and (labeled.rank, labeled.world_size) == (0, 1)
+
+
+def test_choose_device(monkeypatch):
+    """auto: CUDA when there is one, else the CPU; a CUDA device asked for without CUDA stops with the fix; under
+    torchrun every process takes cuda:<LOCAL_RANK>, and the chosen CUDA device is made current."""
+    from utils import distributed
+    from utils.errors import UserError
+    from utils.training import choose_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu") == choose_device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=r"^--device cuda was asked for but no CUDA device is available; use "
+                                            r"--device cpu\.$"):
+            choose_device(name)
+    assert current == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda") and choose_device("cuda:1") == torch.device("cuda:1")
+    assert choose_device("cpu") == torch.device("cpu")
+    assert current == [torch.device("cuda"), torch.device("cuda:1")]
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "local_rank", lambda: 3)
+    assert choose_device("cuda") == torch.device("cuda:3") == choose_device("auto") == current[-1]
+
+
+@pytest.mark.parametrize("variant_name, dataset, expected", [
+    # the scripts' own constants, as released: contrastive weight, ClassMix probability of the labeled batch
+    ("TRAIN_SSL", "cityscapes", (0.1, 0.2, True)),
+    ("LESS_MEMORY", "pascal_voc", (0.1, 0.2, False)),
+    ("DOMAIN_ADAPTATION", "synthetic", (0.2, 0.25, False)),
+])
+def test_method_constants_left_null_take_the_scripts_values(variant_name, dataset, expected):
+    """method.contrastive_weight and labeled_classmix_prob null: the script's value; class_balancing null: on for
+    Cityscapes only. Values given in the config are kept."""
+    from types import SimpleNamespace
+    from utils import variants
+    fake = SimpleNamespace(variant=getattr(variants, variant_name))
+    nulls = {"contrastive_weight": None, "labeled_classmix_prob": None, "class_balancing": None, "memory_size": 7}
+    method = Run._resolve_method(fake, {"method": dict(nulls), "dataset": dataset})
+    assert method == {"contrastive_weight": expected[0], "labeled_classmix_prob": expected[1],
+                      "class_balancing": expected[2], "memory_size": 7}
+    given = {"contrastive_weight": 0.5, "labeled_classmix_prob": 0.0, "class_balancing": False}
+    cfg = {"method": dict(given), "dataset": "cityscapes"}
+    assert Run._resolve_method(fake, cfg) == given and cfg["method"] == given  # a copy: the config is left as it is
+    cfg = {"method": dict(nulls), "dataset": "cityscapes"}
+    Run._resolve_method(fake, cfg)
+    assert cfg["method"] == nulls
