@@ -709,3 +709,27 @@ def test_method_constants_left_null_take_the_scripts_values(variant_name, datase
     cfg = {"method": dict(nulls), "dataset": "cityscapes"}
     Run._resolve_method(fake, cfg)
     assert cfg["method"] == nulls
+
+
+def test_log_rows_carry_the_schedules_and_the_per_class_vectors(code_run):
+    """Every log row (log_every 1): the learning rate, the EMA alpha of trainSSL's warm-up and the momentum m_i,
+    worked out by hand; the per-class rows: the class weights the losses received and the memory fill per class."""
+    import json
+    run = code_run.run
+    rows = [json.loads(line) for line in open(os.path.join(run.run_dir, "train_log.jsonl"))]
+    train = {r["iteration"]: r for r in rows if r["kind"] == "train"}
+    assert sorted(train) == list(range(N))
+    for i, row in train.items():
+        assert row["lr"] == pytest.approx(poly_by_hand(BASE_LR, i, N), rel=1e-12)
+        assert row["ema_alpha"] == pytest.approx(ema_alpha_by_hand(i, N, 10), rel=1e-12)
+        assert row["ema_momentum"] == pytest.approx(1 - 0.005 * (math.cos(math.pi * i / N) + 1) / 2, rel=1e-12)
+    names = run.data.class_names
+    weights = {r["iteration"]: r["values"] for r in rows if r["kind"] == "class_weights"}
+    assert sorted(weights) == list(range(N))
+    for i, values in weights.items():
+        assert list(values) == names
+        assert list(values.values()) == pytest.approx(code_run.sup_weights[i].tolist(), rel=1e-6), i
+    assert weights[N - 1] != weights[0]  # balanced after R, ones before
+    fill = {r["iteration"]: r["values"] for r in rows if r["kind"] == "memory_fill"}
+    assert list(fill[N - 1]) == names and list(fill[N - 1].values()) == run.memory.counts.tolist()
+    assert sum(fill[N - 1].values()) > 0 and sum(fill[0].values()) == 0  # the memory is filled from iteration 2 on
