@@ -733,3 +733,66 @@ def test_log_rows_carry_the_schedules_and_the_per_class_vectors(code_run):
     fill = {r["iteration"]: r["values"] for r in rows if r["kind"] == "memory_fill"}
     assert list(fill[N - 1]) == names and list(fill[N - 1].values()) == run.memory.counts.tolist()
     assert sum(fill[N - 1].values()) > 0 and sum(fill[0].values()) == 0  # the memory is filled from iteration 2 on
+
+
+class _RecordingLogger:
+    def __init__(self, tensorboard: bool = True):
+        self.tb = object() if tensorboard else None
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name):
+        return lambda *a, **k: self.calls.append((name, a, k))
+
+
+@pytest.mark.parametrize("log_images, tensorboard", [(2, True), (5, True), (2, False), (0, True)])
+def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images, tensorboard):
+    """Run.evaluate with stand-ins for the evaluation and the panels (worked by hand): 3 validation images; the
+    mIoU and loss as "<tag>" scalars without a printed line, the per-class IoU, one panel per image for the first
+    log_images images (TensorBoard only), the unlabeled batch kept for it (b = 2 images, 2 strong views each:
+    image k's views are rows k and b + k) shown as min(log_images, b) panels, once; a stop is polled after each
+    image; one message line; the ETA clock paused around it."""
+    from types import SimpleNamespace
+    from utils import training
+    polls, evaluated = [], {}
+
+    def fake_evaluate(model, dataset, **k):
+        evaluated.update(model=model, dataset=dataset, **k)
+        for j in range(3):
+            k["on_prediction"](f"img{j}", f"image{j}", f"label{j}", f"pred{j}")
+        return {"miou": 0.375, "loss": 1.25, "iou": [0.5, 0.25]}
+
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    monkeypatch.setattr(training, "validation_panel",
+                        lambda image, label, pred, palette, ignore, order: torch.tensor([int(image[-1]), ignore]))
+    monkeypatch.setattr(training, "unlabeled_panel", lambda image, pseudo, views, palette, ignore, order: torch.tensor(
+        [float(image), float(pseudo)] + [float(x) for view in views for x in view]))
+    data = SimpleNamespace(val=["v0", "v1", "v2"], palette="palette", class_names=["a", "b"], mean_rgb="mean",
+                           channel_order="RGB")
+    logger = _RecordingLogger(tensorboard)
+    b = 2
+    images, pseudo = torch.tensor([10.0, 11.0]), torch.tensor([20.0, 21.0])
+    mixed, mixed_pseudo = torch.tensor([30.0, 31.0, 32.0, 33.0]), torch.tensor([40.0, 41.0, 42.0, 43.0])
+    run = SimpleNamespace(cfg={"utils": {"log_images": log_images}}, logger=logger, data=data, val_set="val set",
+                          num_classes=2, ignore_label=250, device="the device", autocast="autocast",
+                          stop=SimpleNamespace(evaluation_poll=lambda r, n: (polls.append(n), lambda: polls.append(
+                              "poll"))[1]),
+                          _unlabeled_views=(images, pseudo, mixed, mixed_pseudo))
+    model = torch.nn.Identity()
+    result = Run.evaluate(run, model, 7, tag="val_x")
+    assert result == {"miou": 0.375, "loss": 1.25, "iou": [0.5, 0.25]}
+    assert evaluated == {"model": model, "dataset": "val set", "num_classes": 2, "ignore_label": 250,
+                         "mean_rgb": "mean", "channel_order": "RGB", "device": "the device", "autocast": "autocast",
+                         "on_prediction": evaluated["on_prediction"]}
+    assert polls == [3, "poll", "poll", "poll"]
+    shown = min(log_images, 3) if tensorboard else 0
+    views = min(log_images, b) if tensorboard else 0
+    expected = [("evaluation_started", (), {}),
+                ("scalars", (7, {"miou": 0.375, "loss": 1.25}), {"prefix": "val_x", "print_line": False}),
+                ("vector", (7, "val_x_iou", [0.5, 0.25], ["a", "b"]), {})]
+    expected += [("images", (7, f"val_x_images/{j}", [[j, 250]]), {}) for j in range(shown)]
+    expected += [("images", (7, f"unlabeled_images/{k}", [[10.0 + k, 20.0 + k, 30.0 + k, 40.0 + k, 32.0 + k,
+                                                           42.0 + k]]), {}) for k in range(views)]
+    expected += [("message", ("[val_x] iteration 7: mIoU 37.50  loss 1.2500",), {}), ("evaluation_finished", (), {})]
+    got = [(name, tuple(x.tolist() if isinstance(x, torch.Tensor) else x for x in a), k) for name, a, k in logger.calls]
+    assert got == expected
+    assert "_unlabeled_views" not in vars(run)  # shown once
