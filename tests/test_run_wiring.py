@@ -508,8 +508,18 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
             "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False}
     config = os.path.join(os.path.dirname(DEMO), "configSSL_city_1_30_split0_v3.json")
     argv = argv_of(sets, config=config) + ["--data-root", city, "--gta5-root", gta5, "--dry-run"]
-    Run(DOMAIN_ADAPTATION, argv)
+    run = Run(DOMAIN_ADAPTATION, argv)
     lines = capsys.readouterr().out.splitlines()
+    # the periodic evaluations read half-size images, the final ones full-size; the GTA5 batches: B, seed + 2
+    assert tuple(run.val_set[0][0].shape[-2:]) == (32, 48) and tuple(run.final_val_set[0][0].shape[-2:]) == (64, 96)
+    assert len(run.gta5) == 4 and not run.drop_background
+    gta5 = run.gta5_batches.sampler
+    assert (gta5.seed, gta5.batch_size, gta5.indices) == (run.cfg["seed"] + 2, 4, [0, 1, 2, 3])
+    # trainSSL.py reads Cityscapes at full size; its final evaluations use the same set
+    run = Run(TRAIN_SSL, argv)
+    assert "half-size" not in capsys.readouterr().out
+    assert tuple(run.val_set[0][0].shape[-2:]) == (64, 96) and run.final_val_set is run.val_set
+    assert run.gta5 is None and run.gta5_batches is None
     data = [ln for ln in lines if ln.startswith("data: ")]
     assert data == ["data: cityscapes, 6 train (4 labeled, 2 unlabeled), 1 val, 19 classes, crop (32, 48) of "
                     "half-size images (full-size final evaluations), channel order RGB; GTA5: 4 images"]
@@ -796,3 +806,15 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     got = [(name, tuple(x.tolist() if isinstance(x, torch.Tensor) else x for x in a), k) for name, a, k in logger.calls]
     assert got == expected
     assert "_unlabeled_views" not in vars(run)  # shown once
+
+
+def test_classmix_drops_the_background_on_pascal_voc_only(tmp_path, capsys):
+    """Pascal VOC: ClassMix never pastes class 0 (background); other datasets (the synthetic scenes here) keep it."""
+    from tests.fixtures_data import make_voc_tree
+    voc = str(tmp_path / "VOC2012")
+    make_voc_tree(voc, n_train=4, n_val=1, size=(40, 60))
+    sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 2, "training.batch_size": 2,
+            "training.data.split_id_list": 7, "training.num_workers": 0, "utils.checkpoint_dir": str(tmp_path / "r")}
+    config = os.path.join(os.path.dirname(DEMO), "configSSL_pascal_1_20_split0_COCO.json")
+    assert Run(TRAIN_SSL, argv_of(sets, config=config) + ["--data-root", voc, "--dry-run"]).drop_background
+    assert not Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]).drop_background
