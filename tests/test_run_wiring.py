@@ -441,6 +441,12 @@ def test_dry_run_plan_lines(tmp_path, capsys):
         "dry run: OK",
     ]
     assert n_tensors > 100 and 1.0 < n_params / 1e6 < 3.0  # a quarter-width ResNet-18 with its DeepLabv2 head
+    # what the plan reports is what the run holds
+    (group,) = run.optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"], len(group["params"])) == (0.01, 0.9, 0.0005,
+                                                                                             n_tensors)
+    assert run.base_lr == 0.01 and tuple(run.memory.memory.shape) == (8, 256, 256) and run.memory_quota == 256
+    assert run.balancing is not None and run.class_weights.tolist() == [1.0] * 8
 
 
 def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
