@@ -81,10 +81,20 @@ def running_a_mutant() -> bool:
     return os.environ.get("MUTANT_UNDER_TEST", "") not in ("", "stats", "list_all_tests", "mutant_generation")
 
 
+def _shares_a_costly_fixture(item) -> bool:
+    """Whether the test asks (in its signature) for a fixture wider than the function, e.g. a file's tiny run."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(defs and defs[-1].scope != "function"
+               for name, defs in info.name2fixturedefs.items() if name in info.argnames)
+
+
 def order_fast_files_first(session, items) -> None:
-    """pytest_collection_modifyitems for a mutant: the test files in order of their duration in mutmut's stats
-    (fixture set-up included), each file's tests together and in their own order. mutmut stops at the first
-    failure, so a unit test that kills the mutant in milliseconds runs before a file's tiny training run."""
+    """pytest_collection_modifyitems for a mutant: first every test that needs no shared run, fastest first (by
+    mutmut's stats, fixture set-up included; a test not in them yet first); then the others by file, the files in
+    order of their duration in the stats, a file's tests in their own order. mutmut stops at the first failure, so a unit test that kills the mutant in
+    milliseconds runs before any file's tiny training run (a file's module fixtures are set up once either way)."""
     path = Path(session.config.rootpath) / "mutants" / "mutmut-stats.json"
     if not path.is_file():
         path = Path(session.config.rootpath) / "mutmut-stats.json"  # pytest runs inside mutants/
@@ -95,8 +105,12 @@ def order_fast_files_first(session, items) -> None:
     for nodeid, seconds in durations.items():
         per_file[nodeid.split("::")[0]] += seconds
     position = {item: k for k, item in enumerate(items)}
-    items.sort(key=lambda item: (per_file.get(item.nodeid.split("::")[0], 0.0), item.nodeid.split("::")[0],
-                                 position[item]))
+    def key(item):
+        file = item.nodeid.split("::")[0]
+        if _shares_a_costly_fixture(item):
+            return (1, per_file.get(file, 0.0), file, position[item])
+        return (0, durations.get(item.nodeid, 0.0), file, position[item])  # fastest first (new tests: 0)
+    items.sort(key=key)
 
 
 def scores(root: Path = ROOT) -> dict[str, dict[str, int]]:
