@@ -309,7 +309,8 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
 
 
 def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path):
-    """A checkpoint (without a stored config) whose weights miss a tensor, or that holds none: the error names it."""
+    """A checkpoint (without a stored config) whose weights miss a tensor, or that holds none, or a run state whose
+    teacher misses one: the error names the file (and the teacher)."""
     from utils.variants import TRAIN_SSL
     best = load_checkpoint(os.path.join(reference, "best_model.pth"))
     del best["config"]
@@ -320,6 +321,12 @@ def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path)
     torch.save({"iteration": 2, "note": "no weights"}, tmp_path / "empty.pth")
     with pytest.raises(UserError, match="empty.pth holds no model weights"):
         Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b")) + ["--resume", str(tmp_path / "empty.pth")])
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))  # a run state whose teacher misses a tensor
+    state["teacher"] = dict(list(state["teacher"].items())[1:])
+    (tmp_path / "c").mkdir()
+    torch.save(state, tmp_path / "c" / "latest.pth")
+    with pytest.raises(UserError, match=r"latest.pth \(teacher\) is a checkpoint of another model"):
+        Run(TRAIN_SSL, tiny_argv(str(tmp_path / "c")) + ["--resume", "auto"])
 
 
 def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path, capsys):
