@@ -378,3 +378,26 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
         + ["--resume", "auto", "--recover", "--dry-run"])
     out = capsys.readouterr().out
     assert f"--recover: resuming {latest} with training.learning_rate: {DEMO_LR} -> {DEMO_LR / 2}" in out
+
+
+def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):
+    """A run state saved by 2 processes, resumed by one: a message says that data order and random draws differ
+    from the original run's; this process takes rank 0's RNG state (not the state's own "rng"). The saved world size
+    is the state's "world_size", also where it holds no per-rank states."""
+    from utils.variants import TRAIN_SSL
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))
+    assert state["world_size"] == 1 and state["rng_ranks"] is None
+    rank0 = dict(state["rng"], torch=torch.Generator().manual_seed(7).get_state())
+    rank1 = dict(state["rng"], torch=torch.Generator().manual_seed(8).get_state())
+    message = ("resuming a run of 2 process(es) with 1: weights, optimiser, memory bank and class balancing continue; "
+               "data order and random draws are not those of the original run")
+    for k, ranks in enumerate(([rank0, rank1], None)):
+        (tmp_path / f"run{k}").mkdir()
+        torch.save(dict(state, world_size=2, rng_ranks=ranks), tmp_path / f"run{k}" / "latest.pth")
+        capsys.readouterr()
+        run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / f"run{k}")) + ["--resume", "auto"])
+        run.logger.close()
+        assert torch.equal(torch.get_rng_state(), (rank0 if ranks else state["rng"])["torch"])
+        assert message in capsys.readouterr().out
+    Run(TRAIN_SSL, tiny_argv(str(reference)) + ["--resume", "auto"]).logger.close()  # the same world size: silent
+    assert "process(es)" not in capsys.readouterr().out
