@@ -401,3 +401,18 @@ def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):
         assert message in capsys.readouterr().out
     Run(TRAIN_SSL, tiny_argv(str(reference)) + ["--resume", "auto"]).logger.close()  # the same world size: silent
     assert "process(es)" not in capsys.readouterr().out
+
+
+def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path):
+    """A run state of an fp16 run holds its gradient scaler's state (scale, growth tracker); a resume restores it.
+    Here the fp32 reference state with a scaler state planted, resumed with --recover --set precision=fp16."""
+    from utils.variants import TRAIN_SSL
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))
+    assert state["scaler"] == {}  # fp32: a disabled scaler saves nothing
+    planted = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+               "_growth_tracker": 3}
+    (tmp_path / "run").mkdir()
+    torch.save(dict(state, scaler=planted), tmp_path / "run" / "latest.pth")
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run"), precision="fp16") + ["--resume", "auto", "--recover"])
+    run.logger.close()
+    assert run.scaler.is_enabled() and run.scaler.get_scale() == 256.0 and run.scaler.state_dict() == planted
