@@ -91,10 +91,12 @@ def _shares_a_costly_fixture(item) -> bool:
 
 
 def order_fast_files_first(session, items) -> None:
-    """pytest_collection_modifyitems for a mutant: first every test that needs no shared run, fastest first (by
-    mutmut's stats, fixture set-up included; a test not in them yet first); then the others by file, the files in
-    order of their duration in the stats, a file's tests in their own order. mutmut stops at the first failure, so a unit test that kills the mutant in
-    milliseconds runs before any file's tiny training run (a file's module fixtures are set up once either way)."""
+    """pytest_collection_modifyitems for a mutant: the cheapest first, by mutmut's stats (fixture set-up included):
+    each test that needs no shared run is a unit of its own, the tests of a file that share its runs (module
+    fixtures) one unit, which keeps them together, cheapest first (the fixture is set up by whichever runs first);
+    a test not in the stats yet counts 0.
+    mutmut stops at the first failure, so a unit test that kills the mutant in milliseconds runs before any tiny
+    training run."""
     path = Path(session.config.rootpath) / "mutants" / "mutmut-stats.json"
     if not path.is_file():
         path = Path(session.config.rootpath) / "mutmut-stats.json"  # pytest runs inside mutants/
@@ -105,11 +107,17 @@ def order_fast_files_first(session, items) -> None:
     for nodeid, seconds in durations.items():
         per_file[nodeid.split("::")[0]] += seconds
     position = {item: k for k, item in enumerate(items)}
+    # units: a test that needs no shared run alone; the tests of a file that share its runs together
+    shared_cost: dict[str, float] = defaultdict(float)
+    for item in items:
+        if _shares_a_costly_fixture(item):
+            shared_cost[item.nodeid.split("::")[0]] += durations.get(item.nodeid, 0.0)
+
     def key(item):
         file = item.nodeid.split("::")[0]
         if _shares_a_costly_fixture(item):
-            return (1, per_file.get(file, 0.0), file, position[item])
-        return (0, durations.get(item.nodeid, 0.0), file, position[item])  # fastest first (new tests: 0)
+            return (shared_cost[file], file, durations.get(item.nodeid, 0.0), position[item])
+        return (durations.get(item.nodeid, 0.0), item.nodeid, 0.0, position[item])  # a new test: 0
     items.sort(key=key)
 
 
