@@ -399,8 +399,36 @@ def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):
         run.logger.close()
         assert torch.equal(torch.get_rng_state(), (rank0 if ranks else state["rng"])["torch"])
         assert message in capsys.readouterr().out
-    Run(TRAIN_SSL, tiny_argv(str(reference)) + ["--resume", "auto"]).logger.close()  # the same world size: silent
+    run = Run(TRAIN_SSL, tiny_argv(str(reference)) + ["--resume", "auto"])  # the same world size: silent
+    run.logger.close()
     assert "process(es)" not in capsys.readouterr().out
+
+
+def test_a_resumed_run_holds_the_saved_state(reference, tmp_path):
+    """Field by field, what a resumed run holds before its first iteration: the reference run's latest.pth (4
+    iterations, memory filled), with class weights, since_best, a pending evaluation and an open log window
+    planted."""
+    from utils.variants import TRAIN_SSL
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))
+    # planted where the saved value equals the start value, so that each field's restoring is seen
+    state.update(class_weights=torch.linspace(0.5, 1.2, 8), since_best=2, pending_evaluation=3,
+                 log_window={"sums": {"loss": torch.tensor(3.0)}, "count": 2})
+    assert state["best_result"] is not None and state["best_miou"] == 0.2
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "latest.pth")
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run")) + ["--resume", "auto"])
+    run.logger.close()
+    assert torch.equal(run.class_weights, state["class_weights"])
+    assert (run.start_iteration, run.best_miou, run.since_best, run.best_result) == (
+        state["iteration"], state["best_miou"], state["since_best"], state["best_result"])
+    assert run.pending_evaluation == state["pending_evaluation"]
+    assert torch.equal(run.memory.counts, state["memory"]["counts"]) and int(run.memory.counts.sum()) > 0
+    assert_same_state(state["balancing"], run.balancing.state_dict(), "balancing")
+    assert_same_state(state["samplers"]["labeled"], run.labeled.state_dict(), "labeled")
+    assert_same_state(state["samplers"]["unlabeled"], run.unlabeled.state_dict(), "unlabeled")
+    assert_same_state(state["log_window"], {"sums": run._sums, "count": run._count}, "log_window")
+    assert_same_state(state["teacher"], run.teacher.state_dict(), "teacher")
+    assert_same_state(state["optimizer"], run.optimizer.state_dict(), "optimizer")
 
 
 def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path):
