@@ -444,3 +444,26 @@ def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path)
     run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run"), precision="fp16") + ["--resume", "auto", "--recover"])
     run.logger.close()
     assert run.scaler.is_enabled() and run.scaler.get_scale() == 256.0 and run.scaler.state_dict() == planted
+
+
+def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_window(tmp_path, monkeypatch,
+                                                                                    no_finish):
+    """Domain adaptation (synthetic scenes, the other style as source): the source sampler's position is restored;
+    a run state written before log windows were saved (no "log_window") starts with an empty window."""
+    import trainSSL_domain_adaptation_targetCity as da_script
+    from utils.variants import DOMAIN_ADAPTATION
+    run_dir = tmp_path / "run"
+    argv = tiny_argv(str(run_dir), iterations=2, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, 1)
+        with pytest.raises(Interrupted):
+            da_script.main(argv)
+    state = load_checkpoint(run_dir / "latest.pth")
+    assert state["samplers"]["gta5"] is not None and state["log_window"]["count"] == 1
+    state["samplers"]["gta5"] = {"epoch": 2, "consumed": 1}
+    del state["log_window"]
+    torch.save(state, run_dir / "latest.pth")
+    run = Run(DOMAIN_ADAPTATION, argv + ["--resume", "auto"])
+    run.logger.close()
+    assert run.gta5_batches.state_dict() == {"epoch": 2, "consumed": 1}
+    assert run._sums == {} and run._count == 0
