@@ -447,9 +447,10 @@ def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path)
 
 
 def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_window(tmp_path, monkeypatch,
-                                                                                    no_finish):
+                                                                                    no_finish, capsys):
     """Domain adaptation (synthetic scenes, the other style as source): the source sampler's position is restored;
-    a run state written before log windows were saved (no "log_window") starts with an empty window."""
+    a run state written before log windows and world sizes were saved (no "log_window", no "world_size") starts
+    with an empty window, as a run of one process per state it holds (here one: no message)."""
     import trainSSL_domain_adaptation_targetCity as da_script
     from utils.variants import DOMAIN_ADAPTATION
     run_dir = tmp_path / "run"
@@ -461,9 +462,10 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     state = load_checkpoint(run_dir / "latest.pth")
     assert state["samplers"]["gta5"] is not None and state["log_window"]["count"] == 1
     state["samplers"]["gta5"] = {"epoch": 2, "consumed": 1}
-    del state["log_window"]
+    del state["log_window"], state["world_size"]
     torch.save(state, run_dir / "latest.pth")
     run = Run(DOMAIN_ADAPTATION, argv + ["--resume", "auto"])
     run.logger.close()
     assert run.gta5_batches.state_dict() == {"epoch": 2, "consumed": 1}
     assert run._sums == {} and run._count == 0
+    assert "process(es)" not in capsys.readouterr().out
