@@ -780,10 +780,16 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
         return {"miou": 0.375, "loss": 1.25, "iou": [0.5, 0.25]}
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
-    monkeypatch.setattr(training, "validation_panel",
-                        lambda image, label, pred, palette, ignore, order: torch.tensor([int(image[-1]), ignore]))
-    monkeypatch.setattr(training, "unlabeled_panel", lambda image, pseudo, views, palette, ignore, order: torch.tensor(
-        [float(image), float(pseudo)] + [float(x) for view in views for x in view]))
+    def fake_validation_panel(image, label, pred, palette, ignore, order):
+        assert (label, pred, palette, order) == (f"label{image[-1]}", f"pred{image[-1]}", "palette", "RGB")
+        return torch.tensor([int(image[-1]), ignore])
+
+    def fake_unlabeled_panel(image, pseudo, views, palette, ignore, order):
+        assert (palette, ignore, order) == ("palette", 250, "RGB")
+        return torch.tensor([float(image), float(pseudo)] + [float(x) for view in views for x in view])
+
+    monkeypatch.setattr(training, "validation_panel", fake_validation_panel)
+    monkeypatch.setattr(training, "unlabeled_panel", fake_unlabeled_panel)
     data = SimpleNamespace(val=["v0", "v1", "v2"], palette="palette", class_names=["a", "b"], mean_rgb="mean",
                            channel_order="RGB")
     logger = _RecordingLogger(tensorboard)
@@ -792,7 +798,7 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     mixed, mixed_pseudo = torch.tensor([30.0, 31.0, 32.0, 33.0]), torch.tensor([40.0, 41.0, 42.0, 43.0])
     run = SimpleNamespace(cfg={"utils": {"log_images": log_images}}, logger=logger, data=data, val_set="val set",
                           num_classes=2, ignore_label=250, device="the device", autocast="autocast",
-                          stop=SimpleNamespace(evaluation_poll=lambda r, n: (polls.append(n), lambda: polls.append(
+                          stop=SimpleNamespace(evaluation_poll=lambda r, n: (polls.append((r, n)), lambda: polls.append(
                               "poll"))[1]),
                           _unlabeled_views=(images, pseudo, mixed, mixed_pseudo))
     model = torch.nn.Identity()
@@ -801,7 +807,7 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     assert evaluated == {"model": model, "dataset": "val set", "num_classes": 2, "ignore_label": 250,
                          "mean_rgb": "mean", "channel_order": "RGB", "device": "the device", "autocast": "autocast",
                          "on_prediction": evaluated["on_prediction"]}
-    assert polls == [3, "poll", "poll", "poll"]
+    assert polls == [(run, 3), "poll", "poll", "poll"]
     shown = min(log_images, 3) if tensorboard else 0
     views = min(log_images, b) if tensorboard else 0
     expected = [("evaluation_started", (), {}),
