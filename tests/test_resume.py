@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import trainSSL
+from tests.cuda_support import CUDA_MARKS, DEVICE
 from tests.run_helpers import TINY_WIDTH, planted_miou
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -469,3 +470,21 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     assert run.gta5_batches.state_dict() == {"epoch": 2, "consumed": 1}
     assert run._sums == {} and run._count == 0
     assert "process(es)" not in capsys.readouterr().out
+
+
+@CUDA_MARKS[0]
+@CUDA_MARKS[1]
+def test_a_run_state_saved_on_the_cpu_resumes_on_the_device(reference, tmp_path):
+    """A run state is read onto the CPU; resumed on the device, the restored tensors the loop adds to (class weights,
+    log window sums, memory bank) are on the device."""
+    from utils.variants import TRAIN_SSL
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))
+    state.update(class_weights=torch.linspace(0.5, 1.2, 8),
+                 log_window={"sums": {"loss": torch.tensor(3.0)}, "count": 2})
+    (tmp_path / "run").mkdir()
+    torch.save(state, tmp_path / "run" / "latest.pth")
+    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run")) + ["--device", str(DEVICE), "--resume", "auto"])
+    run.logger.close()
+    assert run.class_weights.device.type == DEVICE.type and torch.equal(run.class_weights.cpu(), state["class_weights"])
+    assert run._sums["loss"].device.type == DEVICE.type and float(run._sums["loss"]) == 3.0
+    assert run.memory.memory.device.type == run.memory.counts.device.type == DEVICE.type
