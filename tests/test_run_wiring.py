@@ -832,3 +832,36 @@ def test_classmix_drops_the_background_on_pascal_voc_only(tmp_path, capsys):
     config = os.path.join(os.path.dirname(DEMO), "configSSL_pascal_1_20_split0_COCO.json")
     assert Run(TRAIN_SSL, argv_of(sets, config=config) + ["--data-root", voc, "--dry-run"]).drop_background
     assert not Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]).drop_background
+
+
+@pytest.mark.parametrize("save_best_model", [True, False])
+def test_evaluate_if_due_evaluates_each_period_and_tells_a_new_saved_best(save_best_model):
+    """Worked by hand with stand-ins, val_per_iter 2, N = 10 (return to the best after more than 2 iterations
+    without improvement): evaluations after 2, 4, 6, 8 (not 0, 1, 3, ...), each inside the stop's pending-evaluation
+    guard; planted mIoU 0.3, 0.2, 0.1, 0.4: a new best after 2 and 8 (True only when best models are saved),
+    since_best 2 then 4 > 2 after 6: back to the best."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+    events = []
+    planted = {2: 0.3, 4: 0.2, 6: 0.1, 8: 0.4}
+
+    @contextmanager
+    def pending_evaluation(run_, i):
+        events.append(("guard", run_ is run, i))
+        yield
+
+    def evaluate_and_keep_best(i):
+        events.append(("evaluate", i))
+        if planted[i] > run.best_miou:
+            run.best_miou, run.since_best = planted[i], 0
+        else:
+            run.since_best += 2
+
+    run = SimpleNamespace(cfg={"utils": {"val_per_iter": 2, "save_best_model": save_best_model}}, num_iterations=10,
+                          best_miou=-1.0, since_best=0, stop=SimpleNamespace(pending_evaluation=pending_evaluation),
+                          evaluate_and_keep_best=evaluate_and_keep_best,
+                          return_to_best=lambda i: (events.append(("return", i)), setattr(run, "since_best", 0)))
+    told = {i: Run.evaluate_if_due(run, i) for i in range(10)}
+    assert told == {i: save_best_model and i in (2, 8) for i in range(10)}
+    assert events == [("guard", True, 2), ("evaluate", 2), ("guard", True, 4), ("evaluate", 4),
+                      ("guard", True, 6), ("evaluate", 6), ("return", 6), ("guard", True, 8), ("evaluate", 8)]
