@@ -865,3 +865,30 @@ def test_evaluate_if_due_evaluates_each_period_and_tells_a_new_saved_best(save_b
     assert told == {i: save_best_model and i in (2, 8) for i in range(10)}
     assert events == [("guard", True, 2), ("evaluate", 2), ("guard", True, 4), ("evaluate", 4),
                       ("guard", True, 6), ("evaluate", 6), ("return", 6), ("guard", True, 8), ("evaluate", 8)]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, processes):
+    """Run._log with stand-ins, worked by hand: 2 iterations in the window, this process's sums loss 3, loss_sup 1;
+    under torchrun with 2 processes the other's sums are loss 5, loss_sup 2 (all_reduce adds them) and the row is the
+    mean over both: loss (3 + 5) / 2 / 2 = 2, loss_sup 0.75; alone: 1.5 and 0.5. The window is then emptied; the
+    guard looks at the run first."""
+    from types import SimpleNamespace
+    from utils import training
+    other = {"loss": 5.0, "loss_sup": 2.0}
+    monkeypatch.setattr(training.dist, "is_distributed", lambda: processes > 1)
+    monkeypatch.setattr(training.dist, "world_size", lambda: processes)
+    monkeypatch.setattr(training.dist, "all_reduce_sum",
+                        lambda t: t + torch.tensor([[other["loss"]], [other["loss_sup"]]]).reshape(t.shape))
+    logger, checked = _RecordingLogger(), []
+    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2, lr=0.01,
+                          alpha=0.5, num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
+                          memory=SimpleNamespace(counts=torch.tensor([3, 0])),
+                          data=SimpleNamespace(class_names=["a", "b"]), guard=SimpleNamespace(check=checked.append))
+    Run._log(run, 4)
+    expected = {"loss": 2.0, "loss_sup": 0.75} if processes > 1 else {"loss": 1.5, "loss_sup": 0.5}
+    momentum = 1 - 0.005 * (math.cos(math.pi * 4 / 10) + 1) / 2
+    assert logger.calls == [("scalars", (4, {**expected, "lr": 0.01, "ema_alpha": 0.5, "ema_momentum": momentum}), {}),
+                            ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
+                            ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
+    assert checked == [run] and run._sums == {} and run._count == 0
