@@ -892,3 +892,38 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
                             ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
                             ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
     assert checked == [run] and run._sums == {} and run._count == 0
+
+
+def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
+    """Run's set-up under torchrun, with stand-ins for the collectives (one process plays rank 1 of 2): the learning
+    rate scaled by the world size when asked, SyncBatchNorm when asked, rank 0's weights broadcast, this rank's
+    shard of each sampler, class-balancing counts summed over ranks, its own random draws (seed + 1000003 x rank),
+    no run files and no log output (rank 0 writes them)."""
+    import random
+    from utils import training
+    calls = []
+    reduce = lambda t: t  # noqa: E731  (the stand-in of the sum over ranks)
+    for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
+                        "is_main": lambda: False, "init_distributed": lambda device: calls.append(("init", device)),
+                        "broadcast_parameters": lambda module: calls.append(("broadcast", module)),
+                        "convert_sync_batchnorm": lambda model, device: calls.append(("sync_bn", model)) or model,
+                        "broadcast_object": lambda obj: obj, "all_reduce_sum": reduce}.items():
+        monkeypatch.setattr(training.dist, name, value)
+    seed, run_dir = 99, tmp_path / "run"
+    sets = tiny_sets(str(run_dir), 3, seed=seed, **{"training.scale_lr_with_world_size": True,
+                                                    "training.sync_batchnorm": True, "utils.tensorboard": True,
+                                                    "synthetic.num_train": 8, "training.data.labeled_samples": 4})
+    run = Run(TRAIN_SSL, argv_of(sets))
+    assert random.random() == random.Random(seed + 1000003).random()
+    assert calls == [("init", torch.device("cpu")), ("sync_bn", run.student_module), ("broadcast", run.student)]
+    assert run.base_lr == 0.02 == run.optimizer.param_groups[0]["lr"]
+    for sampler in (run.labeled.sampler, run.unlabeled.sampler):
+        assert (sampler.rank, sampler.world_size) == (1, 2)
+    assert run.balancing.reduce is reduce
+    assert not run_dir.exists() and capsys.readouterr().out == ""
+    run.logger.close()
+    monkeypatch.setattr(training.dist, "is_distributed", lambda: False)  # one process: no SyncBatchNorm, lr as given
+    calls.clear()
+    run = Run(TRAIN_SSL, argv_of(dict(sets, **{"training.scale_lr_with_world_size": False})))
+    run.logger.close()
+    assert [c[0] for c in calls] == ["init", "broadcast"] and run.base_lr == 0.01
