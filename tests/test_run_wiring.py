@@ -927,3 +927,35 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     run = Run(TRAIN_SSL, argv_of(dict(sets, **{"training.scale_lr_with_world_size": False})))
     run.logger.close()
     assert [c[0] for c in calls] == ["init", "broadcast"] and run.base_lr == 0.01
+
+
+def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypatch):
+    """Run.optimizer_step with a one-weight student, worked by hand: loss w^2 at w = 1, lr 0.1, no momentum: gradient
+    2, w' = 0.8; the gradients averaged over processes between backward and step (stand-in: doubled, so w' = 0.6),
+    the BatchNorm buffers averaged after the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up:
+    min(1 - 1/21, m_2)); teacher 0.5 -> alpha 0.5 + (1 - alpha) w'."""
+    from types import SimpleNamespace
+    from utils import training
+    calls = []
+
+    def average_gradients(module):
+        calls.append(("gradients", module))
+        for p in module.parameters():
+            p.grad.mul_(2)
+
+    monkeypatch.setattr(training.dist, "average_gradients", average_gradients)
+    monkeypatch.setattr(training.dist, "average_buffers", lambda *modules: calls.append(("buffers",) + modules))
+    student = torch.nn.Linear(1, 1, bias=False)
+    teacher = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        student.weight.fill_(1.0)
+        teacher.weight.fill_(0.5)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    run = SimpleNamespace(optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                          student_module=student, teacher=teacher, num_iterations=10, variant=TRAIN_SSL)
+    Run.optimizer_step(run, 2, (student.weight ** 2).sum())
+    alpha = ema_alpha_by_hand(2, 10, 10)
+    assert run.alpha == pytest.approx(alpha, rel=1e-12)
+    assert float(student.weight.detach()) == pytest.approx(0.6, rel=1e-6)
+    assert float(teacher.weight) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
+    assert calls == [("gradients", student), ("buffers", student, teacher)]
