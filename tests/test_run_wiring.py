@@ -957,5 +957,5 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
     alpha = ema_alpha_by_hand(2, 10, 10)
     assert run.alpha == pytest.approx(alpha, rel=1e-12)
     assert float(student.weight.detach()) == pytest.approx(0.6, rel=1e-6)
-    assert float(teacher.weight) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
+    assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
     assert calls == [("gradients", student), ("buffers", student, teacher)]
