@@ -652,7 +652,8 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit) as e:
             Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + extra)
         assert e.value.code == 2
-        assert "--check-files goes with --dry-run, --recover with --resume" in capsys.readouterr().err
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            ": error: --check-files goes with --dry-run, --recover with --resume")
     Run(TRAIN_SSL, argv + ["--check-files"])  # with its partner: accepted (and every file read)
     assert "dry run: OK" in capsys.readouterr().out
     from utils.errors import UserError
@@ -871,8 +872,8 @@ def test_evaluate_if_due_evaluates_each_period_and_tells_a_new_saved_best(save_b
 def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, processes):
     """Run._log with stand-ins, worked by hand: 2 iterations in the window, this process's sums loss 3, loss_sup 1;
     under torchrun with 2 processes the other's sums are loss 5, loss_sup 2 (all_reduce adds them) and the row is the
-    mean over both: loss (3 + 5) / 2 / 2 = 2, loss_sup 0.75; alone: 1.5 and 0.5. The window is then emptied; the
-    guard looks at the run first."""
+    mean over both: loss (3 + 5) / 2 / 2 = 2, loss_sup 0.75; alone: 1.5 and 0.5 (and, before any optimiser step,
+    EMA alpha 0). The window is then emptied; the guard looks at the run first."""
     from types import SimpleNamespace
     from utils import training
     other = {"loss": 5.0, "loss_sup": 2.0}
@@ -882,13 +883,15 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
                         lambda t: t + torch.tensor([[other["loss"]], [other["loss_sup"]]]).reshape(t.shape))
     logger, checked = _RecordingLogger(), []
     run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2, lr=0.01,
-                          alpha=0.5, num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
+                          **({"alpha": 0.5} if processes > 1 else {}), num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
                           memory=SimpleNamespace(counts=torch.tensor([3, 0])),
                           data=SimpleNamespace(class_names=["a", "b"]), guard=SimpleNamespace(check=checked.append))
     Run._log(run, 4)
     expected = {"loss": 2.0, "loss_sup": 0.75} if processes > 1 else {"loss": 1.5, "loss_sup": 0.5}
     momentum = 1 - 0.005 * (math.cos(math.pi * 4 / 10) + 1) / 2
-    assert logger.calls == [("scalars", (4, {**expected, "lr": 0.01, "ema_alpha": 0.5, "ema_momentum": momentum}), {}),
+    alpha = 0.5 if processes > 1 else 0.0  # no optimiser step yet (no alpha): 0
+    assert logger.calls == [("scalars", (4, {**expected, "lr": 0.01, "ema_alpha": alpha, "ema_momentum": momentum}),
+                             {}),
                             ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
                             ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
     assert checked == [run] and run._sums == {} and run._count == 0
