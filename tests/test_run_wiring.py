@@ -523,6 +523,9 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     assert (gta5.seed, gta5.batch_size, gta5.indices) == (run.cfg["seed"] + 2, 4, [0, 1, 2, 3])
     Run(DOMAIN_ADAPTATION, argv + ["--check-files"])  # reads every file, the GTA5 source's too
     assert "--check-files: all 11 items (6 train, 1 val, 4 GTA5) read" in capsys.readouterr().out
+    run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
+    assert "half-size" not in capsys.readouterr().out and not run.half_size and run.final_val_set is run.val_set
+    assert "--check-files: all 11 items (6 train, 1 val, 4 GTA5) read" in capsys.readouterr().out
     # trainSSL.py reads Cityscapes at full size; its final evaluations use the same set
     run = Run(TRAIN_SSL, argv)
     assert "half-size" not in capsys.readouterr().out
