@@ -454,7 +454,7 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     a run state written before log windows and world sizes were saved (no "log_window", no "world_size") starts
     with an empty window, as a run of one process per state it holds (here one: no message)."""
     import trainSSL_domain_adaptation_targetCity as da_script
-    from utils.variants import DOMAIN_ADAPTATION
+    from utils.variants import DOMAIN_ADAPTATION, TRAIN_SSL
     run_dir = tmp_path / "run"
     argv = tiny_argv(str(run_dir), iterations=2, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
     with monkeypatch.context() as mp:
@@ -471,6 +471,9 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     assert run.gta5_batches.state_dict() == {"epoch": 2, "consumed": 1}
     assert run._sums == {} and run._count == 0
     assert "process(es)" not in capsys.readouterr().out
+    run = Run(TRAIN_SSL, argv + ["--resume", "auto"])  # trainSSL.py draws no source batches: their state is left
+    run.logger.close()
+    assert run.gta5_batches is None and run.start_iteration == 1
 
 
 @CUDA_MARKS[0]

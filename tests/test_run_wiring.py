@@ -646,6 +646,9 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         trainSSL.main(["--help"])
     assert e.value.code == 0 and trainSSL.__doc__.splitlines()[0] in capsys.readouterr().out.replace("\n", " ")
+    with pytest.raises(SystemExit):
+        Run(TRAIN_SSL, ["--help"])  # no description given: the script's name
+    assert "\ntrainSSL\n" in capsys.readouterr().out
     argv = argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]
     assert Run(TRAIN_SSL, argv).argv == argv
     monkeypatch.setattr("sys.argv", ["trainSSL.py"] + argv)
