@@ -298,7 +298,7 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
     assert all(float(b.abs().sum()) == 0 for k, b in run.teacher.named_buffers() if k.endswith("running_mean"))
     assert_same_state(best["optimizer"], run.optimizer.state_dict(), "optimizer")
 
-    # weights only, without a stored config either (a bare state dict), here with use_teacher_train false
+    # the weights (and mIoU) only, without a stored config either, here with use_teacher_train false
     bare = {k: v for k, v in best.items() if k not in ("optimizer", "iteration", "config")}
     torch.save(bare, tmp_path / "bare.pth")
     run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "b"), **{"training.use_teacher_train": False})
