@@ -103,9 +103,6 @@ def order_fast_files_first(session, items) -> None:
     if not path.is_file():
         return
     durations = json.loads(path.read_text())["duration_by_test"]
-    per_file: dict[str, float] = defaultdict(float)
-    for nodeid, seconds in durations.items():
-        per_file[nodeid.split("::")[0]] += seconds
     position = {item: k for k, item in enumerate(items)}
     # units: a test that needs no shared run alone; the tests of a file that share its runs together
     shared_cost: dict[str, float] = defaultdict(float)
