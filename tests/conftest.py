@@ -62,6 +62,6 @@ def order_heavy_files_first(items) -> None:
 def pytest_collection_modifyitems(session, config, items):
     from tests import mutation
     if mutation.running_a_mutant():
-        mutation.order_fast_files_first(session, items)
+        mutation.order_cheapest_first(session, items)
     else:
         order_heavy_files_first(items)

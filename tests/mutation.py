@@ -13,7 +13,7 @@ Three pieces live here:
   never see the mutant. Every test of a file that called the function is given to it, limited to the files that
   setup.cfg's [mutants] lists for the function's module, and the setup time of fixtures is added to the tests'
   durations (mutmut's time limit per mutant is a multiple of them).
-- `order_fast_files_first`, called from tests/conftest.py when mutmut runs a mutant: see its docstring.
+- `order_cheapest_first`, called from tests/conftest.py when mutmut runs a mutant: see its docstring.
 - `report()`: the score per module from mutmut's result files (python tests/mutation.py).
 """
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _shares_a_costly_fixture(item) -> bool:
                for name, defs in info.name2fixturedefs.items() if name in info.argnames)
 
 
-def order_fast_files_first(session, items) -> None:
+def order_cheapest_first(session, items) -> None:
     """pytest_collection_modifyitems for a mutant: the cheapest first, by mutmut's stats (fixture set-up included):
     each test that needs no shared run is a unit of its own, the tests of a file that share its runs (module
     fixtures) one unit, which keeps them together, cheapest first (the fixture is set up by whichever runs first);
@@ -105,16 +105,16 @@ def order_fast_files_first(session, items) -> None:
     durations = json.loads(path.read_text())["duration_by_test"]
     position = {item: k for k, item in enumerate(items)}
     # units: a test that needs no shared run alone; the tests of a file that share its runs together
+    shared = {item for item in items if _shares_a_costly_fixture(item)}
     shared_cost: dict[str, float] = defaultdict(float)
-    for item in items:
-        if _shares_a_costly_fixture(item):
-            shared_cost[item.nodeid.split("::")[0]] += durations.get(item.nodeid, 0.0)
+    for item in shared:
+        shared_cost[item.nodeid.split("::")[0]] += durations.get(item.nodeid, 0.0)
 
     def key(item):
-        file = item.nodeid.split("::")[0]
-        if _shares_a_costly_fixture(item):
-            return (shared_cost[file], file, durations.get(item.nodeid, 0.0), position[item])
-        return (durations.get(item.nodeid, 0.0), item.nodeid, 0.0, position[item])  # a new test: 0
+        file, seconds = item.nodeid.split("::")[0], durations.get(item.nodeid, 0.0)  # a new test: 0
+        if item in shared:
+            return (shared_cost[file], file, seconds, position[item])
+        return (seconds, item.nodeid, 0.0, position[item])
     items.sort(key=key)
 
 
