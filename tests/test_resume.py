@@ -2,6 +2,7 @@
 killed mid-save keeps its previous latest.pth; a checkpoint of another config is refused with the keys listed."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -380,6 +381,19 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
         + ["--resume", "auto", "--recover", "--dry-run"])
     out = capsys.readouterr().out
     assert f"--recover: resuming {latest} with training.learning_rate: {DEMO_LR} -> {DEMO_LR / 2}" in out
+
+
+def test_a_checkpoint_with_an_invalid_stored_config_is_named(reference, tmp_path):
+    """A run state whose stored config does not validate (an unknown key, e.g. of a newer version) stops with the
+    config error naming the checkpoint's stored config, with --config and without."""
+    from utils.variants import TRAIN_SSL
+    state = load_checkpoint(os.path.join(reference, "latest.pth"))
+    state["config"]["training"]["bogus"] = 1
+    path = tmp_path / "latest.pth"
+    torch.save(state, path)
+    for config in ([], tiny_argv(str(tmp_path))):
+        with pytest.raises(UserError, match="^" + re.escape(f"{path} (stored config): unknown config key 'training.bogus'")):
+            Run(TRAIN_SSL, config + ["--resume", str(path), "--dry-run"])
 
 
 def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):

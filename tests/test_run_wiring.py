@@ -19,6 +19,7 @@ against both memory-weight forms, the entropy term and the DeepLabv2 classifier'
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 import math
@@ -664,6 +665,31 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
     from utils.errors import UserError
     with pytest.raises(UserError, match="missing.pth"):  # past the parser: the checkpoint is looked for
         Run(TRAIN_SSL, argv + ["--recover", "--resume", str(tmp_path / "missing.pth")])
+
+
+def test_flags_and_their_help_are_the_readme_table():
+    """The README's flag table and --help say the same: each row's flag and argument name is a flag of the parser
+    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either."""
+    import re
+    from utils.training import build_arg_parser
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    table = readme[readme.index("| flag | meaning |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 2, line
+        rows[cells[0].strip("`")] = cells[1].replace("`", "")
+    parser = build_arg_parser("x")
+    flags = {}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or "-h" in action.option_strings:
+            continue
+        assert len(action.option_strings) == 1, action.option_strings
+        usage = action.option_strings[0] + ("" if action.nargs == 0 else f" {action.metavar}")
+        flags[usage] = action.help
+    assert flags == rows
+    assert len(rows) == 9
 
 
 def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):

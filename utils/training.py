@@ -51,21 +51,26 @@ RESUME_FREE_KEYS = ("training.num_workers", "utils.log_every", "utils.tensorboar
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags every training script takes (SPEC section 1)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", help="JSON config (configs/*.json)")
-    p.add_argument("--data-root", help="dataset folder (default from the config, else ../data/<dataset>)")
-    p.add_argument("--gta5-root", help="GTA5 folder (domain adaptation; default ../data/GTA5)")
+    # The help texts are the README's flag table, word for word (tests/test_run_wiring.py holds them to it).
+    p.add_argument("--config", metavar="FILE", help="JSON config (configs/)")
+    p.add_argument("--data-root", metavar="PATH",
+                   help="dataset folder (default: training.data.root, else ../data/CityScapes, ../data/VOC2012)")
+    p.add_argument("--gta5-root", metavar="PATH", help="GTA5 folder for domain adaptation (default ../data/GTA5)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config key, e.g. --set training.batch_size=2 (repeatable)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+                   help="override one config key, e.g. --set training.batch_size=2 (repeatable; JSON values)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="training device (auto: CUDA when available; under torchrun each process takes "
+                        "cuda:<LOCAL_RANK>)")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate config and data, build model and optimiser, print the plan, exit")
-    p.add_argument("--resume", metavar="CHECKPOINT",
-                   help="continue a run from its latest.pth (or 'auto': the run directory's latest.pth)")
+                   help="validate config and data folder, build model and optimiser, say whether the pretrained "
+                        "weights are cached or will be downloaded (downloads nothing), print the plan, exit")
     p.add_argument("--check-files", action="store_true",
-                   help="with --dry-run: read every image and label once and list every bad file")
+                   help="with --dry-run: also read every image and label once (progress shown) and list every bad file")
+    p.add_argument("--resume", metavar="CHECKPOINT|auto",
+                   help="continue a run from its latest.pth (auto: the run directory's latest.pth)")
     p.add_argument("--recover", action="store_true",
-                   help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's config "
-                        f"(to continue after a divergence)")
+                   help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's "
+                        f"(after a divergence)")
     return p
 
 
