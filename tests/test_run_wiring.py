@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import trainSSL
-from tests.run_helpers import (DEMO, TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand, ramp_by_hand,
-                               single_thread, tiny_sets)
+from tests.run_helpers import (DEMO, TINY_WIDTH, TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand,
+                               ramp_by_hand, single_thread, tiny_sets)
 from utils import ssl_steps
 from utils.training import Run
 from utils.variants import TRAIN_SSL
@@ -448,6 +448,10 @@ def test_dry_run_plan_lines(tmp_path, capsys):
                                                                                              n_tensors)
     assert run.base_lr == 0.01 and tuple(run.memory.memory.shape) == (8, 256, 256) and run.memory_quota == 256
     assert run.balancing is not None and run.class_weights.tolist() == [1.0] * 8
+    # the dry run's network is built with the preset's classifier branches, as a training run's is
+    assert run.student.layer5.branches == 2
+    paper = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3, fidelity="paper")) + ["--dry-run"])
+    assert paper.student.layer5.branches == 4 and paper.student.layer5.conv2d_list[0].weight.is_meta
 
 
 def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
@@ -703,6 +707,7 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     run.logger.close()
     assert random.random() == random.Random(seed).random()
     assert run.student is run.student_module
+    assert run.student_module.state_dict()["conv1.weight"].shape[0] == TINY_WIDTH  # the config's backbone.width
     for net in (run.student_module, run.teacher):
         weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
         assert weights and all(w.is_contiguous() for w in weights)
@@ -940,7 +945,7 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
                         "is_main": lambda: False, "init_distributed": lambda device: calls.append(("init", device)),
                         "broadcast_parameters": lambda module: calls.append(("broadcast", module)),
-                        "convert_sync_batchnorm": lambda model, device: calls.append(("sync_bn", model)) or model,
+                        "convert_sync_batchnorm": lambda model, device: calls.append(("sync_bn", model, device)) or model,
                         "broadcast_object": lambda obj: obj, "all_reduce_sum": reduce}.items():
         monkeypatch.setattr(training.dist, name, value)
     seed, run_dir = 99, tmp_path / "run"
@@ -949,7 +954,8 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
                                                     "synthetic.num_train": 8, "training.data.labeled_samples": 4})
     run = Run(TRAIN_SSL, argv_of(sets))
     assert random.random() == random.Random(seed + 1000003).random()
-    assert calls == [("init", torch.device("cpu")), ("sync_bn", run.student_module), ("broadcast", run.student)]
+    assert calls == [("init", torch.device("cpu")), ("sync_bn", run.student_module, torch.device("cpu")),
+                     ("broadcast", run.student)]
     assert run.base_lr == 0.02 == run.optimizer.param_groups[0]["lr"]
     for sampler in (run.labeled.sampler, run.unlabeled.sampler):
         assert (sampler.rank, sampler.world_size) == (1, 2)
@@ -961,6 +967,32 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     run = Run(TRAIN_SSL, argv_of(dict(sets, **{"training.scale_lr_with_world_size": False})))
     run.logger.close()
     assert [c[0] for c in calls] == ["init", "broadcast"] and run.base_lr == 0.01
+
+
+def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_path, monkeypatch, capsys):
+    """A training run (not a dry run) builds the config's network (the tiny config's ImageNet-style ResNet-18, here
+    at width 64, with the paper preset's four classifier branches) and copies every tensor of backbone.pretrained
+    into it, student and teacher; rank 0 prints the load report, another rank does not."""
+    from model import build_model
+    from utils import training
+    torch.manual_seed(5)
+    weights = build_model("2", 8, "imagenet", 18, None, v2_branches=4, width=64, verbose=False).state_dict()
+    path = str(tmp_path / "weights.pth")
+    torch.save(weights, path)
+    sets = tiny_sets(str(tmp_path / "run"), 3, fidelity="paper", **{"backbone.width": 64, "backbone.pretrained": path})
+    run = Run(TRAIN_SSL, argv_of(sets))
+    run.logger.close()
+    assert f"pretrained weights {path}: loaded {len(weights)} tensors, skipped 0, 0 model tensors not in the file" \
+        in capsys.readouterr().out
+    assert run.student_module.layer5.branches == 4
+    for net in (run.student_module, run.teacher):
+        state = net.state_dict()
+        assert set(state) == set(weights)
+        assert all(torch.equal(state[k], weights[k]) for k in weights), "weights file not copied"
+    monkeypatch.setattr(training.dist, "is_main", lambda: False)
+    run = Run(TRAIN_SSL, argv_of(dict(sets, **{"utils.checkpoint_dir": str(tmp_path / "rank1")})))
+    run.logger.close()
+    assert "pretrained weights" not in capsys.readouterr().out
 
 
 def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypatch):
