@@ -448,10 +448,12 @@ def test_dry_run_plan_lines(tmp_path, capsys):
                                                                                              n_tensors)
     assert run.base_lr == 0.01 and tuple(run.memory.memory.shape) == (8, 256, 256) and run.memory_quota == 256
     assert run.balancing is not None and run.class_weights.tolist() == [1.0] * 8
-    # the dry run's network is built with the preset's classifier branches, as a training run's is
     assert run.student.layer5.branches == 2
-    paper = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3, fidelity="paper")) + ["--dry-run"])
+    # and with the preset's classifier branches and the config's memory size, as a training run's
+    paper = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3, fidelity="paper", **{"method.memory_size": 64}))
+                + ["--dry-run"])
     assert paper.student.layer5.branches == 4 and paper.student.layer5.conv2d_list[0].weight.is_meta
+    assert tuple(paper.memory.memory.shape) == (8, 64, 256)
 
 
 def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
@@ -716,6 +718,22 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     assert (unlabeled.seed, unlabeled.batch_size, unlabeled.indices) == (seed + 1, 1, list(run.data.unlabeled_idx))
     assert len(labeled.indices) == 2 and len(unlabeled.indices) == 2
     assert run.labeled.loader.num_workers == 0 and (labeled.rank, labeled.world_size) == (0, 1)
+
+
+def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
+    """training.compile: a training run's forwards go through torch.compile(student), while heads, selectors and
+    state dicts keep using the module itself; a dry run compiles nothing. (A stand-in records the call: the real
+    compiler runs in the cuda tests.)"""
+    from types import SimpleNamespace
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or SimpleNamespace(module=module))
+    sets = tiny_sets(str(tmp_path / "run"), 3, **{"training.compile": True})
+    Run(TRAIN_SSL, argv_of(sets) + ["--dry-run"])
+    assert calls == []
+    run = Run(TRAIN_SSL, argv_of(sets))
+    run.logger.close()
+    assert calls == [run.student_module] and run.student.module is run.student_module
+    assert isinstance(run.student_module, torch.nn.Module)
 
 
 def test_choose_device(monkeypatch):
