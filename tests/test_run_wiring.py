@@ -528,6 +528,7 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     assert len(run.gta5) == 4 and not run.drop_background
     gta5 = run.gta5_batches.sampler
     assert (gta5.seed, gta5.batch_size, gta5.indices) == (run.cfg["seed"] + 2, 4, [0, 1, 2, 3])
+    assert run.gta5_batches.loader.dataset is run.gta5
     Run(DOMAIN_ADAPTATION, argv + ["--check-files"])  # reads every file, the GTA5 source's too
     assert "--check-files: all 11 items (6 train, 1 val, 4 GTA5) read" in capsys.readouterr().out
     run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
@@ -705,7 +706,7 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     Python's stream continues as random.seed(seed) left it."""
     import random
     seed = 1234
-    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, seed=seed, **{"training.num_workers": 0})))
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, seed=seed, **{"training.num_workers": 1})))
     run.logger.close()
     assert random.random() == random.Random(seed).random()
     assert run.student is run.student_module
@@ -717,7 +718,8 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     assert (labeled.seed, labeled.batch_size, labeled.indices) == (seed, 2, list(run.data.labeled_idx))
     assert (unlabeled.seed, unlabeled.batch_size, unlabeled.indices) == (seed + 1, 1, list(run.data.unlabeled_idx))
     assert len(labeled.indices) == 2 and len(unlabeled.indices) == 2
-    assert run.labeled.loader.num_workers == 0 and (labeled.rank, labeled.world_size) == (0, 1)
+    assert run.labeled.loader.num_workers == 1 == run.unlabeled.loader.num_workers  # (no worker started here)
+    assert (labeled.rank, labeled.world_size) == (0, 1)
 
 
 def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
@@ -878,15 +880,19 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
 
 
 def test_classmix_drops_the_background_on_pascal_voc_only(tmp_path, capsys):
-    """Pascal VOC: ClassMix never pastes class 0 (background); other datasets (the synthetic scenes here) keep it."""
+    """Pascal VOC: ClassMix never pastes class 0 (background); other datasets (the synthetic scenes here) keep it.
+    VOC's memory quota has its own rule: B x int(C/3 x round(256/L)) = 2 x int(21/3 x 128) = 1792 vectors per class
+    and update (synthetic scenes: B x round(256/L) = 256)."""
     from tests.fixtures_data import make_voc_tree
     voc = str(tmp_path / "VOC2012")
     make_voc_tree(voc, n_train=4, n_val=1, size=(40, 60))
     sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 2, "training.batch_size": 2,
             "training.data.split_id_list": 7, "training.num_workers": 0, "utils.checkpoint_dir": str(tmp_path / "r")}
     config = os.path.join(os.path.dirname(DEMO), "configSSL_pascal_1_20_split0_COCO.json")
-    assert Run(TRAIN_SSL, argv_of(sets, config=config) + ["--data-root", voc, "--dry-run"]).drop_background
-    assert not Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]).drop_background
+    run = Run(TRAIN_SSL, argv_of(sets, config=config) + ["--data-root", voc, "--dry-run"])
+    assert run.drop_background and run.memory_quota == 1792
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"])
+    assert not run.drop_background and run.memory_quota == 256
 
 
 @pytest.mark.parametrize("save_best_model", [True, False])
