@@ -517,7 +517,7 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     make_cityscapes_tree(city, n_train=6, n_val=1, size=(64, 96), seed=5)
     make_gta5_tree(gta5, n_train=4, n_val=1, size=(64, 96), seed=6)
     sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.batch_size": 4,
-            "training.data.split_id_list": 7, "training.num_workers": 0, "method.class_balancing": False,
+            "training.data.split_id_list": 7, "training.num_workers": 1, "method.class_balancing": False,
             "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False}
     config = os.path.join(os.path.dirname(DEMO), "configSSL_city_1_30_split0_v3.json")
     argv = argv_of(sets, config=config) + ["--data-root", city, "--gta5-root", gta5, "--dry-run"]
@@ -528,7 +528,7 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     assert len(run.gta5) == 4 and not run.drop_background
     gta5 = run.gta5_batches.sampler
     assert (gta5.seed, gta5.batch_size, gta5.indices) == (run.cfg["seed"] + 2, 4, [0, 1, 2, 3])
-    assert run.gta5_batches.loader.dataset is run.gta5
+    assert run.gta5_batches.loader.dataset is run.gta5 and run.gta5_batches.loader.num_workers == 1
     Run(DOMAIN_ADAPTATION, argv + ["--check-files"])  # reads every file, the GTA5 source's too
     assert "--check-files: all 11 items (6 train, 1 val, 4 GTA5) read" in capsys.readouterr().out
     run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
@@ -720,6 +720,10 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     assert len(labeled.indices) == 2 and len(unlabeled.indices) == 2
     assert run.labeled.loader.num_workers == 1 == run.unlabeled.loader.num_workers  # (no worker started here)
     assert (labeled.rank, labeled.world_size) == (0, 1)
+    # a fresh run: no best yet, nothing since it, nothing pending or saved; the logger as configured (no TensorBoard)
+    assert (run.start_iteration, run.best_miou, run.since_best, run.best_result, run.pending_evaluation,
+            run.latest_saved) == (0, -1.0, 0, None, None, None)
+    assert not [f for f in os.listdir(run.run_dir) if f.startswith("events.out.tfevents")] and run.logger.tb is None
 
 
 def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
