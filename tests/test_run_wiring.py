@@ -706,9 +706,13 @@ def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     Python's stream continues as random.seed(seed) left it."""
     import random
     seed = 1234
-    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, seed=seed, **{"training.num_workers": 1})))
+    run_dir = str(tmp_path / "run")
+    run = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3, seed=seed, **{"training.num_workers": 1})))
     run.logger.close()
     assert random.random() == random.Random(seed).random()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"trainSSL: synthetic v2 (imagenet), 2 labeled / 2 unlabeled, 3 iterations from 0, device cpu, fidelity code, "
+        f"precision fp32, run dir {run_dir}")
     assert run.student is run.student_module
     assert run.student_module.state_dict()["conv1.weight"].shape[0] == TINY_WIDTH  # the config's backbone.width
     for net in (run.student_module, run.teacher):
@@ -995,6 +999,13 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     run = Run(TRAIN_SSL, argv_of(dict(sets, **{"training.scale_lr_with_world_size": False})))
     run.logger.close()
     assert [c[0] for c in calls] == ["init", "broadcast"] and run.base_lr == 0.01
+    # rank 0 of 2 (it logs): its start message counts the processes
+    for name, value in {"is_distributed": lambda: True, "rank": lambda: 0, "is_main": lambda: True}.items():
+        monkeypatch.setattr(training.dist, name, value)
+    capsys.readouterr()
+    run = Run(TRAIN_SSL, argv_of(dict(sets, **{"utils.checkpoint_dir": str(tmp_path / "rank0")})))
+    run.logger.close()
+    assert ", device cpu x2 processes, fidelity code," in capsys.readouterr().out
 
 
 def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_path, monkeypatch, capsys):
