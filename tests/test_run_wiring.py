@@ -676,7 +676,8 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
 
 def test_flags_and_their_help_are_the_readme_table():
     """The README's flag table and --help say the same: each row's flag and argument name is a flag of the parser
-    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either."""
+    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
+    and the defaults."""
     import re
     from utils.training import build_arg_parser
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
@@ -697,6 +698,11 @@ def test_flags_and_their_help_are_the_readme_table():
         flags[usage] = action.help
     assert flags == rows
     assert len(rows) == 9
+    # what a flag left out means: no file or folder given, no override, the device chosen for you, switches off
+    assert vars(parser.parse_args([])) == {
+        "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
+        "check_files": False, "resume": None, "recover": False}
+    assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
 
 
 def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
