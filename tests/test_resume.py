@@ -331,12 +331,12 @@ def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path)
         Run(TRAIN_SSL, tiny_argv(str(tmp_path / "c")) + ["--resume", "auto"])
 
 
-def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path, capsys):
+def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path, capsys, monkeypatch):
     """Dry runs (the checkpoint is read and checked before the plan): a latest.pth without --config brings its own
-    config (with --set applied) and directory; no config at all is refused; --resume auto without a latest.pth
-    starts afresh and says so, with one it resumes that file; a latest.pth given with a config that points elsewhere
-    continues in its own directory, and says so, warning when best_model.pth is not beside it; --recover names the
-    recovery keys that changed."""
+    config (with --set applied) and directory (a bare file name: "."); no config at all is refused; --resume auto
+    without a latest.pth starts afresh and says so, with one it resumes that file; a latest.pth given with a config
+    that points elsewhere continues in its own directory, and says so, warning when best_model.pth is not beside it;
+    --recover names the recovery keys that changed."""
     from utils.variants import TRAIN_SSL
     latest = os.path.join(reference, "latest.pth")
     stored = load_checkpoint(latest)["config"]
@@ -348,6 +348,9 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
     assert run.cfg["training"] == stored["training"] and run.cfg["method"] == stored["method"]
     with pytest.raises(UserError, match=no_config):
         Run(TRAIN_SSL, ["--dry-run"])
+    with monkeypatch.context() as m:  # a bare file name: the run directory is the working directory
+        m.chdir(reference)
+        assert Run(TRAIN_SSL, ["--resume", "latest.pth", "--dry-run"]).run_dir == "."
     with pytest.raises(UserError, match=no_config):
         Run(TRAIN_SSL, ["--resume", "auto", "--dry-run"])
     capsys.readouterr()
