@@ -186,6 +186,11 @@ def test_resume_refuses_another_config(reference, tmp_path):
         trainSSL.main(argv + ["--resume", os.path.join(reference, "latest.pth")])
     msg = str(e.value)
     assert f"training.learning_rate: {DEMO_LR} -> 0.01" in msg and "method.memory_size: 256 -> 128" in msg
+    lines = msg.splitlines()  # one differing key per line, indented, between the heading and the hint
+    assert lines[0].endswith("it belongs to a run with another config. Differing keys (checkpoint -> now):")
+    assert sorted(lines[1:-1]) == ["  method.memory_size: 256 -> 128", f"  training.learning_rate: {DEMO_LR} -> 0.01"]
+    assert lines[-1] == ("(training.learning_rate, precision may differ with --recover, e.g. to continue after a "
+                         "divergence.)")
     assert "training.num_workers" not in msg  # keys that change no result may differ
 
 
