@@ -221,7 +221,7 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
     assert [(r["iteration"], r["miou"]) for r in refresh_rows] == ([] if refreshed is None else
                                                                    [(FINISH_N, refreshed)])
     kept = "BatchNorm refresh did not improve the best model; keeping it"
-    assert (kept in out) == (refreshed is not None and refreshed <= 0.3)
+    assert (kept in out.splitlines()) == (refreshed is not None and refreshed <= 0.3)
     # the IoU table of the best evaluation (one line per class, then its mIoU), then the summary line
     table = [ln for ln in out.splitlines() if ln.startswith("class ")]
     assert [ln.split()[2] for ln in table] == list(CLASS_NAMES)
@@ -236,6 +236,22 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
     # the run's seconds, to 0.1 s: what the summary line printed a moment later
     assert report["seconds"] == round(report["seconds"], 1) > 0
     assert abs(report["seconds"] - float(summary.split("total time ")[1][:-2])) <= 0.2
+
+
+def test_finish_without_save_best_model_leaves_best_model_pth_alone(tmp_path):
+    """utils.save_best_model false: a BatchNorm refresh that beats the best does not write best_model.pth. A run
+    with the flag off writes none; here one is left in the directory by an earlier run with it on (finish() returns
+    to that file: see README, "Tests and mutation testing")."""
+    run_dir = tmp_path / "run"
+    sets = tiny_sets(str(run_dir), FINISH_N, **{"utils.val_per_iter": 1, "method.bn_refresh_iterations": 1})
+    with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.3}):
+        trainSSL.main(argv_of(sets))
+    before = load_checkpoint(str(run_dir / "best_model.pth"))
+    assert (before["iteration"], before["miou"]) == (1, 0.3)
+    with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.5}):
+        trainSSL.main(argv_of({**sets, "utils.save_best_model": False}))
+    after = load_checkpoint(str(run_dir / "best_model.pth"))
+    assert (after["iteration"], after["miou"]) == (1, 0.3)
 
 
 @pytest.mark.parametrize("use_teacher_train", [True, False])
