@@ -369,7 +369,7 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
     run = Run(TRAIN_SSL, tiny_argv(reference) + ["--resume", "auto", "--dry-run"])
     out = capsys.readouterr().out
     assert run.args.resume == latest and "starting a new run" not in out and "continuing the run" not in out
-    assert "is missing" not in out  # best_model.pth is beside it
+    assert "is missing" not in out and "--recover" not in out  # best_model.pth is beside it; no --recover given
 
     alone = tmp_path / "alone"
     alone.mkdir()
