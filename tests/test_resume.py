@@ -389,10 +389,11 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
 
     Run(TRAIN_SSL, tiny_argv(reference) + ["--resume", "auto", "--recover", "--dry-run"])
     assert f"--recover: resuming {latest} with no changed key" in capsys.readouterr().out
-    Run(TRAIN_SSL, tiny_argv(reference, **{"training.learning_rate": DEMO_LR / 2})
+    Run(TRAIN_SSL, tiny_argv(reference, **{"training.learning_rate": DEMO_LR / 2, "precision": "bf16"})
         + ["--resume", "auto", "--recover", "--dry-run"])
-    out = capsys.readouterr().out
-    assert f"--recover: resuming {latest} with training.learning_rate: {DEMO_LR} -> {DEMO_LR / 2}" in out
+    out = capsys.readouterr().out.splitlines()
+    assert (f'--recover: resuming {latest} with precision: "fp32" -> "bf16"; '
+            f"training.learning_rate: {DEMO_LR} -> {DEMO_LR / 2}") in out
 
 
 def test_a_checkpoint_with_an_invalid_stored_config_is_named(reference, tmp_path):
