@@ -294,16 +294,16 @@ def test_periodic_checkpoints_replace_each_other_and_hold_their_iteration(tmp_pa
     run.logger.close()
 
 
-@pytest.mark.parametrize("save", ["periodic", "best"])
+@pytest.mark.parametrize("save", ["periodic", "best", "latest"])
 def test_non_finite_weights_are_never_saved(tmp_path, save):
-    """A NaN in the weights stops the run before a periodic checkpoint or best_model.pth is written."""
+    """A NaN in the weights stops the run before a periodic checkpoint, best_model.pth or latest.pth is written."""
     from utils.errors import RunStopped
     run = tiny_run(tmp_path)
     with torch.no_grad():
         next(run.student_module.parameters())[0].fill_(float("nan"))
     with pytest.raises(RunStopped, match="non-finite weights"):
         with planted_miou({1: 0.5}):
-            run.save_periodic(1) if save == "periodic" else run.evaluate_and_keep_best(1)
+            {"periodic": run.save_periodic, "best": run.evaluate_and_keep_best, "latest": run.save_latest}[save](1)
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".pth")]
 
 
