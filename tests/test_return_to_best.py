@@ -307,6 +307,15 @@ def test_non_finite_weights_are_never_saved(tmp_path, save):
     assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".pth")]
 
 
+def test_save_latest_writes_the_run_state_and_remembers_its_iteration(tmp_path):
+    """latest.pth holds the state after the given iterations, and the run remembers it (a stop or a divergence then
+    says which state latest.pth holds and does not write it again)."""
+    run = tiny_run(tmp_path)
+    run.save_latest(1)
+    assert run.latest_saved == 1 and load_checkpoint(str(tmp_path / "run" / "latest.pth"))["iteration"] == 1
+    run.logger.close()
+
+
 def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
     """evaluate_and_keep_best: a new best must be strictly better (0.3 then 0.3: since_best grows by val_per_iter,
     best_model.pth keeps iteration 1); with save_best_model false no best_model.pth is written, and finish() then
