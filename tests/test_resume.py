@@ -405,7 +405,8 @@ def test_a_checkpoint_with_an_invalid_stored_config_is_named(reference, tmp_path
     path = tmp_path / "latest.pth"
     torch.save(state, path)
     for config in ([], tiny_argv(str(tmp_path))):
-        with pytest.raises(UserError, match="^" + re.escape(f"{path} (stored config): unknown config key 'training.bogus'")):
+        expected = f"{path} (stored config): unknown config key 'training.bogus'"
+        with pytest.raises(UserError, match="^" + re.escape(expected)):
             Run(TRAIN_SSL, config + ["--resume", str(path), "--dry-run"])
 
 

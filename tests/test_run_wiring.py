@@ -983,7 +983,7 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
                         "is_main": lambda: False, "init_distributed": lambda device: calls.append(("init", device)),
                         "broadcast_parameters": lambda module: calls.append(("broadcast", module)),
-                        "convert_sync_batchnorm": lambda model, device: calls.append(("sync_bn", model, device)) or model,
+                        "convert_sync_batchnorm": lambda model, dev: calls.append(("sync_bn", model, dev)) or model,
                         "broadcast_object": lambda obj: obj, "all_reduce_sum": reduce}.items():
         monkeypatch.setattr(training.dist, name, value)
     seed, run_dir = 99, tmp_path / "run"
@@ -1017,7 +1017,8 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
 def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_path, monkeypatch, capsys):
     """A training run (not a dry run) builds the config's network (the tiny config's ImageNet-style ResNet-18, here
     at width 64, with the paper preset's four classifier branches) and copies every tensor of backbone.pretrained
-    into it, student and teacher; rank 0 prints the load report, another rank does not."""
+    into the student, whose parameters the teacher copies (the release's EMA copy: parameters only; the teacher's
+    BatchNorm statistics start fresh); rank 0 prints the load report, another rank does not."""
     from model import build_model
     from utils import training
     torch.manual_seed(5)
@@ -1030,10 +1031,12 @@ def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_
     assert f"pretrained weights {path}: loaded {len(weights)} tensors, skipped 0, 0 model tensors not in the file" \
         in capsys.readouterr().out
     assert run.student_module.layer5.branches == 4
-    for net in (run.student_module, run.teacher):
-        state = net.state_dict()
-        assert set(state) == set(weights)
-        assert all(torch.equal(state[k], weights[k]) for k in weights), "weights file not copied"
+    state = run.student_module.state_dict()
+    assert set(state) == set(weights)
+    assert all(torch.equal(state[k], weights[k]) for k in weights), "weights file not copied"
+    teacher = dict(run.teacher.named_parameters())
+    assert set(teacher) == {k for k, _ in run.student_module.named_parameters()}
+    assert all(torch.equal(t, weights[k]) for k, t in teacher.items()), "teacher not copied from the loaded student"
     monkeypatch.setattr(training.dist, "is_main", lambda: False)
     run = Run(TRAIN_SSL, argv_of(dict(sets, **{"utils.checkpoint_dir": str(tmp_path / "rank1")})))
     run.logger.close()
