@@ -124,8 +124,30 @@ def test_per_class_quota():
     assert per_class_quota("pascal_voc", 14, 1323, 21) == 14      # 14 * max(1, int(7 * 0))
     assert per_class_quota("pascal_voc", 14, 530, 21) == 14       # round(0.483) = 0
     assert per_class_quota("pascal_voc", 8, 102, 21) == 8 * 21    # int(7 * round(2.51)) = 21
+    # One labeled image is valid; 256/1 is exact, so a changed constant or bound shows.
+    assert per_class_quota("cityscapes", 1, 1, 19) == 256
+    assert per_class_quota("pascal_voc", 1, 1, 21) == 1792        # int(7 * 256)
+    assert per_class_quota("pascal", 14, 212, 21) == 98           # the release's second name for VOC
     with pytest.raises(UserError, match="labeled_samples"):
         per_class_quota("cityscapes", 5, 0, 19)
+
+
+def test_new_bank_shape_defaults_and_bounds():
+    """Defaults 256 x 256 per class, float32 whatever torch's default dtype, counts int64 zero; a size of 1 in
+    each dimension is valid and 0 in any one is refused with the three values named."""
+    bank = MemoryBank(3)
+    assert bank.memory.shape == (3, 256, 256) and bank.counts.tolist() == [0, 0, 0]
+    assert bank.counts.dtype == torch.int64 and not bank.memory.any()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert MemoryBank(1, size=1, dim=1).memory.dtype == torch.float32
+    finally:
+        torch.set_default_dtype(old)
+    for bad in [(0, 2, 2), (2, 0, 2), (2, 2, 0)]:
+        with pytest.raises(UserError) as err:
+            MemoryBank(*bad)
+        assert str(err.value) == f"memory bank needs num_classes, size and dim >= 1, got {bad[0]}, {bad[1]}, {bad[2]}"
 
 
 def test_load_state_dict_accepts_a_full_class_zeroes_unused_slots_and_names_bad_states():
