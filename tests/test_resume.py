@@ -520,3 +520,18 @@ def test_a_run_state_saved_on_the_cpu_resumes_on_the_device(reference, tmp_path)
     assert run.class_weights.device.type == DEVICE.type and torch.equal(run.class_weights.cpu(), state["class_weights"])
     assert run._sums["loss"].device.type == DEVICE.type and float(run._sums["loss"]) == 3.0
     assert run.memory.memory.device.type == run.memory.counts.device.type == DEVICE.type
+
+
+def test_a_run_without_class_balancing_saves_and_resumes_its_state(tmp_path):
+    """`method.class_balancing` false: the run state holds no balancing state (None) and resumes from it."""
+    from utils.variants import TRAIN_SSL
+    argv = tiny_argv(str(tmp_path / "run"), **{"method.class_balancing": False})
+    run = Run(TRAIN_SSL, argv)
+    run.logger.close()
+    assert run.balancing is None
+    state = run.state_dict(3)
+    assert state["balancing"] is None and state["iteration"] == 3
+    torch.save(state, tmp_path / "run" / "latest.pth")
+    resumed = Run(TRAIN_SSL, argv + ["--resume", "auto"])
+    resumed.logger.close()
+    assert resumed.balancing is None and resumed.start_iteration == 3
