@@ -587,6 +587,21 @@ def test_log_rows_average_their_interval_and_checkpoints_follow_their_intervals(
             assert train[i][key] == pytest.approx(expected, rel=1e-5), (i, key)
 
 
+def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_but_the_first():
+    """save_checkpoint_every 1, N = 4 (end_iteration on a stand-in run): periodic checkpoints after iterations 1,
+    2 and 3; never after iteration 0, which has trained one step only."""
+    from types import SimpleNamespace
+    periodic = []
+    run = SimpleNamespace(
+        cfg={"utils": {"log_every": 100, "save_checkpoint_every": 1, "save_latest_every": 100}}, num_iterations=4,
+        _sums={}, _count=0, logger=SimpleNamespace(advance=lambda: None), _log=lambda i: None,
+        save_periodic=periodic.append, evaluate_if_due=lambda i: False, save_latest=lambda n: None,
+        stop=SimpleNamespace(after_iteration=lambda r, i: None))
+    for i in range(4):
+        Run.end_iteration(run, i, {"loss": torch.tensor(1.0)})
+    assert periodic == [1, 2, 3] and run._count == 4
+
+
 def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
     """training.lr_schedule null: a constant learning rate (the poly factor is not applied), in the optimiser too."""
     run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 10, **{"training.lr_schedule": None})))
