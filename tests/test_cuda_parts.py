@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,7 +22,7 @@ from benchmarks.common import cpu_threads
 from model.heads import class_selector
 from tests.cuda_support import CUDA_MARKS, DEVICE, random_draws_on_cpu
 from utils.augmentations import strong_augment, weak_augment
-from utils.class_balancing import ClassBalancing
+from utils.class_balancing import ClassBalancing, _class_counts_reference
 from utils.classmix import classmix, classmix_masks
 from utils.contrastive import contrastive_loss
 from utils.losses import entropy_loss, pseudo_label_ce, supervised_ce
@@ -176,6 +177,15 @@ def test_class_balancing_agrees():
     for a, b in zip(w_d, w_c):
         assert a.dtype == b.dtype == torch.float32
         close(a, b)
+
+
+def test_class_count_reference_counts_on_the_device():
+    """The compare-and-sum reference (benchmarks/bench_components.py --compare-reference times it on the device)
+    builds its class indices on the labels' device: counts as numpy's bincount gives them."""
+    labels = torch.randint(0, C, (2, 16, 24), generator=torch.Generator().manual_seed(21))
+    counts = _class_counts_reference(labels.to(DEVICE), C)
+    assert counts.device.type == DEVICE.type and counts.dtype == torch.int64
+    assert counts.cpu().tolist() == np.bincount(labels.flatten().numpy(), minlength=C).tolist()
 
 
 # ------------------------------------------------------------------------------------------------ ClassMix
