@@ -137,6 +137,28 @@ def test_slot_helpers():
     assert ClassBalancing.labeled_slots_for(3, 8) == 1
     assert ClassBalancing.unlabeled_slots_for(10, 10, 8) == 1
     assert ClassBalancing.unlabeled_slots_for(20, 10, 1) == 10
+    assert ClassBalancing.labeled_slots_for(5, 1) == 5                   # a batch of one: a slot per image
+    slots = ClassBalancing.unlabeled_slots_for(20, 10, 3)                 # 10 // (3 // 2): half a batch, floored
+    assert slots == 10 and type(slots) is int
+
+
+def test_new_histories_and_bounds():
+    """One class, one slot each is valid: zero int64 histories [slots, C] and a zero counter; 0 in any of the three
+    is refused with the three values named and the settings to check."""
+    cb = ClassBalancing(1, labeled_slots=1, unlabeled_slots=2)
+    assert cb.labeled.dtype == cb.unlabeled.dtype == torch.int64
+    assert cb.labeled.tolist() == [[0]] and cb.unlabeled.tolist() == [[0], [0]] and cb.count == 0
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:  # the weights stay float32 whatever torch's default dtype (here the ones before the histories fill)
+        assert_weights(cb.weights(), [1.0])
+    finally:
+        torch.set_default_dtype(old)
+    for bad in [(0, 1, 1), (1, 0, 1), (1, 1, 0)]:
+        with pytest.raises(UserError) as err:
+            ClassBalancing(*bad)
+        assert str(err.value) == ("class balancing needs num_classes, labeled_slots and unlabeled_slots >= 1, got "
+                                  f"{bad[0]}, {bad[1]}, {bad[2]}; check labeled_samples and batch_size.")
 
 
 def test_state_dict_round_trip_and_mismatch():

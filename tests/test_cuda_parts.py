@@ -172,10 +172,11 @@ def test_class_balancing_agrees():
         out[side] = (cb, weights)
     cb_c, w_c = out["cpu"]
     cb_d, w_d = out["dut"]
+    assert cb_d.labeled.device.type == cb_d.unlabeled.device.type == DEVICE.type  # the histories live there
     assert torch.equal(cb_d.labeled.cpu(), cb_c.labeled) and torch.equal(cb_d.unlabeled.cpu(), cb_c.unlabeled)
     assert w_c[0].tolist() == [1.0] * C and w_c[-1].tolist() != [1.0] * C        # filled after the third update
     for a, b in zip(w_d, w_c):
-        assert a.dtype == b.dtype == torch.float32
+        assert a.dtype == b.dtype == torch.float32 and a.device.type == DEVICE.type  # the ones before filling too
         close(a, b)
 
 
