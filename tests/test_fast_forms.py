@@ -35,10 +35,13 @@ def test_row_cosine_gradients_match_autograd_of_normalize():
     x = torch.randn(40, 5, generator=g, dtype=torch.float64)
     x[3] = 0.0                                       # a zero row: F.normalize's eps, no gradient through the norm
     x[7] = 1e-14                                     # below the eps too
+    x[11] = 0.0
+    x[11, 2] = 1e-12                                 # a norm of exactly the eps: clamped, no gradient through it
     labels = torch.randint(0, 4, (40,), generator=g)
     mu = torch.randn(4, 5, generator=g, dtype=torch.float64)
     xa, ma = x.clone().requires_grad_(True), mu.clone().requires_grad_(True)
     xb, mb = x.clone().requires_grad_(True), mu.clone().requires_grad_(True)
+    assert float(torch.linalg.vector_norm(x[11])) == 1e-12
     t = _cosine_to_class_mean(xa, labels, ma)
     t_ref = (F.normalize(xb, dim=1) * mb[labels]).sum(1)
     torch.testing.assert_close(t, t_ref, rtol=1e-12, atol=1e-12)
@@ -46,7 +49,7 @@ def test_row_cosine_gradients_match_autograd_of_normalize():
     for a, b in zip(torch.autograd.grad((t * w).sum(), [xa, ma]), torch.autograd.grad((t_ref * w).sum(), [xb, mb])):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     keep = torch.ones(40, dtype=torch.bool)
-    keep[[3, 7]] = False
+    keep[[3, 7, 11]] = False
     assert torch.autograd.gradcheck(lambda a, b: _cosine_to_class_mean(a, labels[keep], b), (xa[keep].detach()
                                     .requires_grad_(True), ma.detach().requires_grad_(True)))
 

@@ -40,7 +40,7 @@ class _CosineToClassMean(torch.autograd.Function):
     in the backward pass; here the gradient dx is the only one: with a_i = g_i / ‖x_i‖,
         dx_i = a_i mu_{c_i} - (a_i t_i / ‖x_i‖) x_i   (one [N,C] @ [C,D] product, then one in-place update),
         dmu_c = Σ_{i in c} a_i x_i.
-    The norm is clamped at F.normalize's eps (no gradient through the norm below it), as F.normalize does.
+    The norm is clamped at F.normalize's eps (no gradient through a norm at or below it), as F.normalize does.
     """
 
     @staticmethod
@@ -48,7 +48,7 @@ class _CosineToClassMean(torch.autograd.Function):
         norm = torch.linalg.vector_norm(x, dim=1)                                   # [N]
         r = norm.clamp_min(_NORM_EPS)
         t = torch.mm(x, mu.t()).gather(1, labels[:, None])[:, 0] / r                # [N] via [N, C]
-        ctx.save_for_backward(x, labels, mu, r, t, norm >= _NORM_EPS)
+        ctx.save_for_backward(x, labels, mu, r, t, norm > _NORM_EPS)  # clamp_min's gradient: norm > eps only
         return t
 
     @staticmethod
