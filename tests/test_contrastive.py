@@ -106,6 +106,8 @@ def test_hand_worked_value(mode, impl):
     assert hand_expected("ones") != pytest.approx(hand_expected("mean"), abs=1e-3)  # the modes differ here
     if mode == "ones":  # the default memory weights are the released "ones"
         assert impl(x, y, bank, feat, mem_sel, C_HAND).item() == loss.item()
+    # labels of another integer dtype (uint8, as a label PNG holds them) give the same loss
+    assert impl(x, y.to(torch.uint8), bank, feat, mem_sel, C_HAND, memory_weights=mode).item() == loss.item()
 
 
 def test_ones_mode_is_unweighted_mean_and_never_runs_memory_selectors():
