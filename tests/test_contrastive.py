@@ -110,6 +110,32 @@ def test_hand_worked_value(mode, impl):
     assert impl(x, y.to(torch.uint8), bank, feat, mem_sel, C_HAND, memory_weights=mode).item() == loss.item()
 
 
+@pytest.mark.parametrize("mode", ["ones", "mean"])
+def test_float64_features_with_the_float32_memory(mode):
+    """Features and selectors in float64 against the bank's float32 memory: the memory is brought to the features'
+    dtype, and the loss comes out in float64 with the hand-worked value."""
+    x, y, bank, feat, mem_sel = hand_case()
+    loss = contrastive_loss(x.detach().double(), y, bank, [s.double() for s in feat], [s.double() for s in mem_sel],
+                            C_HAND, memory_weights=mode)
+    assert loss.dtype == torch.float64 and bank.memory.dtype == torch.float32
+    assert loss.item() == pytest.approx(hand_expected(mode), abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["segments", "blocks"])
+def test_the_selector_method_reaches_both_selector_calls(method, monkeypatch):
+    """selector_method is passed to the feature side's and the memory side's selector scoring."""
+    import utils.contrastive as contrastive
+    seen = []
+    for name in ("grouped_selector_scores", "padded_selector_scores"):
+        real = getattr(contrastive, name)
+        monkeypatch.setattr(contrastive, name, lambda *a, _real=real, _name=name, **k: (
+            seen.append((_name, k.get("method"))), _real(*a, **k))[1])
+    x, y, bank, feat, mem_sel = hand_case()
+    loss = contrastive_loss(x, y, bank, feat, mem_sel, C_HAND, memory_weights="mean", selector_method=method)
+    assert loss.item() == pytest.approx(hand_expected("mean"), abs=1e-6)
+    assert sorted(seen) == [("grouped_selector_scores", method), ("padded_selector_scores", method)]
+
+
 def test_ones_mode_is_unweighted_mean_and_never_runs_memory_selectors():
     # constant feature weights: class 0 -> mean(0,1,1,1,0,0) = 1/2, class 1 -> 5/6; memory selectors unused
     x, y, bank, feat, _ = hand_case(feature_omega=0.0)
