@@ -135,6 +135,7 @@ def test_memory_update_agrees(keep):
             bank.add(features.to(device), labels.to(device), ms, quota=6, keep=keep)
             bank.add(features[:40].to(device) * 2, labels[:40].to(device), ms, quota=6, keep=keep)
         banks[side], mods[side] = bank, ms
+    assert banks["dut"].memory.device.type == banks["dut"].counts.device.type == DEVICE.type  # the bank lives there
     assert torch.equal(banks["dut"].counts.cpu(), banks["cpu"].counts)
     assert banks["cpu"].counts.tolist() != memory_bank(CPU, torch.Generator().manual_seed(12)).counts.tolist()
     close(banks["dut"].memory, banks["cpu"].memory, rtol=0, atol=0)     # stored vectors are copies: exact
