@@ -602,6 +602,41 @@ def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_bu
     assert periodic == [1, 2, 3] and run._count == 4
 
 
+def test_upsample_is_bilinear_with_corners_aligned_and_resize_nearest_keeps_the_dtype():
+    """Worked by hand: [0, 1] upsampled to 5 columns with align_corners=True is [0, .25, .5, .75, 1] (False would
+    give [0, .1, .5, .9, 1]), in float32 from float64 logits; labels resized by nearest neighbour keep their dtype."""
+    out = ssl_steps.upsample(torch.tensor([[[[0.0, 1.0]]]], dtype=torch.float64), (1, 5))
+    assert out.dtype == torch.float32 and out.flatten().tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    labels = torch.tensor([[[3, 250], [0, 7]]])                                    # [1, 2, 2] int64
+    resized = ssl_steps.resize_nearest(labels, (4, 4))
+    assert resized.dtype == torch.int64
+    assert resized.tolist() == [[[3, 3, 250, 250], [3, 3, 250, 250], [0, 0, 7, 7], [0, 0, 7, 7]]]
+
+
+def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
+    """Fewer than two pixels with a valid label: an exact zero that keeps a (zero) gradient path, and no heads or
+    loss called (their BatchNorm needs two vectors); two: the loss gets those two feature vectors [2, F] and their
+    labels (heads and loss stand-ins here: the loss returns the vectors' sum)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    calls = []
+    monkeypatch.setattr(ssl_steps, "contrastive_loss",
+                        lambda v, y, *a, **k: (calls.append((tuple(v.shape), y.tolist())), v.sum())[1])
+    model = SimpleNamespace(projection_head=lambda v: v, prediction_head=lambda v: v,
+                            feature_selectors=lambda: [], memory_selectors=lambda: [])
+    run = SimpleNamespace(student_module=model, ignore_label=250, autocast=nullcontext, memory=None, num_classes=3,
+                          fidelity=SimpleNamespace(memory_weights="ones"))
+    labels = torch.full((1, 2, 2), 250)
+    labels[0, 0, 0] = 1
+    features = torch.arange(1.0, 13.0).reshape(1, 3, 2, 2).requires_grad_(True)  # [B=1, F=3, 2, 2]
+    out = ssl_steps.contrastive_term(run, features, labels)
+    out.backward()
+    assert out.item() == 0.0 and calls == [] and torch.equal(features.grad, torch.zeros_like(features))
+    labels[0, 1, 1] = 2
+    out = ssl_steps.contrastive_term(run, features, labels)
+    assert calls == [((2, 3), [1, 2])] and out.item() == (1 + 5 + 9) + (4 + 8 + 12)
+
+
 def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
     """training.lr_schedule null: a constant learning rate (the poly factor is not applied), in the optimiser too."""
     run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 10, **{"training.lr_schedule": None})))
