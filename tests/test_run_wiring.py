@@ -613,6 +613,22 @@ def test_upsample_is_bilinear_with_corners_aligned_and_resize_nearest_keeps_the_
     assert resized.tolist() == [[[3, 3, 250, 250], [3, 3, 250, 250], [0, 0, 7, 7], [0, 0, 7, 7]]]
 
 
+def test_pseudo_label_is_the_softmax_over_classes_of_the_labeler():
+    """One pixel, logits (0, ln 3) from the labeler (the teacher here, not the student): softmax over the classes
+    gives (1/4, 3/4), so confidence 3/4 and label 1 (a softmax over any other dimension gives 1 and label 0)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    class FixedLogits(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)
+
+    run = SimpleNamespace(labeler=FixedLogits(), student_module=None, autocast=nullcontext, crop=(1, 1),
+                          data=SimpleNamespace(mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB"))
+    confidence, labels = ssl_steps.pseudo_label(run, torch.zeros(1, 3, 1, 1))
+    assert labels.tolist() == [[[1]]] and confidence.item() == pytest.approx(0.75, abs=1e-6)
+
+
 def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
     """Fewer than two pixels with a valid label: an exact zero that keeps a (zero) gradient path, and no heads or
     loss called (their BatchNorm needs two vectors); two: the loss gets those two feature vectors [2, F] and their
