@@ -629,6 +629,44 @@ def test_pseudo_label_is_the_softmax_over_classes_of_the_labeler():
     assert labels.tolist() == [[[1]]] and confidence.item() == pytest.approx(0.75, abs=1e-6)
 
 
+def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch):
+    """Steps 4 and 5 on a stand-in run, ClassMix probability 1, the augmentations and the mask drawing replaced by
+    recorders: the masks drawn from the (pseudo-)labels with the run's ignore label and drop_background reach the
+    augmentation with the run's ignore label and channel order; two strong views, each with its own masks, and
+    none drawn when the unlabeled step does not mix (`mix` false)."""
+    from types import SimpleNamespace
+    drawn, weak, strong = [], [], []
+
+    def draw(labels, ignore_label, drop_background):
+        drawn.append((labels, ignore_label, drop_background))
+        return f"masks{len(drawn)}"
+
+    def recorder(calls):
+        def augment(images, labels, confidences=None, **kw):
+            calls.append((labels, confidences, kw))
+            return images, labels, confidences
+        return augment
+
+    monkeypatch.setattr(ssl_steps, "classmix_masks", draw)
+    monkeypatch.setattr(ssl_steps, "weak_augment", recorder(weak))
+    monkeypatch.setattr(ssl_steps, "strong_augment", recorder(strong))
+    run = SimpleNamespace(method={"labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0}, ignore_label=7,
+                          drop_background="drop?", data=SimpleNamespace(channel_order="BGR"),
+                          remember_unlabeled=lambda *a: None)
+    images, labels, pseudo, conf = torch.zeros(1, 3, 2, 2), "labels", torch.ones(1, 2, 2), torch.ones(1, 2, 2)
+    ssl_steps.augment_labeled(run, images, labels)
+    assert drawn == [("labels", 7, "drop?")]
+    assert weak == [("labels", None, {"ignore_label": 7, "channel_order": "BGR", "classmix_masks": "masks1"})]
+    ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=True)
+    assert [d[1:] for d in drawn[1:]] == [(7, "drop?")] * 2 and all(d[0] is pseudo for d in drawn[1:])
+    assert [c[2] for c in strong] == [{"ignore_label": 7, "channel_order": "BGR", "classmix_masks": f"masks{k}"}
+                                      for k in (2, 3)]
+    assert all(c[0] is pseudo and c[1] is conf for c in strong)
+    strong.clear()
+    ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=False)
+    assert len(drawn) == 3 and [c[2]["classmix_masks"] for c in strong] == [None, None]
+
+
 def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
     """Fewer than two pixels with a valid label: an exact zero that keeps a (zero) gradient path, and no heads or
     loss called (their BatchNorm needs two vectors); two: the loss gets those two feature vectors [2, F] and their
