@@ -652,7 +652,8 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     monkeypatch.setattr(ssl_steps, "strong_augment", recorder(strong))
     run = SimpleNamespace(method={"labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0}, ignore_label=7,
                           drop_background="drop?", data=SimpleNamespace(channel_order="BGR"),
-                          remember_unlabeled=lambda *a: None)
+                          remember_unlabeled=lambda *a: remembered.append(a))
+    remembered = []
     images, labels, pseudo, conf = torch.zeros(1, 3, 2, 2), "labels", torch.ones(1, 2, 2), torch.ones(1, 2, 2)
     ssl_steps.augment_labeled(run, images, labels)
     assert drawn == [("labels", 7, "drop?")]
@@ -662,9 +663,42 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     assert [c[2] for c in strong] == [{"ignore_label": 7, "channel_order": "BGR", "classmix_masks": f"masks{k}"}
                                       for k in (2, 3)]
     assert all(c[0] is pseudo and c[1] is conf for c in strong)
+    # the run keeps the un-augmented batch, its pseudo-labels and the concatenated views for TensorBoard pictures
+    ((kept_images, kept_pseudo, mixed, mixed_pseudo),) = remembered
+    assert kept_images is images and kept_pseudo is pseudo
+    assert torch.equal(mixed, torch.cat([images, images])) and torch.equal(mixed_pseudo, torch.cat([pseudo, pseudo]))
     strong.clear()
     ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=False)
     assert len(drawn) == 3 and [c[2]["classmix_masks"] for c in strong] == [None, None]
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_unlabeled_losses_worked_by_hand(broadcast):
+    """Step 8's unlabeled terms on 2 images of 1x2 pixels, 2 classes, ignore label 9, at i = R/2 (ramp exp(-1.25)),
+    power 2, entropy weight 0.5, class weights (1, 2). Logits (0, ln 3) give q = (1/4, 3/4): CE of class 1 is
+    ln(4/3), entropy H = 2 - (3/4) log2 3; logits (0, 0) give CE ln 2 and H = 1.
+      image 0: pixel (0, ln 3) pseudo 1, p = 0.5  | pixel (ln 3, ln 3) ignored (q = (1/2, 1/2): H = 1)
+      image 1: pixel (ln 3, 0) pseudo 0, p = 1    | pixel (0, 0) pseudo 0, p = 0.5
+    Pseudo-label CE = ramp/4 (2 ln(4/3) 0.5^2 + ln(4/3) + ln 2 0.5^2) (ignored pixels count in the mean as 0).
+    Entropy per image: mean over the 3 valid pixels (2H + 1)/3. With the released [n,1,h,w] mask (less-memory
+    script) the numerator is sum over pixels of (valid count) x (sum of H over images): pixel 0 gives 2 (H + H),
+    pixel 1 gives 1 (1 + 1); over n h w mean(mask) = 3: (4H + 2)/3."""
+    from types import SimpleNamespace
+    run = SimpleNamespace(method={"ramp_up_iterations": 10, "pseudo_label_power": 2, "entropy_weight": 0.5},
+                          ignore_label=9)
+    ln3 = math.log(3.0)
+    logits = torch.tensor([[[[0.0, ln3]], [[ln3, ln3]]],
+                           [[[ln3, 0.0]], [[0.0, 0.0]]]])                   # [n=2, C=2, 1, 2]
+    pseudo = torch.tensor([[[1, 9]], [[0, 0]]])
+    confidence = torch.tensor([[[0.5, 0.8]], [[1.0, 0.5]]])
+    loss_pseudo, loss_entropy = ssl_steps.unlabeled_losses(run, 5, logits, pseudo, confidence,
+                                                           torch.tensor([1.0, 2.0]), broadcast)
+    ramp = math.exp(-1.25)
+    ce = ramp / 4 * (2 * math.log(4 / 3) * 0.25 + math.log(4 / 3) + math.log(2.0) * 0.25)
+    H = 2 - 0.75 * math.log2(3.0)
+    entropy = (4 * H + 2) / 3 if broadcast else (2 * H + 1) / 3
+    assert loss_pseudo.item() == pytest.approx(ce, rel=1e-6)
+    assert loss_entropy.item() == pytest.approx(0.5 * entropy, rel=1e-6)
 
 
 def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
