@@ -725,6 +725,56 @@ def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
     assert calls == [((2, 3), [1, 2])] and out.item() == (1 + 5 + 9) + (4 + 8 + 12)
 
 
+def test_memory_update_needs_two_admitted_vectors():
+    """Step 9 on a stand-in run (a labeler with planted logits and features at crop size, memory of 2 classes x
+    3 slots x 4 dims, features of 5 dims): one pixel both confident (p = 0.9 > 0.8) and correct gives no
+    projection (the heads' BatchNorm needs two vectors) but still an empty [0, 4] float32 block and [0] labels
+    through gather_rows to the memory (under torchrun the other processes' rows join it, so its width must be the
+    memory's); two such pixels go through the projection head ([2, 5] in) and reach the memory in float32, with
+    the teacher's selectors, the quota and the preset's keep rule."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+    ln3, ln9 = math.log(3.0), math.log(9.0)
+
+    class Labeler(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+            self.projection_head = lambda v: (heads.append(v.clone()), 2 * v[:, :4].double())[1]
+
+        def forward(self, x, return_features=False):
+            assert return_features
+            return self.logits, torch.arange(15.0).view(1, 5, 1, 3)           # features [1, F=5, 1, 3]
+
+    heads, gathered, added = [], [], []
+    run = SimpleNamespace(autocast=nullcontext, student_module=None, crop=(1, 3),
+                          data=SimpleNamespace(mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB"),
+                          method={"memory_confidence": 0.8}, memory_quota=7,
+                          gather_rows=lambda p, y: (gathered.append((p, y)), (p, y))[1],
+                          memory=SimpleNamespace(memory=torch.zeros(2, 3, 4),
+                                                 add=lambda p, y, sel, **kw: added.append((p, y, sel, kw))),
+                          teacher=SimpleNamespace(feature_selectors=lambda: "teacher selectors"),
+                          fidelity=SimpleNamespace(memory_keep="lowest?"))
+    labels = torch.tensor([[[1, 0, 0]]])
+    # logits (0, ln 9) at pixels 0 and 1: class 1 at p = 9/10 (pixel 0 correct, pixel 1 labelled 0: wrong);
+    # (ln 3, 0) at pixel 2: class 0 at p = 3/4, correct but not above the threshold 0.8
+    run.labeler = Labeler(torch.tensor([[[[0.0, 0.0, ln3]], [[ln9, ln9, 0.0]]]]))
+    ssl_steps.update_memory(run, torch.zeros(1, 3, 1, 3), labels)
+    assert heads == []
+    ((p, y),) = gathered
+    assert p.shape == (0, 4) and p.dtype == torch.float32 and y.shape == (0,) and y.dtype == torch.int64
+    ((p2, y2, selectors, kw),) = added
+    assert p2 is p and y2 is y and selectors == "teacher selectors" and kw == {"quota": 7, "keep": "lowest?"}
+    gathered.clear(), added.clear()
+    labels[0, 0, 1] = 1  # pixel 1 is now correct too
+    ssl_steps.update_memory(run, torch.zeros(1, 3, 1, 3), labels)
+    (vectors,) = heads
+    assert vectors.tolist() == [[0.0, 3.0, 6.0, 9.0, 12.0], [1.0, 4.0, 7.0, 10.0, 13.0]]  # pixels 0 and 1
+    ((p, y),) = gathered
+    assert p.dtype == torch.float32 and p.tolist() == [[0.0, 6.0, 12.0, 18.0], [2.0, 8.0, 14.0, 20.0]]
+    assert y.tolist() == [1, 1] and added[0][0] is p
+
+
 def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
     """training.lr_schedule null: a constant learning rate (the poly factor is not applied), in the optimiser too."""
     run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 10, **{"training.lr_schedule": None})))
