@@ -197,7 +197,7 @@ class Spy:
 
     def _unlabeled_losses(self, f):
         def wrapped(run, i, logits, pseudo, *args, **kwargs):
-            broadcast = args[2] if len(args) > 2 else kwargs.get("broadcast_entropy_mask", False)
+            broadcast = args[2] if len(args) > 2 else kwargs["broadcast_entropy_mask"]
             loss_pseudo, loss_entropy = f(run, i, logits, pseudo, *args, **kwargs)
             with torch.no_grad():  # the entropy term written out as released: per image, and with the mask
                 n, c, h, w = logits.shape  # [n,1,h,w] broadcast against the per-pixel sums [n,h,w] -> [n,n,h,w]
