@@ -80,7 +80,7 @@ def reference_predictions(model) -> tuple[list[np.ndarray], float]:
     with torch.no_grad():
         for i in range(3):
             image, label = val.scene(i)
-            x = (torch.from_numpy(image).permute(2, 0, 1).float().unsqueeze(0) - 127.5) / 255.0
+            x = (torch.tensor(image).permute(2, 0, 1).float().unsqueeze(0) - 127.5) / 255.0
             logits = F.interpolate(model(x), size=SIZE, mode="bilinear", align_corners=True)
             out.append(logits.argmax(1)[0].numpy())
             target = torch.from_numpy(label.astype(np.int64)).unsqueeze(0)
