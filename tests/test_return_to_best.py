@@ -239,19 +239,25 @@ def test_finish_final_checkpoint_batchnorm_refresh_and_report(tmp_path, capsys, 
 
 
 def test_finish_without_save_best_model_leaves_best_model_pth_alone(tmp_path):
-    """utils.save_best_model false: a BatchNorm refresh that beats the best does not write best_model.pth. A run
-    with the flag off writes none; here one is left in the directory by an earlier run with it on (finish() returns
-    to that file: see README, "Tests and mutation testing")."""
+    """utils.save_best_model false, in a directory where an earlier run (flag on) left its best_model.pth: the run
+    writes none and reads none. finish() does not put the other run's weights into the student, so there is no
+    BatchNorm refresh evaluation (planted 0.5, which would beat the run's best 0.3), the file keeps the earlier
+    run's iteration and mIoU, and the report holds this run's best."""
     run_dir = tmp_path / "run"
     sets = tiny_sets(str(run_dir), FINISH_N, **{"utils.val_per_iter": 1, "method.bn_refresh_iterations": 1})
     with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.3}):
         trainSSL.main(argv_of(sets))
     before = load_checkpoint(str(run_dir / "best_model.pth"))
     assert (before["iteration"], before["miou"]) == (1, 0.3)
+    os.remove(run_dir / "train_log.jsonl")
     with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.5}):
-        trainSSL.main(argv_of({**sets, "utils.save_best_model": False}))
+        result = trainSSL.main(argv_of({**sets, "utils.save_best_model": False}))
     after = load_checkpoint(str(run_dir / "best_model.pth"))
     assert (after["iteration"], after["miou"]) == (1, 0.3)
+    assert result["miou"] == 0.3 and json.load(open(run_dir / "evaluation.json"))["best_miou"] == 0.3
+    rows = [json.loads(line) for line in open(run_dir / "train_log.jsonl")]
+    assert [r["iteration"] for r in rows if r["kind"] == "val"] == [1, 2, 3]
+    assert [r for r in rows if r["kind"] == "val_bn_refresh"] == []
 
 
 @pytest.mark.parametrize("use_teacher_train", [True, False])
@@ -318,8 +324,8 @@ def test_save_latest_writes_the_run_state_and_remembers_its_iteration(tmp_path):
 
 def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
     """evaluate_and_keep_best: a new best must be strictly better (0.3 then 0.3: since_best grows by val_per_iter,
-    best_model.pth keeps iteration 1); with save_best_model false no best_model.pth is written, and finish() then
-    has no best model to refresh (no BatchNorm refresh evaluation), return_to_best nothing to go back to."""
+    best_model.pth keeps iteration 1); with save_best_model false no best_model.pth is written, and return_to_best
+    has nothing to go back to, even with another run's best_model.pth in the directory."""
     run = tiny_run(tmp_path, **{"utils.val_per_iter": 2})
     with planted_miou({1: 0.3, 3: 0.3}):
         run.evaluate_and_keep_best(1)
@@ -332,10 +338,14 @@ def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
     with planted_miou({1: 0.3}):
         other.evaluate_and_keep_best(1)
     assert other.best_miou == 0.3 and not os.path.exists(tmp_path / "b" / "run" / "best_model.pth")
-    teacher = other.teacher
+    # another run's best_model.pth in the directory (other weights): not this run's, so not read
+    weights = {k: v + 1 if v.is_floating_point() else v for k, v in state_of(other.student_module).items()}
+    torch.save({"model": weights, "config": other.cfg, "iteration": 1, "miou": 0.9},
+               tmp_path / "b" / "run" / "best_model.pth")
+    student, teacher = state_of(other.student_module), other.teacher
     other.since_best = 4
     other.return_to_best(5)
-    assert other.teacher is teacher and other.since_best == 0
+    assert other.teacher is teacher and other.since_best == 0 and same(state_of(other.student_module), student)
     assert not other._load_best_into_student()
     other.logger.close()
 

@@ -546,6 +546,10 @@ class Run:
         return result
 
     def _load_best_into_student(self) -> bool:
+        """best_model.pth of this run into the student; False when there is none. With save_best_model false the run
+        writes none, so a best_model.pth in its directory is another run's and is not read."""
+        if not self.cfg["utils"]["save_best_model"]:
+            return False
         path = os.path.join(self.run_dir, "best_model.pth")
         # Rank 0 wrote the file; it reads it and sends the weights to the others (no shared file system needed).
         if not dist.broadcast_object(os.path.isfile(path) if dist.is_main() else None):
