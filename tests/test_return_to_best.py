@@ -327,6 +327,7 @@ def test_a_tie_is_no_new_best_and_save_best_model_false_writes_none(tmp_path):
     best_model.pth keeps iteration 1); with save_best_model false no best_model.pth is written, and return_to_best
     has nothing to go back to, even with another run's best_model.pth in the directory."""
     run = tiny_run(tmp_path, **{"utils.val_per_iter": 2})
+    assert not run._load_best_into_student()  # before the first evaluation there is no best_model.pth to load
     with planted_miou({1: 0.3, 3: 0.3}):
         run.evaluate_and_keep_best(1)
         run.evaluate_and_keep_best(3)
