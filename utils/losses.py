@@ -82,8 +82,8 @@ def entropy_loss(probs: Tensor, valid_mask: Tensor, broadcast_mask_bug: bool = F
     -sum(mask * L) / (n*h*w * log2(c) * mean(mask)), i.e. the mean entropy (in units of log2 c) of the
     valid pixels: exactly 1 for uniform probabilities.
 
-    broadcast_mask_bug reproduces trainSSL_less_memory.py (fidelity "code"): there the mask had shape
-    [n,1,h,w] and broadcast against L [n,h,w] to [n,n,h,w], so the numerator is
+    broadcast_mask_bug reproduces trainSSL_less_memory.py and the domain-adaptation script (fidelity "code"):
+    there the mask had shape [n,1,h,w] and broadcast against L [n,h,w] to [n,n,h,w], so the numerator is
     sum_{y,x} (sum_a mask[a,y,x]) * (sum_b L[b,y,x]); it is computed here without materialising it.
     An all-invalid mask gives 0 (denominator clamped, no sync).
     """

@@ -95,7 +95,8 @@ def unlabeled_losses(run, i: int, logits: torch.Tensor, pseudo: torch.Tensor, co
                      class_weights: torch.Tensor, broadcast_entropy_mask: bool
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 8, second and third terms: confidence-weighted pseudo-label CE with ramp-up, and the entropy term
-    (`broadcast_entropy_mask`: the less-memory script's [n,1,h,w] mask, see utils/losses.entropy_loss)."""
+    (`broadcast_entropy_mask`: the [n,1,h,w] mask of the less-memory and domain-adaptation scripts, see
+    utils/losses.entropy_loss)."""
     m = run.method
     pixel_weight = ramp_up(i, m["ramp_up_iterations"]) * confidence.float() ** m["pseudo_label_power"]
     loss_pseudo = pseudo_label_ce(logits, pseudo, pixel_weight, run.ignore_label, class_weights)
