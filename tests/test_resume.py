@@ -17,6 +17,7 @@ from tests.run_helpers import TINY_WIDTH, planted_miou
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 from utils.training import Run
+from utils.variants import TRAIN_SSL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.json")
@@ -56,6 +57,16 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
     for key, value in sets.items():
         argv += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return argv
+
+
+def resumed_from(state: dict, run_dir, *flags: str, **sets) -> Run:
+    """A trainSSL.py Run resumed (--resume auto) from `state` written as run_dir/latest.pth, before its first
+    iteration; `flags` and `sets` go on its command line. Its logger is closed."""
+    os.makedirs(run_dir, exist_ok=True)
+    torch.save(state, os.path.join(run_dir, "latest.pth"))
+    run = Run(TRAIN_SSL, tiny_argv(str(run_dir), **sets) + list(flags) + ["--resume", "auto"])
+    run.logger.close()
+    return run
 
 
 class Interrupted(Exception):
@@ -287,7 +298,6 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
     (use_teacher_train), the run continues at its iteration, memory bank and
     best mIoU start afresh, and a message says so. Without "optimizer" and "iteration": a fresh optimiser, from 0;
     with use_teacher_train false the student labels."""
-    from utils.variants import TRAIN_SSL
     path = os.path.join(reference, "best_model.pth")
     best = load_checkpoint(path)
     assert "format" not in best and best["iteration"] == 2 and best["optimizer"]["state"]
@@ -318,7 +328,6 @@ def test_resume_from_a_weights_only_checkpoint(reference, tmp_path, capsys):
 def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path):
     """A checkpoint (without a stored config) whose weights miss a tensor, or that holds none, or a run state whose
     teacher misses one: the error names the file (and the teacher)."""
-    from utils.variants import TRAIN_SSL
     best = load_checkpoint(os.path.join(reference, "best_model.pth"))
     del best["config"]
     missing = dict(best, model={k: v for k, v in list(best["model"].items())[1:]})
@@ -342,7 +351,6 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
     without a latest.pth starts afresh and says so, with one it resumes that file; a latest.pth given with a config
     that points elsewhere continues in its own directory, and says so, warning when best_model.pth is not beside it;
     --recover names the recovery keys that changed."""
-    from utils.variants import TRAIN_SSL
     latest = os.path.join(reference, "latest.pth")
     stored = load_checkpoint(latest)["config"]
     assert load_checkpoint(latest)["best_miou"] == 0.2  # the planted best of iteration 2
@@ -399,7 +407,6 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
 def test_a_checkpoint_with_an_invalid_stored_config_is_named(reference, tmp_path):
     """A run state whose stored config does not validate (an unknown key, e.g. of a newer version) stops with the
     config error naming the checkpoint's stored config, with --config and without."""
-    from utils.variants import TRAIN_SSL
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     state["config"]["training"]["bogus"] = 1
     path = tmp_path / "latest.pth"
@@ -414,7 +421,6 @@ def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):
     """A run state saved by 2 processes, resumed by one: a message says that data order and random draws differ
     from the original run's; this process takes rank 0's RNG state (not the state's own "rng"). The saved world size
     is the state's "world_size", also where it holds no per-rank states."""
-    from utils.variants import TRAIN_SSL
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     assert state["world_size"] == 1 and state["rng_ranks"] is None
     rank0 = dict(state["rng"], torch=torch.Generator().manual_seed(7).get_state())
@@ -422,11 +428,8 @@ def test_resuming_a_run_of_another_world_size(reference, tmp_path, capsys):
     message = ("resuming a run of 2 process(es) with 1: weights, optimiser, memory bank and class balancing continue; "
                "data order and random draws are not those of the original run")
     for k, ranks in enumerate(([rank0, rank1], None)):
-        (tmp_path / f"run{k}").mkdir()
-        torch.save(dict(state, world_size=2, rng_ranks=ranks), tmp_path / f"run{k}" / "latest.pth")
         capsys.readouterr()
-        run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / f"run{k}")) + ["--resume", "auto"])
-        run.logger.close()
+        resumed_from(dict(state, world_size=2, rng_ranks=ranks), tmp_path / f"run{k}")
         assert torch.equal(torch.get_rng_state(), (rank0 if ranks else state["rng"])["torch"])
         assert message in capsys.readouterr().out
     run = Run(TRAIN_SSL, tiny_argv(str(reference)) + ["--resume", "auto"])  # the same world size: silent
@@ -438,16 +441,12 @@ def test_a_resumed_run_holds_the_saved_state(reference, tmp_path):
     """Field by field, what a resumed run holds before its first iteration: the reference run's latest.pth (4
     iterations, memory filled), with class weights, since_best, a pending evaluation and an open log window
     planted."""
-    from utils.variants import TRAIN_SSL
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     # planted where the saved value equals the start value, so that each field's restoring is seen
     state.update(class_weights=torch.linspace(0.5, 1.2, 8), since_best=2, pending_evaluation=3,
                  log_window={"sums": {"loss": torch.tensor(3.0)}, "count": 2})
     assert state["best_result"] is not None and state["best_miou"] == 0.2
-    (tmp_path / "run").mkdir()
-    torch.save(state, tmp_path / "run" / "latest.pth")
-    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run")) + ["--resume", "auto"])
-    run.logger.close()
+    run = resumed_from(state, tmp_path / "run")
     assert torch.equal(run.class_weights, state["class_weights"])
     assert (run.start_iteration, run.best_miou, run.since_best, run.best_result) == (
         state["iteration"], state["best_miou"], state["since_best"], state["best_result"])
@@ -464,15 +463,11 @@ def test_a_resumed_run_holds_the_saved_state(reference, tmp_path):
 def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path):
     """A run state of an fp16 run holds its gradient scaler's state (scale, growth tracker); a resume restores it.
     Here the fp32 reference state with a scaler state planted, resumed with --recover --set precision=fp16."""
-    from utils.variants import TRAIN_SSL
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     assert state["scaler"] == {}  # fp32: a disabled scaler saves nothing
     planted = {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
                "_growth_tracker": 3}
-    (tmp_path / "run").mkdir()
-    torch.save(dict(state, scaler=planted), tmp_path / "run" / "latest.pth")
-    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run"), precision="fp16") + ["--resume", "auto", "--recover"])
-    run.logger.close()
+    run = resumed_from(dict(state, scaler=planted), tmp_path / "run", "--recover", precision="fp16")
     assert run.scaler.is_enabled() and run.scaler.get_scale() == 256.0 and run.scaler.state_dict() == planted
 
 
@@ -482,7 +477,7 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     a run state written before log windows and world sizes were saved (no "log_window", no "world_size") starts
     with an empty window, as a run of one process per state it holds (here one: no message)."""
     import trainSSL_domain_adaptation_targetCity as da_script
-    from utils.variants import DOMAIN_ADAPTATION, TRAIN_SSL
+    from utils.variants import DOMAIN_ADAPTATION
     run_dir = tmp_path / "run"
     argv = tiny_argv(str(run_dir), iterations=2, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
     with monkeypatch.context() as mp:
@@ -509,14 +504,10 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
 def test_a_run_state_saved_on_the_cpu_resumes_on_the_device(reference, tmp_path):
     """A run state is read onto the CPU; resumed on the device, the restored tensors the loop adds to (class weights,
     log window sums, memory bank) are on the device."""
-    from utils.variants import TRAIN_SSL
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     state.update(class_weights=torch.linspace(0.5, 1.2, 8),
                  log_window={"sums": {"loss": torch.tensor(3.0)}, "count": 2})
-    (tmp_path / "run").mkdir()
-    torch.save(state, tmp_path / "run" / "latest.pth")
-    run = Run(TRAIN_SSL, tiny_argv(str(tmp_path / "run")) + ["--device", str(DEVICE), "--resume", "auto"])
-    run.logger.close()
+    run = resumed_from(state, tmp_path / "run", "--device", str(DEVICE))
     assert run.class_weights.device.type == DEVICE.type and torch.equal(run.class_weights.cpu(), state["class_weights"])
     assert run._sums["loss"].device.type == DEVICE.type and float(run._sums["loss"]) == 3.0
     assert run.memory.memory.device.type == run.memory.counts.device.type == DEVICE.type
@@ -524,7 +515,6 @@ def test_a_run_state_saved_on_the_cpu_resumes_on_the_device(reference, tmp_path)
 
 def test_a_run_without_class_balancing_saves_and_resumes_its_state(tmp_path):
     """`method.class_balancing` false: the run state holds no balancing state (None) and resumes from it."""
-    from utils.variants import TRAIN_SSL
     argv = tiny_argv(str(tmp_path / "run"), **{"method.class_balancing": False})
     run = Run(TRAIN_SSL, argv)
     run.logger.close()
