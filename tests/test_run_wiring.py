@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import math
+import os
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -550,7 +552,6 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_autocast_context_by_precision(tmp_path, capsys, precision, dtype):
     """Run.autocast: no autocast in fp32; bf16 or fp16 autocast on the run's device otherwise."""
-    from contextlib import nullcontext
     run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3, precision=precision)) + ["--dry-run"])
     ctx = run.autocast()
     if dtype is None:
@@ -590,7 +591,6 @@ def test_log_rows_average_their_interval_and_checkpoints_follow_their_intervals(
 def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_but_the_first():
     """save_checkpoint_every 1, N = 4 (end_iteration on a stand-in run): periodic checkpoints after iterations 1,
     2 and 3; never after iteration 0, which has trained one step only."""
-    from types import SimpleNamespace
     periodic = []
     run = SimpleNamespace(
         cfg={"utils": {"log_every": 100, "save_checkpoint_every": 1, "save_latest_every": 100}}, num_iterations=4,
@@ -616,8 +616,6 @@ def test_upsample_is_bilinear_with_corners_aligned_and_resize_nearest_keeps_the_
 def test_pseudo_label_is_the_softmax_over_classes_of_the_labeler():
     """One pixel, logits (0, ln 3) from the labeler (the teacher here, not the student): softmax over the classes
     gives (1/4, 3/4), so confidence 3/4 and label 1 (a softmax over any other dimension gives 1 and label 0)."""
-    from contextlib import nullcontext
-    from types import SimpleNamespace
 
     class FixedLogits(torch.nn.Module):
         def forward(self, x):
@@ -634,8 +632,7 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     recorders: the masks drawn from the (pseudo-)labels with the run's ignore label and drop_background reach the
     augmentation with the run's ignore label and channel order; two strong views, each with its own masks, and
     none drawn when the unlabeled step does not mix (`mix` false)."""
-    from types import SimpleNamespace
-    drawn, weak, strong = [], [], []
+    drawn, weak, strong, remembered = [], [], [], []
 
     def draw(labels, ignore_label, drop_background):
         drawn.append((labels, ignore_label, drop_background))
@@ -653,7 +650,6 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     run = SimpleNamespace(method={"labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0}, ignore_label=7,
                           drop_background="drop?", data=SimpleNamespace(channel_order="BGR"),
                           remember_unlabeled=lambda *a: remembered.append(a))
-    remembered = []
     images, labels, pseudo, conf = torch.zeros(1, 3, 2, 2), "labels", torch.ones(1, 2, 2), torch.ones(1, 2, 2)
     ssl_steps.augment_labeled(run, images, labels)
     assert drawn == [("labels", 7, "drop?")]
@@ -680,10 +676,9 @@ def test_unlabeled_losses_worked_by_hand(broadcast):
       image 0: pixel (0, ln 3) pseudo 1, p = 0.5  | pixel (ln 3, ln 3) ignored (q = (1/2, 1/2): H = 1)
       image 1: pixel (ln 3, 0) pseudo 0, p = 1    | pixel (0, 0) pseudo 0, p = 0.5
     Pseudo-label CE = ramp/4 (2 ln(4/3) 0.5^2 + ln(4/3) + ln 2 0.5^2) (ignored pixels count in the mean as 0).
-    Entropy per image: mean over the 3 valid pixels (2H + 1)/3. With the released [n,1,h,w] mask (less-memory
-    script) the numerator is sum over pixels of (valid count) x (sum of H over images): pixel 0 gives 2 (H + H),
-    pixel 1 gives 1 (1 + 1); over n h w mean(mask) = 3: (4H + 2)/3."""
-    from types import SimpleNamespace
+    Entropy per image: mean over the 3 valid pixels (2H + 1)/3. With the released [n,1,h,w] mask (less-memory and
+    domain-adaptation scripts) the numerator is sum over pixels of (valid count) x (sum of H over images): pixel 0
+    gives 2 (H + H), pixel 1 gives 1 (1 + 1); over n h w mean(mask) = 3: (4H + 2)/3."""
     run = SimpleNamespace(method={"ramp_up_iterations": 10, "pseudo_label_power": 2, "entropy_weight": 0.5},
                           ignore_label=9)
     ln3 = math.log(3.0)
@@ -705,8 +700,6 @@ def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
     """Fewer than two pixels with a valid label: an exact zero that keeps a (zero) gradient path, and no heads or
     loss called (their BatchNorm needs two vectors); two: the loss gets those two feature vectors [2, F] and their
     labels (heads and loss stand-ins here: the loss returns the vectors' sum)."""
-    from contextlib import nullcontext
-    from types import SimpleNamespace
     calls = []
     monkeypatch.setattr(ssl_steps, "contrastive_loss",
                         lambda v, y, *a, **k: (calls.append((tuple(v.shape), y.tolist())), v.sum())[1])
@@ -732,8 +725,6 @@ def test_memory_update_needs_two_admitted_vectors():
     through gather_rows to the memory (under torchrun the other processes' rows join it, so its width must be the
     memory's); two such pixels go through the projection head ([2, 5] in) and reach the memory in float32, with
     the teacher's selectors, the quota and the preset's keep rule."""
-    from contextlib import nullcontext
-    from types import SimpleNamespace
     ln3, ln9 = math.log(3.0), math.log(9.0)
 
     class Labeler(torch.nn.Module):
@@ -765,7 +756,8 @@ def test_memory_update_needs_two_admitted_vectors():
     assert p.shape == (0, 4) and p.dtype == torch.float32 and y.shape == (0,) and y.dtype == torch.int64
     ((p2, y2, selectors, kw),) = added
     assert p2 is p and y2 is y and selectors == "teacher selectors" and kw == {"quota": 7, "keep": "lowest?"}
-    gathered.clear(), added.clear()
+    gathered.clear()
+    added.clear()
     labels[0, 0, 1] = 1  # pixel 1 is now correct too
     ssl_steps.update_memory(run, torch.zeros(1, 3, 1, 3), labels)
     (vectors,) = heads
@@ -784,7 +776,6 @@ def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
 
 def _bookkeeping(val_per_iter: int, n: int, log_images: int = 2, tensorboard: bool = True, **attrs):
     """A stand-in for a Run with just what its evaluation bookkeeping reads (its methods called unbound)."""
-    from types import SimpleNamespace
     run = SimpleNamespace(cfg={"utils": {"val_per_iter": val_per_iter, "log_images": log_images}}, num_iterations=n,
                           logger=SimpleNamespace(tb=object() if tensorboard else None), **attrs)
     run.evaluation_due = lambda i: Run.evaluation_due(run, i)
@@ -928,7 +919,6 @@ def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
     """training.compile: a training run's forwards go through torch.compile(student), while heads, selectors and
     state dicts keep using the module itself; a dry run compiles nothing. (A stand-in records the call: the real
     compiler runs in the cuda tests.)"""
-    from types import SimpleNamespace
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module: calls.append(module) or SimpleNamespace(module=module))
     sets = tiny_sets(str(tmp_path / "run"), 3, **{"training.compile": True})
@@ -973,7 +963,6 @@ def test_choose_device(monkeypatch):
 def test_method_constants_left_null_take_the_scripts_values(variant_name, dataset, expected):
     """method.contrastive_weight and labeled_classmix_prob null: the script's value; class_balancing null: on for
     Cityscapes only. Values given in the config are kept."""
-    from types import SimpleNamespace
     from utils import variants
     fake = SimpleNamespace(variant=getattr(variants, variant_name))
     nulls = {"contrastive_weight": None, "labeled_classmix_prob": None, "class_balancing": None, "memory_size": 7}
@@ -1028,7 +1017,6 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     log_images images (TensorBoard only), the unlabeled batch kept for it (b = 2 images, 2 strong views each:
     image k's views are rows k and b + k) shown as min(log_images, b) panels, once; a stop is polled after each
     image; one message line; the ETA clock paused around it."""
-    from types import SimpleNamespace
     from utils import training
     polls, evaluated = [], {}
 
@@ -1104,7 +1092,6 @@ def test_evaluate_if_due_evaluates_each_period_and_tells_a_new_saved_best(save_b
     guard; planted mIoU 0.3, 0.2, 0.1, 0.4: a new best after 2 and 8 (True only when best models are saved),
     since_best 2 then 4 > 2 after 6: back to the best."""
     from contextlib import contextmanager
-    from types import SimpleNamespace
     events = []
     planted = {2: 0.3, 4: 0.2, 6: 0.1, 8: 0.4}
 
@@ -1136,7 +1123,6 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
     under torchrun with 2 processes the other's sums are loss 5, loss_sup 2 (all_reduce adds them) and the row is the
     mean over both: loss (3 + 5) / 2 / 2 = 2, loss_sup 0.75; alone: 1.5 and 0.5 (and, before any optimiser step,
     EMA alpha 0). The window is then emptied; the guard looks at the run first."""
-    from types import SimpleNamespace
     from utils import training
     other = {"loss": 5.0, "loss_sup": 2.0}
     monkeypatch.setattr(training.dist, "is_distributed", lambda: processes > 1)
@@ -1236,7 +1222,6 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
     2, w' = 0.8; the gradients averaged over processes between backward and step (stand-in: doubled, so w' = 0.6),
     the BatchNorm buffers averaged after the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up:
     min(1 - 1/21, m_2)); teacher 0.5 -> alpha 0.5 + (1 - alpha) w'."""
-    from types import SimpleNamespace
     from utils import training
     calls = []
 
