@@ -11,7 +11,7 @@ which may be one written by this project or by the original release ({'model', '
 the training crop size (a third overlapping) and sums their softmax over the overlaps. `--save-output-images`
 writes, per image, `<name>.png` (the colour-coded prediction, a palette PNG whose pixel values are the class
 indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`. predict.py makes
-the same predictions for images without labels (utils/inference.py).
+the same predictions for images without labels (engine/inference.py).
 """
 from __future__ import annotations
 
@@ -21,10 +21,11 @@ import math
 import os
 
 from data import build_data
-from utils.evaluation import evaluate
-from utils.inference import load_trained_model
-from utils.training import choose_device, main_guard
-from utils.visualize import palette_png, save_overlay
+from engine.evaluation import evaluate
+from engine.inference import load_trained_model
+from engine.cli import choose_device
+from engine.entry import main_guard
+from engine.visualize import palette_png, save_overlay
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -11,7 +11,7 @@ dataset) or a text file listing image paths, one per line (relative to the list 
   <name>_overlay.jpg   with --overlay: the colours blended over the image
 at the image's own size. The network, classes, palette and preprocessing (mean, channel order, the dataset's
 evaluation resize) come from the checkpoint's stored config, and the prediction is evaluateSSL.py's
-(utils/inference.py, utils/evaluation.segment). An image that cannot be read or predicted is named and skipped;
+(engine/inference.py, utils/evaluation.segment). An image that cannot be read or predicted is named and skipped;
 the exit status is 1 when any was.
 """
 from __future__ import annotations
@@ -28,9 +28,10 @@ from tqdm import tqdm
 from data.common import image_tensor, read_image
 from data.folder import IMAGE_EXTENSIONS, read_list, walk_files
 from utils.errors import UserError
-from utils.inference import TrainedModel, load_trained_model, predict_classes
-from utils.training import choose_device, main_guard
-from utils.visualize import palette_png, save_overlay
+from engine.inference import TrainedModel, load_trained_model, predict_classes
+from engine.cli import choose_device
+from engine.entry import main_guard
+from engine.visualize import palette_png, save_overlay
 
 
 def parse_args(argv=None) -> argparse.Namespace:

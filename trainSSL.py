@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from utils import ssl_steps as step
-from utils.training import Run, main_guard
+from engine.entry import main_guard
+from engine.run import Run
 from utils.variants import TRAIN_SSL
 
 
@@ -33,14 +34,15 @@ def labeled_terms(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, 
                   features: torch.Tensor, class_weights: torch.Tensor, update_memory: bool = True
                   ) -> dict[str, torch.Tensor]:
     """Steps 8, 9, 10 for the augmented labeled batch and its student outputs; returns the weighted loss terms."""
+    ctx = run.step_context()
     # 8. supervised CE
-    terms = {"loss_sup": step.supervised_loss(run, logits, labels, class_weights)}
+    terms = {"loss_sup": step.supervised_loss(ctx, logits, labels, class_weights)}
     # 9. memory update from the teacher's confident, correct pixels
     if update_memory and run.memory_active(i):
-        step.update_memory(run, images, labels)
+        step.update_memory(ctx, images, labels)
     # 10. labeled contrastive term
     if run.contrastive_active(i):
-        terms["loss_contr_l"] = run.method["contrastive_weight"] * step.contrastive_term(run, features, labels)
+        terms["loss_contr_l"] = run.method["contrastive_weight"] * step.contrastive_term(ctx, features, labels)
     return terms
 
 
@@ -49,12 +51,13 @@ def unlabeled_terms(run: Run, i: int, logits: torch.Tensor, features: torch.Tens
     """Steps 8 and 10 for the strong views' student outputs; returns the weighted loss terms."""
     # 8. ramp(i)·p^6-weighted pseudo-label CE and the entropy term (the released less-memory and domain-adaptation
     # scripts broadcast the entropy mask across the batch: fidelity "code" keeps that)
+    ctx = run.step_context()
     broadcast = run.fidelity.entropy_mask_broadcast and run.variant.entropy_mask_broadcast
-    loss_pseudo, loss_entropy = step.unlabeled_losses(run, i, logits, pseudo, confidence, class_weights, broadcast)
+    loss_pseudo, loss_entropy = step.unlabeled_losses(ctx, i, logits, pseudo, confidence, class_weights, broadcast)
     terms = {"loss_pseudo": loss_pseudo, "loss_entropy": loss_entropy}
     # 10. unlabeled contrastive term
     if run.contrastive_active(i):
-        terms["loss_contr_u"] = run.method["contrastive_weight"] * step.contrastive_term(run, features, pseudo)
+        terms["loss_contr_u"] = run.method["contrastive_weight"] * step.contrastive_term(ctx, features, pseudo)
     return terms
 
 
@@ -68,8 +71,9 @@ def supervised_terms(run: Run, i: int, images: torch.Tensor, labels: torch.Tenso
                      ) -> dict[str, torch.Tensor]:
     """The supervised-only ablation (method.use_unlabeled false): steps 3-10 on the labeled batch alone."""
     class_weights = run.update_class_weights(i, labels if from_target else None, None)
-    images, labels = step.augment_labeled(run, images, labels)
-    logits, features = step.forward_student(run, images)
+    ctx = run.step_context()
+    images, labels = step.augment_labeled(ctx, images, labels)
+    logits, features = step.forward_student(ctx, images)
     return labeled_terms(run, i, images, labels, logits, features, class_weights, update_memory=from_target)
 
 
@@ -84,19 +88,22 @@ def train(run: Run, draw_labeled=draw_labeled) -> dict:
             terms = supervised_terms(run, i, images, labels, from_target)
         else:
             unlabeled = run.unlabeled.next()[0]
+            ctx = run.step_context()  # what the steps may touch: networks, memory, constants
             # 2. pseudo-labels from the teacher
-            confidence, pseudo = step.pseudo_label(run, unlabeled)
+            confidence, pseudo = step.pseudo_label(ctx, unlabeled)
             # 3 + 7. class-balancing statistics (target iterations only) and this iteration's class weights
             class_weights = run.update_class_weights(i, labels if from_target else None,
                                                      pseudo if from_target else None)
             # 4. weak augmentation of the labeled batch, ClassMix on its labels with probability 0.2
-            images, labels = step.augment_labeled(run, images, labels)
+            images, labels = step.augment_labeled(ctx, images, labels)
             # 5. two strong views of the unlabeled batch, ClassMix with probability 0.75 each after the ramp-up
-            views, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
+            views, mixed_pseudo, confidence = step.augment_unlabeled(ctx, unlabeled, pseudo, confidence, mix=i > R)
+            run.remember_unlabeled(unlabeled, pseudo, views, mixed_pseudo)  # TensorBoard pictures at evaluations
+            pseudo = mixed_pseudo
             # 6. student forward: the unlabeled views first, then the labeled batch (this order sets the BatchNorm
             #    running statistics that evaluation uses)
-            logits_u, features_u = step.forward_student(run, views)
-            logits_l, features_l = step.forward_student(run, images)
+            logits_u, features_u = step.forward_student(ctx, views)
+            logits_l, features_l = step.forward_student(ctx, images)
             # 8, 9, 10. losses, memory update, contrastive terms
             terms = labeled_terms(run, i, images, labels, logits_l, features_l, class_weights,
                                   update_memory=from_target)

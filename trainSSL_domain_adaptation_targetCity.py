@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from trainSSL import train
-from utils.training import Run, main_guard
+from engine.entry import main_guard
+from engine.run import Run
 from utils.variants import DOMAIN_ADAPTATION, uses_gta5_batch
 
 

@@ -11,7 +11,7 @@ contrastive term), and every schedule — poly learning rate, EMA momentum, ramp
 checkpoints, the return to the best model after 2N/5 steps without improvement — counts steps. Only one batch
 is on the device at a time. The class-balancing statistics are added on the matching step (the labeled step
 uses the weights after the ramp-up, the unlabeled step always); the EMA warm-up is 1 − 1/(i+1). In fidelity
-"code" the entropy term keeps the release's batch-broadcast mask (utils/config.py, Fidelity).
+"code" the entropy term keeps the release's batch-broadcast mask (engine/config.py, Fidelity).
 Flags, outputs and checkpoints are those of trainSSL.py (the final checkpoint is checkpoint-iter<2N>.pth).
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 
 from trainSSL import labeled_terms, unlabeled_terms
 from utils import ssl_steps as step
-from utils.training import Run, main_guard
+from engine.entry import main_guard
+from engine.run import Run
 from utils.variants import LESS_MEMORY
 
 
@@ -29,8 +30,9 @@ def labeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
     images, labels = run.labeled.next()[:2]
     # 3 + 7. labeled statistics; class weights only after the ramp-up
     class_weights = run.update_class_weights(i, labels, None)
-    images, labels = step.augment_labeled(run, images, labels)
-    logits, features = step.forward_student(run, images)
+    ctx = run.step_context()
+    images, labels = step.augment_labeled(ctx, images, labels)
+    logits, features = step.forward_student(ctx, images)
     return labeled_terms(run, i, images, labels, logits, features, class_weights)
 
 
@@ -38,13 +40,15 @@ def unlabeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
     """Odd step: steps 2-10 of trainSSL.py for an unlabeled batch alone."""
     R = run.method["ramp_up_iterations"]
     unlabeled = run.unlabeled.next()[0]
-    confidence, pseudo = step.pseudo_label(run, unlabeled)
+    ctx = run.step_context()
+    confidence, pseudo = step.pseudo_label(ctx, unlabeled)
     # 3 + 7. unlabeled statistics (they advance the histories' counter); the release applies the class weights
     # here at every step, without the i > R gate (they are ones until the histories are full)
     class_weights = run.update_class_weights(i, None, pseudo, after_ramp_up=False)
-    views, pseudo, confidence = step.augment_unlabeled(run, unlabeled, pseudo, confidence, mix=i > R)
-    logits, features = step.forward_student(run, views)
-    return unlabeled_terms(run, i, logits, features, pseudo, confidence, class_weights)
+    views, mixed_pseudo, confidence = step.augment_unlabeled(ctx, unlabeled, pseudo, confidence, mix=i > R)
+    run.remember_unlabeled(unlabeled, pseudo, views, mixed_pseudo)  # TensorBoard pictures at evaluations
+    logits, features = step.forward_student(ctx, views)
+    return unlabeled_terms(run, i, logits, features, mixed_pseudo, confidence, class_weights)
 
 
 def train(run: Run) -> dict:

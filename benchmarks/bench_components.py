@@ -44,7 +44,7 @@ run (each round calls every variant once, so load on a shared machine falls on a
                        loop; 5 x 65 x 65 vectors into a full bank, quota 15, keep "lowest"
   class_balancing      ClassBalancing.update, full histories | the same update counting pixels with the previous
                        per-class compare-and-sum (_class_counts_reference)
-  evaluation_argmax    utils.evaluation.predicted_class (max(dim=1).indices) | argmax(dim=1), 19 x 1024 x 2048
+  evaluation_argmax    engine.evaluation.predicted_class (max(dim=1).indices) | argmax(dim=1), 19 x 1024 x 2048
   contrastive_{ones,mean}  contrastive_loss forward + backward | contrastive_loss_reference (per-class loop)
 
 Rows marked "(blocks)" / "(segments)" run the selector method that the device does not use by default, against
@@ -80,8 +80,8 @@ from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix_masks
 from utils.contrastive import contrastive_loss, contrastive_loss_reference
 from utils.errors import UserError
-from utils.evaluation import predicted_class
-from utils.training import main_guard
+from engine.evaluation import predicted_class
+from engine.entry import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import confusion_matrix
 from utils.selectors import selector_method

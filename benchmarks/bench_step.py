@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time whole training iterations of trainSSL.py for a config, on synthetic tensors (no dataset needed).
 
-The iteration is trainSSL.train itself, run on a `utils.training.Run` whose networks, optimiser, memory bank
+The iteration is trainSSL.train itself, run on a `engine.run.Run` whose networks, optimiser, memory bank
 and class balancing are built as Run builds them (random initialisation, no pretrained weights read), whose
 batch sources hand out fixed random batches at the config's crop and batch size, and whose loop covers the
 chosen iteration indices. Nothing of the method is re-implemented here.
@@ -64,20 +64,22 @@ import torch
 import trainSSL
 import trainSSL_less_memory
 import utils.ssl_steps as step
-import utils.training as training
+import engine.run as training
 from benchmarks.common import (choose_device, count_syncs, cpu_threads, environment, format_table, peak_memory,
                                reset_peak_memory, synchronize, write_json)
 from data.common import channel_order_for
 from model import build_model
 from utils.augmentations import mean_for_dataset
 from utils.class_balancing import ClassBalancing
-from utils.config import fidelity, load_config, parse_size
+from data.common import parse_size
+from engine.config import fidelity, load_config
 from utils.ema import create_teacher
 from utils.errors import UserError
-from utils.training import main_guard
+from engine.entry import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
-from utils.training import Run, seed_everything
-from utils.variants import LESS_MEMORY, TRAIN_SSL, Variant
+from engine.rng import seed_everything
+from engine.run import Run
+from utils.variants import LESS_MEMORY, TRAIN_SSL, Variant, resolve_method
 
 # Training images per dataset (the class-balancing history length); synthetic: the config's num_train; folder:
 # unknown without reading the folder, taken as 10 x labeled_samples.
@@ -149,7 +151,7 @@ def dataset_info(cfg: dict) -> SimpleNamespace:
 
 def build_run(cfg: dict, device: torch.device, compile_student: bool = False, channels_last: bool = False,
               variant: Variant = TRAIN_SSL, compile_backend: str = "inductor") -> Run:
-    """A Run (utils/training.py) with its methods intact, built like Run.__init__ builds its state but with no
+    """A Run (engine/run.py) with its methods intact, built like Run.__init__ builds its state but with no
     data, loaders, logger or run directory: random-init networks, full memory bank, full class-balancing
     histories, fixed random batches (labels = the teacher's predictions)."""
     run = object.__new__(Run)
@@ -160,7 +162,7 @@ def build_run(cfg: dict, device: torch.device, compile_student: bool = False, ch
     run.cfg = cfg
     run.cfg_source = "<bench_step>"
     run.fidelity = fidelity(cfg)
-    run.method = run._resolve_method(cfg)
+    run.method = resolve_method(cfg, variant)
     run.run_dir = None
     run.num_iterations = cfg["training"]["num_iterations"]
     run.crop = parse_size(cfg["training"]["data"]["input_size"], "training.data.input_size")
@@ -213,7 +215,7 @@ def build_run(cfg: dict, device: torch.device, compile_student: bool = False, ch
     labeled_batches, unlabeled_batches = [], []
     for k in range(2):
         images = (torch.rand(run.batch_size, 3, h, w, generator=g) * 255).to(device)
-        _, labels = step.pseudo_label(run, images)  # the teacher's own prediction: it agrees with the labels
+        _, labels = step.pseudo_label(run.step_context(), images)  # the teacher's own prediction: it agrees with the labels
         labeled_batches.append((images, labels, torch.arange(run.batch_size)))
         unlabeled = (torch.rand(run.batch_size // 2, 3, h, w, generator=g) * 255).to(device)
         unlabeled_batches.append((unlabeled, torch.zeros_like(unlabeled[:, 0], dtype=torch.int64),
@@ -396,7 +398,7 @@ def bench_precision(cfg: dict, device: torch.device, args: argparse.Namespace) -
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="a training config (anything utils.config.load_config accepts)")
+    p.add_argument("--config", required=True, help="a training config (anything engine.config.load_config accepts)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key (repeatable), as in the training scripts")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")

@@ -417,7 +417,7 @@ class _Slice:
 
 
 def step_eval_full_size(ctx: StepContext) -> None:
-    """utils.evaluation.evaluate as evaluateSSL.py calls it (whole image, fp32), DeepLabv2 COCO, 19 classes, on
+    """engine.evaluation.evaluate as evaluateSSL.py calls it (whole image, fp32), DeepLabv2 COCO, 19 classes, on
     500 random 1024x2048 images, in chunks; stops once past the 60 s target (the figure is then a lower bound)."""
     import torch
 
@@ -425,8 +425,8 @@ def step_eval_full_size(ctx: StepContext) -> None:
     from data.cityscapes_labels import NUM_CLASSES
     from model import build_model
     from utils.augmentations import CITYSCAPES_MEAN_RGB
-    from utils.evaluation import evaluate
-    from utils.training import choose_device
+    from engine.evaluation import evaluate
+    from engine.cli import choose_device
     p = ctx.plan
     device = choose_device(ctx.device)
     model = build_model("2", NUM_CLASSES, "COCO", p.eval_depth, None, verbose=False).to(device)

@@ -48,13 +48,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from utils import distributed as dist  # noqa: E402
+from engine import distributed as dist  # noqa: E402
 from utils.augmentations import normalize  # noqa: E402
-from utils.curves import read_log  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
+from engine.curves import read_log  # noqa: E402
+from engine.evaluation import evaluate  # noqa: E402
 from utils.metrics import class_iou, confusion_matrix, mean_iou  # noqa: E402
 from utils.ssl_steps import upsample  # noqa: E402
-from utils.training import Run, main_guard  # noqa: E402
+from engine.entry import main_guard  # noqa: E402
+from engine.run import Run  # noqa: E402
 
 SCRIPTS = ("trainSSL.py", "trainSSL_less_memory.py", "trainSSL_domain_adaptation_targetCity.py")
 PROBE_SEED = 424242       # crop seeds of the probe items: (index, PROBE_SEED + index)
@@ -269,7 +270,7 @@ def restored(model: torch.nn.Module):
 
 # ------------------------------------------------------------------------------------------------- reading
 def read_jsonl(path: str) -> list[dict]:
-    """Rows of a train_log.jsonl or diagnostics.jsonl (utils.curves.read_log: resume markers applied); [] when the
+    """Rows of a train_log.jsonl or diagnostics.jsonl (engine.curves.read_log: resume markers applied); [] when the
     file is missing."""
     return read_log(path) if os.path.isfile(path) else []
 

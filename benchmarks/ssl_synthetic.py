@@ -181,7 +181,7 @@ def _stored_config_matches(run: dict, config: str) -> bool:
         return False
     with open(path) as f:
         stored = json.load(f)
-    from utils.config import config_diff, load_config
+    from engine.config import config_diff, load_config
     planned = load_config(config, overrides(run["sets"]))
     return not config_diff(stored, planned, ignore=("utils.checkpoint_dir",))
 
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.path.abspath(args.out)
     config = os.path.abspath(args.config)
     m = mode_settings(mode, args.iterations, args.seeds, args.val_every)
-    from utils.config import parse_override
+    from engine.config import parse_override
     extra = {".".join(k): v for k, v in map(parse_override, args.overrides)}
     runs = plan(m, out, args.arms, extra)
     arms = sorted({r["arm"] for r in runs}, key=list(ARMS).index)

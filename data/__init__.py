@@ -20,12 +20,11 @@ from torch.utils.data import Dataset
 
 from data import cityscapes_labels, voc
 from data.cityscapes import CityscapesDataset, validation_input
-from data.common import channel_order_for
+from data.common import channel_order_for, parse_size
 from data.folder import FolderDataset, folder_classes
 from data.gta5 import GTA5Dataset
 from data.splits import make_split
 from data.voc import VOCDataset
-from utils.config import parse_size
 from utils.errors import UserError
 
 CITYSCAPES_MEAN_RGB = (73.15835921, 82.90891754, 72.39239876)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from data.synthetic import SyntheticStreets
 from utils.errors import UserError
-from utils.progress import progress
+from data.progress import progress
 
 
 def _read(dataset: Dataset, index: int) -> str | None:

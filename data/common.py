@@ -7,6 +7,7 @@ depend on how many workers load it or in which process.
 """
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -20,6 +21,17 @@ from utils.losses import check_labels
 
 CHANNEL_ORDERS = ("BGR", "RGB")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def parse_size(text: str, what: str = "size") -> tuple[int, int]:
+    """'H,W' -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except (ValueError, AttributeError):
+        raise UserError(f"{what} must be \"H,W\" (two integers), got {json.dumps(text)}.") from None
+    if h < 1 or w < 1:
+        raise UserError(f"{what} must be positive, got {json.dumps(text)}.")
+    return h, w
 
 
 def channel_order_for(pretraining: str) -> str:

@@ -10,7 +10,7 @@ run re-creates the iterator at that epoch and skips the consumed batches in the 
 `prefetch()` loads the next batch ahead (the training run calls it between iterations), so that an unreadable file
 surfaces between iterations, with the position still that of the last completed one. Loader worker processes run
 in their own process group: a Ctrl-C in the terminal or torchrun's SIGTERM to a rank's group reaches the main
-process alone, which finishes its iteration and saves (utils/graceful_stop.py) while its workers live on.
+process alone, which finishes its iteration and saves (engine/graceful_stop.py) while its workers live on.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ import re
 
 import torch
 
-from utils import distributed as dist
+from torch import distributed as torch_dist
+
 from utils.errors import UserError
 
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{8,})\.")  # resnet18-f37072fd.pth -> f37072fd (torch hub's HASH_REGEX, 8+ digits)
@@ -64,14 +65,27 @@ def download(url: str, path: str, progress: bool = True) -> object:
         raise UserError(failure_message(url, path, reason)) from None
 
 
+def _process_group() -> tuple[int, bool]:
+    """(rank, whether several processes run) from torch.distributed's own state: under torchrun the engine has
+    started the process group before any model is built."""
+    if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        return torch_dist.get_rank(), True
+    return 0, False
+
+
 def fetch_weights(url: str, path: str) -> object | None:
     """Make sure the default weights are at `path`: None when they already were (read them from `path`), else
     the downloaded object. Under torchrun rank 0 downloads while the other processes wait; a process that still
     does not see the file afterwards (another machine's file system) downloads its own copy."""
-    if not dist.broadcast_object(not os.path.isfile(path)):  # rank 0 has the file: no collective follows
+    rank, several = _process_group()
+    missing = [not os.path.isfile(path)]
+    if several:
+        torch_dist.broadcast_object_list(missing, src=0)  # rank 0's answer on every rank
+    if not missing[0]:  # rank 0 has the file: no collective follows
         return None if os.path.isfile(path) else download(url, path, progress=False)
-    obj = download(url, path) if dist.is_main() else None
-    dist.barrier()
-    if not dist.is_main() and not os.path.isfile(path):
+    obj = download(url, path) if rank == 0 else None
+    if several:
+        torch_dist.barrier()
+    if rank != 0 and not os.path.isfile(path):
         return download(url, path, progress=False)
     return obj

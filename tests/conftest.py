@@ -23,7 +23,7 @@ def original_signal_handlers():
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers(original_signal_handlers):
-    """A run installs SIGTERM/SIGINT handlers (utils/graceful_stop.py) and removes them at its end; a run cut
+    """A run installs SIGTERM/SIGINT handlers (engine/graceful_stop.py) and removes them at its end; a run cut
     short by a test (Run.finish patched out, an injected exception) must not leave them to the test process."""
     yield
     for s, handler in original_signal_handlers.items():

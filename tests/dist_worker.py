@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from utils import distributed as dist  # noqa: E402
+from engine import distributed as dist  # noqa: E402
 
 
 def digest(obj) -> str:
@@ -58,7 +58,7 @@ def _write(record: dict) -> None:
 
 
 def install_probes() -> None:
-    from utils import training
+    from engine import run as training
     run_init, end_iteration, gather_rows = training.Run.__init__, training.Run.end_iteration, training.Run.gather_rows
     evaluate = training.evaluate
 
@@ -127,12 +127,18 @@ def install_probes() -> None:
 
     from utils import ssl_steps
     update_memory, contrastive_term = ssl_steps.update_memory, ssl_steps.contrastive_term
+    set_learning_rate, current = training.Run.set_learning_rate, {}
 
-    def starve(labels, run):
-        return torch.full_like(labels, run.ignore_label) if starving(run.iteration) else labels
+    def set_lr(self, i):
+        current["i"] = i  # the iteration the steps run in (they see a StepContext, not the run)
+        return set_learning_rate(self, i)
 
-    ssl_steps.update_memory = lambda run, images, labels: update_memory(run, images, starve(labels, run))
-    ssl_steps.contrastive_term = lambda run, features, labels: contrastive_term(run, features, starve(labels, run))
+    def starve(labels, ctx):
+        return torch.full_like(labels, ctx.ignore_label) if starving(current["i"]) else labels
+
+    ssl_steps.update_memory = lambda ctx, images, labels: update_memory(ctx, images, starve(labels, ctx))
+    ssl_steps.contrastive_term = lambda ctx, features, labels: contrastive_term(ctx, features, starve(labels, ctx))
+    training.Run.set_learning_rate = set_lr
     training.Run.__init__ = init
     training.Run.gather_rows = gather
     training.Run.end_iteration = end
@@ -150,7 +156,7 @@ def buffer_digests(module: torch.nn.Module) -> dict[str, str]:
 
 
 def check_collectives() -> None:
-    """The helpers of utils/distributed.py against values worked out by hand, on the 2-process group that
+    """The helpers of engine/distributed.py against values worked out by hand, on the 2-process group that
     torchrun started (run before training when $DW_CHECK_COLLECTIVES is set). Raises AssertionError."""
     from torch import nn
 
@@ -266,9 +272,9 @@ def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
 
 if __name__ == "__main__":
     import trainSSL
-    from utils.training import main_guard
+    from engine.entry import main_guard
     if os.environ.get("DW_SHARE_DEVICE") == "1":
-        os.environ["LOCAL_RANK"] = "0"  # utils.training.choose_device takes cuda:<LOCAL_RANK> under torchrun
+        os.environ["LOCAL_RANK"] = "0"  # engine.run.choose_device takes cuda:<LOCAL_RANK> under torchrun
     if os.environ.get("DW_BACKEND"):
         from datetime import timedelta
         timeout = timedelta(minutes=float(os.environ.get("SSL_DIST_TIMEOUT_MIN", 30)))

@@ -42,7 +42,7 @@ def plan(root: Path = ROOT) -> dict[str, set[str]]:
 
 
 def _module_of(function: str, modules: list[str]) -> str | None:
-    """The module path of a mangled function name (utils.training.xǁRunǁfinish -> utils/training.py)."""
+    """The module path of a mangled function name (engine.run.xǁRunǁfinish -> engine/run.py)."""
     for module in modules:
         if function.startswith(module[:-3].replace("/", ".") + "."):
             return module

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from utils import training
-from utils.training import Run
+from engine import run as training
+from engine.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "demo.json")

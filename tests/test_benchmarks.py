@@ -10,7 +10,7 @@ import torch
 
 import utils.contrastive
 import utils.ssl_steps as step
-import utils.training as training
+import engine.run as training
 from benchmarks import bench_components, bench_step
 from benchmarks.common import count_syncs, cpu_threads, format_table, time_call
 from utils.errors import UserError

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from utils.config import FIDELITY_PRESETS, config_diff, fidelity, load_config, resolve_config, schema_rows
+from engine.config import FIDELITY_PRESETS, config_diff, fidelity, load_config, resolve_config, schema_rows
 from utils.errors import UserError
 
 RELEASED = {

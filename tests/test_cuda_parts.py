@@ -145,7 +145,7 @@ def test_memory_update_agrees(keep):
 
 
 def test_memory_state_from_a_cpu_checkpoint_loads_on_the_device():
-    """A resume maps the checkpoint to the CPU (utils/training.py): its memory state, CPU tensors, must load into a
+    """A resume maps the checkpoint to the CPU (engine/run.py): its memory state, CPU tensors, must load into a
     bank on the device, the unused slots zeroed on the device."""
     state = memory_bank(CPU, torch.Generator().manual_seed(13)).state_dict()
     state["memory"][:, -1] = 1.0                                      # garbage beyond every count below the size
@@ -280,7 +280,7 @@ def test_losses_and_gradients_agree(class_weights):
 def test_rng_state_round_trip_includes_the_cuda_generator():
     """latest.pth's RNG states hold the CUDA generators when there is CUDA, and set_rng_state puts them back: the
     draws on the device after a resume are those of the uninterrupted run (on the CPU stand-in: the CPU's)."""
-    from utils.training import rng_state, set_rng_state
+    from engine.rng import rng_state, set_rng_state
     torch.manual_seed(3)
     state = rng_state()
     assert ("cuda" in state) == torch.cuda.is_available()

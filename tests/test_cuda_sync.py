@@ -30,7 +30,7 @@ from tests.cuda_support import CUDA_MARKS, DEVICE, HostSyncError, allowing_boole
 from utils.augmentations import strong_augment, weak_augment
 from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix, classmix_masks
-from utils.config import resolve_config
+from engine.config import resolve_config
 from utils.contrastive import contrastive_loss
 from utils.ema import create_teacher, update_teacher
 from utils.losses import entropy_loss, pseudo_label_ce, supervised_ce

@@ -13,7 +13,7 @@ drew, the memory rows it contributed and received, and every evaluation's confus
 - a rank that raises ends the whole job non-zero, with its message, well before any collective timeout (that job
   runs with scale_lr_with_world_size: its first step uses twice the config's learning rate on both ranks);
 - with training.sync_batchnorm (CUDA only, marker `cuda`): the same identity with SyncBatchNorm layers;
-- before training, the same job checks the helpers of utils/distributed.py against hand-worked values
+- before training, the same job checks the helpers of engine/distributed.py against hand-worked values
   (tests/dist_worker.py: check_collectives), so the suite starts only two torchrun jobs (startup dominates).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import nn
 
 from tests.dist_worker import STATE_KEYS, digest, rank_differences
 from tests.run_helpers import TINY_WIDTH
-from utils import distributed as dist
+from engine import distributed as dist
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,7 +139,7 @@ def test_ranks_identical_after_every_step(two_rank_run):
 
 def test_split_evaluation_equals_single_process(two_rank_run):
     import evaluateSSL
-    from utils.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint
     from utils.metrics import class_iou
 
     run_dir, rec0, rec1 = two_rank_run
@@ -173,7 +173,7 @@ def test_split_evaluation_equals_single_process(two_rank_run):
 
 def test_two_rank_checkpoint_resumes_in_one_process(two_rank_run, capsys):
     from trainSSL import Run
-    from utils.checkpoint import load_checkpoint
+    from engine.checkpoint import load_checkpoint
     from utils.variants import TRAIN_SSL
 
     run_dir, rec0, _ = two_rank_run
@@ -206,7 +206,7 @@ def test_failing_rank_ends_the_job(tmp_path):
                                   SSL_DIST_TIMEOUT_MIN="30")
     assert code != 0, out[-4000:]
     assert "RuntimeError: injected failure on rank 1 after iteration 0" in out, out[-4000:]
-    # torchrun's summary names the failing rank as the root cause, with its error (utils.distributed records it)
+    # torchrun's summary names the failing rank as the root cause, with its error (engine.distributed records it)
     root_cause = out.split("Root Cause (first observed failure)")[-1]
     assert "rank      : 1" in root_cause and "injected failure on rank 1" in root_cause, out[-4000:]
     # rank 0 got no further than iteration 0: it waited in iteration 1's first collective until torchrun stopped it
@@ -265,8 +265,8 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     import threading
 
     import trainSSL
-    from utils.checkpoint import load_checkpoint
-    from utils.training import Run
+    from engine.checkpoint import load_checkpoint
+    from engine.run import Run
 
     n = 4
     run_dir, out_dir = str(tmp_path / "run"), str(tmp_path / "probes")

@@ -1,5 +1,5 @@
 """evaluateSSL.py: saved predictions and overlays, the per-class summary worst first, and the sliding-window
-protocol next to the paper's whole-image one (utils/evaluation.py predict_sliding)."""
+protocol next to the paper's whole-image one (engine/evaluation.py predict_sliding)."""
 import json
 import math
 import os
@@ -13,8 +13,8 @@ from PIL import Image
 import evaluateSSL
 from data.synthetic import CLASS_NAMES, PALETTE, SyntheticStreets, export_folder
 from model import build_model
-from utils.config import load_config
-from utils.evaluation import predict_logits, predict_sliding
+from engine.config import load_config
+from engine.evaluation import predict_logits, predict_sliding
 from tests.test_resume import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
 
 SIZE = (40, 60)

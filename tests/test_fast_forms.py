@@ -11,7 +11,7 @@ from torch import nn
 
 from utils.class_balancing import _class_counts, _class_counts_reference
 from utils.contrastive import _cosine_to_class_mean, contrastive_loss, contrastive_loss_reference
-from utils.evaluation import predicted_class
+from engine.evaluation import predicted_class
 from utils.memory_bank import MemoryBank
 
 C, D = 6, 8

@@ -13,7 +13,7 @@ from PIL import Image
 from data import build_data
 from data.folder import default_palette
 from data.synthetic import CLASS_NAMES, PALETTE, export_folder
-from utils.config import load_config, resolve_config
+from engine.config import load_config, resolve_config
 from utils.errors import UserError
 
 SIZE = (40, 60)

@@ -16,7 +16,7 @@ from benchmarks import gpu_check
 from benchmarks.common import cpu_threads
 from tests.cuda_support import HostSyncError, allowing_boolean_selections, no_host_sync, random_draws_on_cpu
 from tests.dist_worker import rank_differences
-from utils.config import load_config
+from engine.config import load_config
 
 CPU = torch.device("cpu")
 

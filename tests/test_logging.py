@@ -14,10 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import trainSSL
 from data.synthetic import PALETTE, SyntheticStreets, export_folder
 from tests.test_resume import one_thread, tiny_argv  # noqa: F401  (one_thread: autouse fixture)
-from utils import curves
-from utils.checkpoint import load_checkpoint
-from utils.logger import TrainLogger
-from utils.visualize import GAP, IGNORE_COLOUR, colorize_labels, panel, to_rgb_uint8
+from engine import curves
+from engine.checkpoint import load_checkpoint
+from engine.logger import TrainLogger
+from engine.visualize import GAP, IGNORE_COLOUR, colorize_labels, panel, to_rgb_uint8
 
 ITERATIONS = 4
 CLASSES = ["road", "sidewalk", "building", "pole", "vegetation", "sky", "person", "car"]
@@ -224,8 +224,8 @@ def test_eta_leaves_out_evaluation_time(tmp_path, monkeypatch):
     """1 s per iteration, then a 100 s evaluation: the ETA stays at 1 s per remaining iteration, on the plain
     lines and on the tqdm bar."""
     clock = [1000.0]
-    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
-    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: None)
+    monkeypatch.setattr("engine.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("engine.logger.draw_curves", lambda run_dir: None)
     for stream in (io.StringIO(), FakeTerminal()):
         log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, stream=stream)
         if log.bar is not None:  # the bar's own clock, and an update at every call
@@ -251,8 +251,8 @@ def test_eta_leaves_out_evaluation_time(tmp_path, monkeypatch):
 
 def test_curves_redrawn_at_evaluations_at_most_every_30_s_and_at_close(tmp_path, monkeypatch):
     clock, drawn = [1000.0], []
-    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
-    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
+    monkeypatch.setattr("engine.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("engine.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
     log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, stream=io.StringIO())
     for t in (1010.0, 1040.0, 1050.0, 1075.0):  # evaluations ending at these times
         clock[0] = t
@@ -266,8 +266,8 @@ def test_curves_redrawn_at_evaluations_at_most_every_30_s_and_at_close(tmp_path,
 def test_utils_curves_false_draws_nothing(tmp_path, monkeypatch):
     """utils.curves false (the tests' tiny runs): no curves.png at evaluations or at close; the log is written."""
     clock, drawn = [1000.0], []
-    monkeypatch.setattr("utils.logger.time.time", lambda: clock[0])
-    monkeypatch.setattr("utils.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
+    monkeypatch.setattr("engine.logger.time.time", lambda: clock[0])
+    monkeypatch.setattr("engine.logger.draw_curves", lambda run_dir: drawn.append(clock[0]))
     log = TrainLogger(str(tmp_path), total=10, start=0, tensorboard=False, curves=False, stream=io.StringIO())
     for t in (1040.0, 1080.0):
         clock[0] = t
@@ -280,7 +280,7 @@ def test_utils_curves_false_draws_nothing(tmp_path, monkeypatch):
 
 def test_run_passes_utils_curves_to_its_logger(tmp_path):
     from tests.run_helpers import argv_of, tiny_sets
-    from utils.training import Run
+    from engine.run import Run
     from utils.variants import TRAIN_SSL
     for value in (False, True):
         run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / str(value)), 1, **{"utils.curves": value})))

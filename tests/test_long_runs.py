@@ -20,10 +20,11 @@ from tests.fixtures_data import make_cityscapes_tree
 from tests.test_resume import DEMO_LR, Interrupted, interrupt_after, one_thread, tiny_argv  # noqa: F401 (fixture)
 from tests.test_train_e2e import CONFIG as CITY_CONFIG
 from tests.test_train_e2e import tiny_overrides
-from utils.checkpoint import load_checkpoint
-from utils.fault_guard import Diverged, NonFiniteGuard
-from utils.graceful_stop import GracefulStop, resume_command
-from utils.training import Run, main_guard
+from engine.checkpoint import load_checkpoint
+from engine.fault_guard import Diverged, NonFiniteGuard
+from engine.graceful_stop import GracefulStop, resume_command
+from engine.entry import main_guard
+from engine.run import Run
 
 
 @pytest.fixture

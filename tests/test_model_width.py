@@ -11,9 +11,9 @@ import model.deeplabv3plus as deeplabv3plus
 import model.resnet as resnet
 from model import build_model
 from model.resnet import same_conv3x3
-from utils.config import load_config
+from engine.config import load_config
 from utils.errors import UserError
-from utils.inference import load_trained_model
+from engine.inference import load_trained_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_CONFIG = os.path.join(ROOT, "benchmarks", "configs", "ssl_synthetic.json")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from utils.ema import create_teacher
-from utils.training import Run
+from engine.run import Run
 from utils.variants import TRAIN_SSL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

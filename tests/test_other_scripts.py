@@ -20,7 +20,7 @@ from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree, make_voc_t
 from tests.run_helpers import TINY_WIDTH, TeacherProbe
 from utils import ssl_steps
 from utils.errors import UserError
-from utils.training import Run
+from engine.run import Run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CITY_CONFIG = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_imagenet.json")

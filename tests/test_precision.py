@@ -9,7 +9,7 @@ import torch
 import utils.ssl_steps as step
 from tests.run_helpers import TINY_WIDTH
 from benchmarks.bench_step import LoopClock, build_run, run_iterations
-from utils.config import resolve_config
+from engine.config import resolve_config
 from utils.memory_bank import MemoryBank
 
 CLASSES = 5

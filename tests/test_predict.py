@@ -16,7 +16,7 @@ from data.synthetic import PALETTE, SyntheticStreets, export_folder
 from model import build_model
 from tests.fixtures_data import make_cityscapes_tree
 from tests.test_resume import one_thread  # noqa: F401  (autouse fixture: one intra-op thread)
-from utils.config import load_config
+from engine.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (40, 60)

@@ -25,7 +25,7 @@ from model import build_model
 from model.checkpoint_io import backbone_depth_of
 from model.deeplabv3plus import Decoder
 from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree
-from utils.training import Run
+from engine.run import Run
 from utils.variants import DOMAIN_ADAPTATION, LESS_MEMORY, TRAIN_SSL, backbone_depth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

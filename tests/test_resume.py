@@ -14,9 +14,9 @@ import torch
 import trainSSL
 from tests.cuda_support import CUDA_MARKS, DEVICE
 from tests.run_helpers import TINY_WIDTH, planted_miou
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.training import Run
+from engine.run import Run
 from utils.variants import TRAIN_SSL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,8 +250,8 @@ def test_sigterm_stops_after_the_iteration_and_resumes_exactly(reference, tmp_pa
     """SIGTERM right after the first log line (iteration 2, before its evaluation): the run finishes the iteration,
     leaves that evaluation pending, writes latest.pth and exits 128 + 15 without a traceback; --resume auto does
     the pending evaluation, trains on and ends bit-identical to the uninterrupted run."""
-    from utils.logger import TrainLogger
-    from utils.training import main_guard
+    from engine.logger import TrainLogger
+    from engine.entry import main_guard
 
     run_dir = str(tmp_path / "run")
     argv = tiny_argv(run_dir)

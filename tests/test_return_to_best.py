@@ -22,9 +22,9 @@ import torch
 import trainSSL
 from data.synthetic import CLASS_NAMES
 from tests.run_helpers import argv_of, planted_miou, single_thread, tiny_sets
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 from utils.errors import UserError
-from utils.training import Run
+from engine.run import Run
 from utils.variants import TRAIN_SSL
 
 N = 5

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 import trainSSL
 from tests.run_helpers import (DEMO, TINY_WIDTH, TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand,
                                ramp_by_hand, single_thread, tiny_sets)
+from engine.plan import pretrained_status, print_plan
+from engine.run import Run
 from utils import ssl_steps
-from utils.training import Run
-from utils.variants import TRAIN_SSL
+from utils.variants import TRAIN_SSL, resolve_method
 
 N, R = 5, 2
 BASE_LR = 0.01
@@ -390,7 +391,7 @@ def test_main_guard_exit_codes_and_messages(capsys, monkeypatch):
     """The scripts' top level: success returns (and tears the process group down); a user error prints
     "<label>: <message>" alone and exits with its code (2, or a stop's own: 128 + 15 after SIGTERM); any other
     exception propagates with its traceback, and nothing is torn down after a failure."""
-    from utils import training
+    from engine import entry as training
     from utils.errors import RunStopped, UserError
     cleaned = []
     monkeypatch.setattr(training.dist, "cleanup", lambda: cleaned.append(True))
@@ -422,7 +423,7 @@ def test_dry_run_plan_lines(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     run = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3)) + ["--dry-run"])  # prints the plan; again:
     capsys.readouterr()
-    run.print_plan()
+    print_plan(run)
     lines = capsys.readouterr().out.splitlines()
     n_params = sum(p.numel() for p in run.student.parameters())
     n_tensors = len([p for p in run.student.parameters() if p.requires_grad])
@@ -469,7 +470,8 @@ def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
 
     def status(**sets) -> str:
         base = tiny_sets(str(tmp_path / "run"), 3, **{"backbone.width": 64, "training.pretraining": "imagenet"})
-        return Run(TRAIN_SSL, argv_of({**base, **sets}) + ["--dry-run"])._pretrained_status()
+        run = Run(TRAIN_SSL, argv_of({**base, **sets}) + ["--dry-run"])
+        return pretrained_status(run.cfg, run.student.depth)
 
     assert status(**{"backbone.pretrained": "default"}) == (
         f"{cached} not cached yet: training will download {url} there first (nothing downloaded in a dry run)")
@@ -490,8 +492,8 @@ def test_seed_everything_and_rng_state_round_trip(tmp_path):
     set_rng_state puts every generator back, including NumPy's cached Gaussian."""
     import random
 
-    from utils.checkpoint import load_checkpoint, save_atomic
-    from utils.training import rng_state, seed_everything, set_rng_state
+    from engine.checkpoint import load_checkpoint, save_atomic
+    from engine.rng import rng_state, seed_everything, set_rng_state
 
     def draws():
         return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2).tolist()
@@ -622,7 +624,7 @@ def test_pseudo_label_is_the_softmax_over_classes_of_the_labeler():
             return torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)
 
     run = SimpleNamespace(labeler=FixedLogits(), student_module=None, autocast=nullcontext, crop=(1, 1),
-                          data=SimpleNamespace(mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB"))
+                          mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB")
     confidence, labels = ssl_steps.pseudo_label(run, torch.zeros(1, 3, 1, 1))
     assert labels.tolist() == [[[1]]] and confidence.item() == pytest.approx(0.75, abs=1e-6)
 
@@ -632,7 +634,7 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     recorders: the masks drawn from the (pseudo-)labels with the run's ignore label and drop_background reach the
     augmentation with the run's ignore label and channel order; two strong views, each with its own masks, and
     none drawn when the unlabeled step does not mix (`mix` false)."""
-    drawn, weak, strong, remembered = [], [], [], []
+    drawn, weak, strong = [], [], []
 
     def draw(labels, ignore_label, drop_background):
         drawn.append((labels, ignore_label, drop_background))
@@ -648,21 +650,19 @@ def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch
     monkeypatch.setattr(ssl_steps, "weak_augment", recorder(weak))
     monkeypatch.setattr(ssl_steps, "strong_augment", recorder(strong))
     run = SimpleNamespace(method={"labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0}, ignore_label=7,
-                          drop_background="drop?", data=SimpleNamespace(channel_order="BGR"),
-                          remember_unlabeled=lambda *a: remembered.append(a))
+                          drop_background="drop?", channel_order="BGR")
     images, labels, pseudo, conf = torch.zeros(1, 3, 2, 2), "labels", torch.ones(1, 2, 2), torch.ones(1, 2, 2)
     ssl_steps.augment_labeled(run, images, labels)
     assert drawn == [("labels", 7, "drop?")]
     assert weak == [("labels", None, {"ignore_label": 7, "channel_order": "BGR", "classmix_masks": "masks1"})]
-    ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=True)
+    mixed, mixed_pseudo, mixed_conf = ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=True)
     assert [d[1:] for d in drawn[1:]] == [(7, "drop?")] * 2 and all(d[0] is pseudo for d in drawn[1:])
     assert [c[2] for c in strong] == [{"ignore_label": 7, "channel_order": "BGR", "classmix_masks": f"masks{k}"}
                                       for k in (2, 3)]
     assert all(c[0] is pseudo and c[1] is conf for c in strong)
-    # the run keeps the un-augmented batch, its pseudo-labels and the concatenated views for TensorBoard pictures
-    ((kept_images, kept_pseudo, mixed, mixed_pseudo),) = remembered
-    assert kept_images is images and kept_pseudo is pseudo
+    # the two views concatenated (the loop hands them to the run for TensorBoard pictures: test below)
     assert torch.equal(mixed, torch.cat([images, images])) and torch.equal(mixed_pseudo, torch.cat([pseudo, pseudo]))
+    assert torch.equal(mixed_conf, torch.cat([conf, conf]))
     strong.clear()
     ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=False)
     assert len(drawn) == 3 and [c[2]["classmix_masks"] for c in strong] == [None, None]
@@ -739,7 +739,7 @@ def test_memory_update_needs_two_admitted_vectors():
 
     heads, gathered, added = [], [], []
     run = SimpleNamespace(autocast=nullcontext, student_module=None, crop=(1, 3),
-                          data=SimpleNamespace(mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB"),
+                          mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB",
                           method={"memory_confidence": 0.8}, memory_quota=7,
                           gather_rows=lambda p, y: (gathered.append((p, y)), (p, y))[1],
                           memory=SimpleNamespace(memory=torch.zeros(2, 3, 4),
@@ -778,6 +778,7 @@ def _bookkeeping(val_per_iter: int, n: int, log_images: int = 2, tensorboard: bo
     """A stand-in for a Run with just what its evaluation bookkeeping reads (its methods called unbound)."""
     run = SimpleNamespace(cfg={"utils": {"val_per_iter": val_per_iter, "log_images": log_images}}, num_iterations=n,
                           logger=SimpleNamespace(tb=object() if tensorboard else None), **attrs)
+    run.periodic_evaluation_after = lambda i: Run.periodic_evaluation_after(run, i)
     run.evaluation_due = lambda i: Run.evaluation_due(run, i)
     return run
 
@@ -858,7 +859,7 @@ def test_flags_and_their_help_are_the_readme_table():
     (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
     and the defaults."""
     import re
-    from utils.training import build_arg_parser
+    from engine.cli import build_arg_parser
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     table = readme[readme.index("| flag | meaning |"):]
     table = table[:table.index("\n\n")].splitlines()[2:]
@@ -933,9 +934,9 @@ def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
 def test_choose_device(monkeypatch):
     """auto: CUDA when there is one, else the CPU; a CUDA device asked for without CUDA stops with the fix; under
     torchrun every process takes cuda:<LOCAL_RANK>, and the chosen CUDA device is made current."""
-    from utils import distributed
+    from engine import distributed
     from utils.errors import UserError
-    from utils.training import choose_device
+    from engine.cli import choose_device
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -964,16 +965,16 @@ def test_method_constants_left_null_take_the_scripts_values(variant_name, datase
     """method.contrastive_weight and labeled_classmix_prob null: the script's value; class_balancing null: on for
     Cityscapes only. Values given in the config are kept."""
     from utils import variants
-    fake = SimpleNamespace(variant=getattr(variants, variant_name))
+    variant = getattr(variants, variant_name)
     nulls = {"contrastive_weight": None, "labeled_classmix_prob": None, "class_balancing": None, "memory_size": 7}
-    method = Run._resolve_method(fake, {"method": dict(nulls), "dataset": dataset})
+    method = resolve_method({"method": dict(nulls), "dataset": dataset}, variant)
     assert method == {"contrastive_weight": expected[0], "labeled_classmix_prob": expected[1],
                       "class_balancing": expected[2], "memory_size": 7}
     given = {"contrastive_weight": 0.5, "labeled_classmix_prob": 0.0, "class_balancing": False}
     cfg = {"method": dict(given), "dataset": "cityscapes"}
-    assert Run._resolve_method(fake, cfg) == given and cfg["method"] == given  # a copy: the config is left as it is
+    assert resolve_method(cfg, variant) == given and cfg["method"] == given  # a copy: the config is left as it is
     cfg = {"method": dict(nulls), "dataset": "cityscapes"}
-    Run._resolve_method(fake, cfg)
+    resolve_method(cfg, variant)
     assert cfg["method"] == nulls
 
 
@@ -1017,7 +1018,8 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     log_images images (TensorBoard only), the unlabeled batch kept for it (b = 2 images, 2 strong views each:
     image k's views are rows k and b + k) shown as min(log_images, b) panels, once; a stop is polled after each
     image; one message line; the ETA clock paused around it."""
-    from utils import training
+    from engine import run as training
+    from engine import visualize
     polls, evaluated = [], {}
 
     def fake_evaluate(model, dataset, **k):
@@ -1036,7 +1038,7 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
         return torch.tensor([float(image), float(pseudo)] + [float(x) for view in views for x in view])
 
     monkeypatch.setattr(training, "validation_panel", fake_validation_panel)
-    monkeypatch.setattr(training, "unlabeled_panel", fake_unlabeled_panel)
+    monkeypatch.setattr(visualize, "unlabeled_panel", fake_unlabeled_panel)
     data = SimpleNamespace(val=["v0", "v1", "v2"], palette="palette", class_names=["a", "b"], mean_rgb="mean",
                            channel_order="RGB")
     logger = _RecordingLogger(tensorboard)
@@ -1111,6 +1113,7 @@ def test_evaluate_if_due_evaluates_each_period_and_tells_a_new_saved_best(save_b
                           best_miou=-1.0, since_best=0, stop=SimpleNamespace(pending_evaluation=pending_evaluation),
                           evaluate_and_keep_best=evaluate_and_keep_best,
                           return_to_best=lambda i: (events.append(("return", i)), setattr(run, "since_best", 0)))
+    run.periodic_evaluation_after = lambda i: Run.periodic_evaluation_after(run, i)
     told = {i: Run.evaluate_if_due(run, i) for i in range(10)}
     assert told == {i: save_best_model and i in (2, 8) for i in range(10)}
     assert events == [("guard", True, 2), ("evaluate", 2), ("guard", True, 4), ("evaluate", 4),
@@ -1123,7 +1126,7 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
     under torchrun with 2 processes the other's sums are loss 5, loss_sup 2 (all_reduce adds them) and the row is the
     mean over both: loss (3 + 5) / 2 / 2 = 2, loss_sup 0.75; alone: 1.5 and 0.5 (and, before any optimiser step,
     EMA alpha 0). The window is then emptied; the guard looks at the run first."""
-    from utils import training
+    from engine import run as training
     other = {"loss": 5.0, "loss_sup": 2.0}
     monkeypatch.setattr(training.dist, "is_distributed", lambda: processes > 1)
     monkeypatch.setattr(training.dist, "world_size", lambda: processes)
@@ -1151,7 +1154,7 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     shard of each sampler, class-balancing counts summed over ranks, its own random draws (seed + 1000003 x rank),
     no run files and no log output (rank 0 writes them)."""
     import random
-    from utils import training
+    from engine import run as training
     calls = []
     reduce = lambda t: t  # noqa: E731  (the stand-in of the sum over ranks)
     for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
@@ -1194,7 +1197,7 @@ def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_
     into the student, whose parameters the teacher copies (the release's EMA copy: parameters only; the teacher's
     BatchNorm statistics start fresh); rank 0 prints the load report, another rank does not."""
     from model import build_model
-    from utils import training
+    from engine import run as training
     torch.manual_seed(5)
     weights = build_model("2", 8, "imagenet", 18, None, v2_branches=4, width=64, verbose=False).state_dict()
     path = str(tmp_path / "weights.pth")
@@ -1222,7 +1225,7 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
     2, w' = 0.8; the gradients averaged over processes between backward and step (stand-in: doubled, so w' = 0.6),
     the BatchNorm buffers averaged after the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up:
     min(1 - 1/21, m_2)); teacher 0.5 -> alpha 0.5 + (1 - alpha) w'."""
-    from utils import training
+    from engine import run as training
     calls = []
 
     def average_gradients(module):

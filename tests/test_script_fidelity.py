@@ -15,7 +15,7 @@ from tests.run_helpers import TINY_WIDTH
 from benchmarks.common import cpu_threads
 from utils import ssl_steps
 from utils.class_balancing import ClassBalancing
-from utils.training import Run
+from engine.run import Run
 from utils.variants import LESS_MEMORY, TRAIN_SSL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +87,7 @@ def test_student_labeler_ranks_memory_with_teacher_selectors(labeler_run, monkey
     monkeypatch.setattr(run.memory, "add", lambda feats, labels, selectors, **kw: (ranked_with.append(selectors),
                                                                                    add(feats, labels, selectors, **kw)))
     images, labels = run.labeled.next()[:2]
-    ssl_steps.update_memory(run, images, labels)
+    ssl_steps.update_memory(run.step_context(), images, labels)
     assert calls == [("student", False)] and projections == [False]
     assert run.student_module.training  # back in train mode
     (selectors,) = ranked_with
@@ -96,7 +96,7 @@ def test_student_labeler_ranks_memory_with_teacher_selectors(labeler_run, monkey
     assert all(a is b for a, b in zip(selectors, teacher_selectors))
     assert int(run.memory.counts.sum()) > 0  # vectors were ranked and kept
     calls.clear()
-    ssl_steps.pseudo_label(run, run.unlabeled.next()[0])
+    ssl_steps.pseudo_label(run.step_context(), run.unlabeled.next()[0])
     assert calls == [("student", False)]
 
 
@@ -143,7 +143,7 @@ def test_which_network_each_checkpoint_holds(variant, save_teacher, tmp_path, mo
     nets = {"teacher": run.teacher.state_dict()[key].clone(), "student": run.student_module.state_dict()[key].clone()}
     assert not torch.equal(nets["teacher"], nets["student"])
     saved = {}  # checkpoint file name -> its model's first tensor, as written (kept in memory: no disk writes)
-    monkeypatch.setattr("utils.training.save_atomic",
+    monkeypatch.setattr("engine.run.save_atomic",
                         lambda obj, path: saved.__setitem__(os.path.basename(path), obj["model"][key].clone()))
 
     def holds(name: str) -> str:

@@ -13,7 +13,7 @@ import trainSSL
 from tests.run_helpers import TINY_WIDTH
 from benchmarks import ssl_diagnostics as diag
 from benchmarks import ssl_synthetic as bench
-from utils.config import config_diff
+from engine.config import config_diff
 
 
 @pytest.fixture(scope="module")

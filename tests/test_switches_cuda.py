@@ -23,7 +23,7 @@ from benchmarks.common import cpu_threads
 from tests.cuda_support import CUDA_MARKS, DEVICE
 from tests.run_helpers import argv_of, tiny_sets
 from utils import ssl_steps
-from utils.training import Run
+from engine.run import Run
 from utils.variants import TRAIN_SSL
 
 pytestmark = CUDA_MARKS

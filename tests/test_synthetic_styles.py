@@ -10,9 +10,9 @@ import trainSSL_domain_adaptation_targetCity as da_script
 from data import build_data, build_source
 from data.gta5 import GTA5Dataset
 from data.synthetic import NUM_CLASSES, SKY, SyntheticStreets
-from utils.config import FIDELITY_PRESETS, fidelity, resolve_config
+from engine.config import FIDELITY_PRESETS, fidelity, resolve_config
 from utils.errors import UserError
-from utils.training import Run
+from engine.run import Run
 from utils.variants import DOMAIN_ADAPTATION
 
 

@@ -12,7 +12,7 @@ import trainSSL
 from data.cityscapes import list_cityscapes
 from tests.fixtures_data import make_cityscapes_tree
 from tests.run_helpers import TINY_WIDTH
-from utils.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_imagenet.json")
@@ -136,7 +136,7 @@ def test_missing_dataset_stops_before_training(tmp_path, capsys):
     run_dir.mkdir()
     (run_dir / "keep.txt").write_text("precious")
     with pytest.raises(SystemExit) as e:
-        from utils.training import main_guard
+        from engine.entry import main_guard
         main_guard(lambda: trainSSL.main(["--config", CONFIG, "--data-root", str(tmp_path / "nowhere"),
                                           "--device", "cpu"] + tiny_overrides(str(run_dir))))
     assert e.value.code == 2

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from utils.translate_labels import convert_label, main
+from data.translate_labels import convert_label, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree
-from utils.config import FIDELITY_PRESETS
+from engine.config import FIDELITY_PRESETS
 from utils.ema import ema_alpha
-from utils.training import Run
+from engine.run import Run
 from utils.variants import DOMAIN_ADAPTATION, LESS_MEMORY, TRAIN_SSL, uses_gta5_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -64,7 +64,7 @@ class ClassBalancing:
         # The release's one counter: unlabeled updates so far. A labeled update writes labeled slot `count` (while
         # count < labeled_slots) without advancing it; the unlabeled slot is count % unlabeled_slots (a ring).
         self.count = 0
-        # Sums a batch's counts over processes under torchrun (utils.distributed.all_reduce_sum), so every rank
+        # Sums a batch's counts over processes under torchrun (engine.distributed.all_reduce_sum), so every rank
         # stores the counts of the global batch and holds identical histories and weights.
         self.reduce = reduce
 

@@ -1,6 +1,6 @@
 """The exception types for what a user can fix (config, data, checkpoints) and for runs that stop on purpose.
 
-Scripts catch them at the top level (`utils.training.main_guard`) and print the message alone, without a
+Scripts catch them at the top level (`engine.run.main_guard`) and print the message alone, without a
 traceback, then exit with the exception's `exit_code`.
 """
 

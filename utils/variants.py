@@ -72,3 +72,16 @@ def uses_gta5_batch(i: int, num_iterations: int, schedule: str) -> bool:
     if schedule == "alternate":
         return (not in_last_100) and i % 2 == 0
     raise ValueError(f"unknown domain-adaptation schedule {schedule!r}")
+
+
+def resolve_method(cfg: dict, variant: Variant) -> dict:
+    """The config's method constants with the script's own values where the config leaves them null (and class
+    balancing on for Cityscapes only, as released)."""
+    m = dict(cfg["method"])
+    if m["contrastive_weight"] is None:
+        m["contrastive_weight"] = variant.contrastive_weight
+    if m["labeled_classmix_prob"] is None:
+        m["labeled_classmix_prob"] = variant.labeled_classmix_prob
+    if m["class_balancing"] is None:
+        m["class_balancing"] = cfg["dataset"] == "cityscapes"
+    return m

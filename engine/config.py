@@ -13,10 +13,11 @@ import copy
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
 from typing import Any
 
+from data.common import parse_size
 from utils.errors import UserError
+from utils.fidelity import FIDELITY_PRESETS, Fidelity
 
 REQUIRED = object()  # marker: the key has no default
 
@@ -130,23 +131,6 @@ CHOICES = {
 }
 
 
-@dataclass(frozen=True)
-class Fidelity:
-    """Every behaviour where the released code and the paper differ (SPEC section 8), in one place."""
-
-    v2_branches: int               # DeepLabv2 classifier branches summed (code: 2, paper: 4)
-    memory_keep: str               # which q vectors enter memory: "lowest" (code) or "highest" selector scores
-    memory_weights: str            # memory-side weights in the contrastive loss: "ones" (code) or "mean"
-    da_source_schedule: str        # GTA5 batches: "last100_odd" (code) or "alternate" (paper)
-    entropy_mask_broadcast: bool   # n×n broadcast of the entropy mask in the less-memory and domain-adaptation scripts
-
-
-FIDELITY_PRESETS = {
-    "code": Fidelity(2, "lowest", "ones", "last100_odd", True),
-    "paper": Fidelity(4, "highest", "mean", "alternate", False),
-}
-
-
 def fidelity(cfg: dict) -> Fidelity:
     """The switches of the config's fidelity preset; `method.da_source_schedule`, when set, replaces the preset's
     domain-adaptation schedule (the released one draws source batches only on 50 of the last 100 iterations)."""
@@ -233,17 +217,6 @@ def _check_semantics(cfg: dict, source: str) -> None:
     if width != 64 and pretrained is not None and pretrained.lower() != "none":
         from model import width_without_weights
         raise UserError(f"{source}: {width_without_weights(width, pretrained)}")
-
-
-def parse_size(text: str, what: str = "size") -> tuple[int, int]:
-    """'H,W' -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.split(","))
-    except (ValueError, AttributeError):
-        raise UserError(f"{what} must be \"H,W\" (two integers), got {json.dumps(text)}.") from None
-    if h < 1 or w < 1:
-        raise UserError(f"{what} must be positive, got {json.dumps(text)}.")
-    return h, w
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

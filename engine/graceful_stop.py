@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from utils import distributed as dist
+from engine import distributed as dist
 from utils.errors import RunStopped, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)

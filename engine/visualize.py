@@ -107,3 +107,16 @@ def save_overlay(path: str, image: torch.Tensor, classes: torch.Tensor, palette:
     the prediction's [H,W]), at full-resolution colour so that class edges stay sharp."""
     blend = overlay(to_rgb_uint8(image, channel_order), colorize_labels(classes, palette))
     Image.fromarray(blend.permute(1, 2, 0).numpy()).save(path, quality=90, subsampling=0)
+
+
+def log_unlabeled_panels(logger, i: int, views: tuple, n_images: int, palette, ignore_label: int,
+                         channel_order: str) -> None:
+    """TensorBoard pictures of an iteration's unlabeled batch: image | pseudo-label, then each strong view: mixed
+    image | its labels. `views` = (images [b,3,H,W], pseudo [b,H,W], mixed [Vb,3,H,W], mixed pseudo [Vb,H,W])."""
+    images, pseudo, mixed, mixed_pseudo = views
+    b = images.shape[0]
+    for k in range(min(n_images, b)):
+        picture = unlabeled_panel(images[k], pseudo[k], [(mixed[v * b + k], mixed_pseudo[v * b + k])
+                                                         for v in range(mixed.shape[0] // b)],
+                                  palette, ignore_label, channel_order)
+        logger.images(i, f"unlabeled_images/{k}", picture.unsqueeze(0))

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from utils import distributed as dist
-from utils.config import config_diff
+from engine import distributed as dist
+from engine.config import config_diff
 from utils.errors import RunStopped
-from utils.graceful_stop import resume_command
+from engine.graceful_stop import resume_command
 
 # Config keys that `--recover` lets differ from the checkpoint's when resuming (they change results, on purpose).
 RECOVERY_KEYS = ("training.learning_rate", "precision")

@@ -1,5 +1,5 @@
 """Progress and logs of a training run: a tqdm bar on a terminal, plain lines elsewhere, `train_log.jsonl`,
-TensorBoard event files and `curves.png` (utils/curves.py), all in the run directory. Only the main process logs.
+TensorBoard event files and `curves.png` (engine/curves.py), all in the run directory. Only the main process logs.
 
 The ETA counts training time only: the time between `evaluation_started` and `evaluation_finished` is left out,
 so the estimate does not jump after each evaluation.
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from utils.curves import draw_curves
+from engine.curves import draw_curves
 
 CURVES_MIN_INTERVAL = 30.0  # seconds between redraws of curves.png at evaluations (always redrawn at close)
 
@@ -25,7 +25,7 @@ class TrainLogger:
     def __init__(self, run_dir: str, total: int, start: int, *, enabled: bool = True, tensorboard: bool = True,
                  curves: bool = True, stream=None):
         self.enabled = enabled
-        self.curves = curves         # draw curves.png (utils.curves)
+        self.curves = curves         # draw curves.png (config utils.curves)
         self.total, self.start = total, start
         self.stream = stream or sys.stdout
         self.t0 = time.time()

@@ -4,6 +4,9 @@
     python3 utils/translate_labels.py [--root ../data/GTA5] [--labels-dir DIR] [--out-dir DIR]
                                       [--split-mat split.mat] [--workers N]
 
+(`utils/translate_labels.py` is the release's command, kept as a thin entry point; `python3 -m data.translate_labels`
+is the same.)
+
 The GTA5 ("Playing for Data") labels are PNGs in palette mode whose pixel indices are Cityscapes label ids
 (0..33), with the Cityscapes colours as palette; some copies are saved as RGB colour images. Both become
 single-channel 8-bit PNGs (mode "L") of the 19 train ids with 250 for everything not evaluated, the format
@@ -26,26 +29,20 @@ are.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # `python3 utils/translate_labels.py`: import from the repository root, not utils/
-    _here = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
-    sys.path.insert(0, os.path.dirname(_here))
-
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import stat
+import sys
 import tempfile
 
 import numpy as np
 from PIL import Image
 
 from data.cityscapes_labels import ID_TO_TRAINID, IGNORE_LABEL, LABELS, NUM_CLASSES
+from data.progress import progress
 from utils.errors import UserError
-from utils.progress import progress
 
 NUM_IDS = 34  # Cityscapes label ids 0..33
 READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)

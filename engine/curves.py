@@ -3,9 +3,9 @@ mIoU and memory fill per class, read from the run's train_log.jsonl.
 
 Drawn with matplotlib's Agg backend through its object interface (no pyplot, so no global backend is chosen for
 the caller), written to a temporary file and renamed, so an image viewer never sees half a picture. The training
-logger redraws it at evaluations and at the end (utils/logger.py); any run directory can be redrawn by hand:
+logger redraws it at evaluations and at the end (engine/logger.py); any run directory can be redrawn by hand:
 
-    python3 -m utils.curves RUN_DIR
+    python3 -m utils.curves RUN_DIR      (or python3 -m engine.curves RUN_DIR)
 """
 from __future__ import annotations
 
@@ -108,7 +108,16 @@ def draw_curves(run_dir: str, out_path: str | None = None) -> str:
     return out_path
 
 
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m engine.curves RUN_DIR` (or `-m utils.curves`): redraw RUN_DIR/curves.png."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python3 -m utils.curves RUN_DIR   (redraws RUN_DIR/curves.png from RUN_DIR/train_log.jsonl)",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {draw_curves(argv[0])}")
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):
-        sys.exit("usage: python3 -m utils.curves RUN_DIR   (redraws RUN_DIR/curves.png from RUN_DIR/train_log.jsonl)")
-    print(f"wrote {draw_curves(sys.argv[1])}")
+    sys.exit(main())

@@ -1,7 +1,7 @@
 """A trained model ready to predict: network, config and dataset constants read from one checkpoint.
 
 evaluateSSL.py and predict.py both start from `load_trained_model`, and both predict through
-`utils.evaluation.segment`, so a picture from predict.py is the prediction evaluateSSL.py scores.
+`engine.evaluation.segment`, so a picture from predict.py is the prediction evaluateSSL.py scores.
 """
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from data import DatasetInfo, dataset_info
 from data.common import image_tensor
 from model import build_model
 from model.checkpoint_io import backbone_depth_of, load_state_strict
-from utils.checkpoint import load_checkpoint, model_state_from
-from utils.config import fidelity, parse_size, resolve_config
+from engine.checkpoint import load_checkpoint, model_state_from
+from data.common import parse_size
+from engine.config import fidelity, resolve_config
 from utils.errors import UserError
-from utils.evaluation import segment
+from engine.evaluation import segment
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from utils import distributed as dist
+from engine import distributed as dist
 from utils.augmentations import normalize
 from utils.metrics import ConfusionMatrix, class_iou, mean_iou
 

@@ -1,0 +1,51 @@
+"""The command line of the training scripts (SPEC section 1) and the choice of the one device a run uses."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from engine import distributed as dist
+from engine.fault_guard import RECOVERY_KEYS
+from utils.errors import UserError
+
+
+def build_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The flags every training script takes (SPEC section 1)."""
+    p = argparse.ArgumentParser(description=description)
+    # The help texts are the README's flag table, word for word (tests/test_run_wiring.py holds them to it).
+    p.add_argument("--config", metavar="FILE", help="JSON config (configs/)")
+    p.add_argument("--data-root", metavar="PATH",
+                   help="dataset folder (default: training.data.root, else ../data/CityScapes, ../data/VOC2012)")
+    p.add_argument("--gta5-root", metavar="PATH", help="GTA5 folder for domain adaptation (default ../data/GTA5)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set training.batch_size=2 (repeatable; JSON values)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="training device (auto: CUDA when available; under torchrun each process takes "
+                        "cuda:<LOCAL_RANK>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate config and data folder, build model and optimiser, say whether the pretrained "
+                        "weights are cached or will be downloaded (downloads nothing), print the plan, exit")
+    p.add_argument("--check-files", action="store_true",
+                   help="with --dry-run: also read every image and label once (progress shown) and list every bad file")
+    p.add_argument("--resume", metavar="CHECKPOINT|auto",
+                   help="continue a run from its latest.pth (auto: the run directory's latest.pth)")
+    p.add_argument("--recover", action="store_true",
+                   help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's "
+                        f"(after a divergence)")
+    return p
+
+
+def choose_device(name: str) -> torch.device:
+    """One device for the whole run."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+        if dist.launched_by_torchrun():
+            name = f"cuda:{dist.local_rank()}"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
