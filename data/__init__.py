@@ -32,7 +32,7 @@ VOC_MEAN_RGB = (122.6789143, 116.66876762, 104.00698793)
 OTHER_MEAN_RGB = (127.5, 127.5, 127.5)
 DEFAULT_ROOTS = {"cityscapes": "../data/CityScapes", "pascal_voc": "../data/VOC2012", "gta5": "../data/GTA5"}
 DATASET_ALIASES = {"pascal": "pascal_voc"}
-SOURCE_STYLE = {"a": "b", "b": "a"}  # synthetic domain adaptation: the source is the other style
+SOURCE_STYLE = {"a": "b", "b": "a", "c": "a"}  # synthetic domain adaptation: the source style of each target
 
 
 @dataclass

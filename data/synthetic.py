@@ -44,6 +44,12 @@ _B_EARTH = [(160, 110, 85), (185, 135, 95), (125, 90, 70), (210, 160, 120)]
 _B_AUTUMN = [(150, 140, 50), (175, 115, 40), (115, 135, 65), (95, 100, 45), (160, 80, 45)]
 _B_LOUD = [(240, 110, 30), (30, 170, 170), (235, 235, 90), (120, 40, 130), (250, 250, 250), (15, 15, 20)]
 
+# Style "c": a night-time harbour town under street lights, in saturated and cold colours.
+_C_NIGHT = [(18, 22, 48), (30, 26, 66), (12, 40, 60), (44, 30, 58)]
+_C_NEON = [(210, 40, 160), (40, 200, 220), (230, 210, 40), (60, 220, 90), (250, 90, 60), (120, 80, 240)]
+_C_STONE = [(150, 150, 175), (120, 110, 150), (170, 160, 120), (95, 105, 125)]
+_C_TEAL = [(30, 120, 110), (20, 90, 120), (50, 140, 90), (25, 70, 80)]
+
 
 @dataclass(frozen=True)
 class Style:
@@ -121,12 +127,31 @@ STYLES = {
                wheel_grey=45.0, person_height=(0.13, 0.34), torso_half_width=0.09,
                pole_width=(0.014, 0.024), pole_shading=(1.1, 0.15), illumination=(0.7, 1.15),
                tint=(0.85, 1.15), side_light=0.45, haze=0.45, noise=(1.0, 4.0)),
+    # "c": a third look for pretraining a backbone (backbone.pretrained "synthetic", engine/synthetic_pretrain.py):
+    # a night sky darkening upwards, a low horizon under narrow tall buildings in neon colours with large lit
+    # windows, a narrow road of coarse cobbles with bright lane marks, wide sidewalks of small tiles, many small
+    # teal trees, small long cars, short people and thin poles, a strong side light and blue haze.
+    "c": Style(sky=_C_NIGHT, road=_C_STONE[1:] + [(70, 60, 80)], sidewalk=_C_STONE + [(180, 140, 90)],
+               building=_C_NEON + _C_STONE[:2] + _C_NIGHT[2:], vegetation=_C_TEAL,
+               pole=[(240, 240, 250), (200, 60, 60)] + _C_NEON[:2] + _C_NIGHT[:1],
+               clothes=_C_NEON + _C_STONE + _C_TEAL[:2], car=_C_NEON + _C_STONE + _C_NIGHT,
+               car_window=[(250, 240, 180), (150, 230, 250)], skin=[(210, 170, 150), (130, 90, 70), (80, 55, 45)],
+               clutter=_C_NEON + _C_TEAL,
+               sky_gradient=40.0, horizon=(0.5, 0.66), building_width=(0.06, 0.16),
+               window_period=((8, 12), (9, 14)), window_fill=((0.5, 0.7), (0.4, 0.6)),
+               window_shades=(1.6, 1.9, 0.35), road_width=(0.2, 0.34), sidewalk_width=(1.6, 2.1),
+               grass_block=2, grass_texture=(0.4, 1.0), tile=(2, 3), tile_joint=0.45, lane_mark=3.0,
+               asphalt_grain=0.6, trees=(2, 7), tree_radius=(0.04, 0.1), leaf_texture=(0.3, 1.1),
+               car_height=(0.05, 0.15), car_aspect=(1.9, 2.6), car_power=3, car_window_shade=1.0,
+               wheel_grey=90.0, person_height=(0.08, 0.22), torso_half_width=0.16,
+               pole_width=(0.004, 0.009), pole_shading=(1.4, 0.9), illumination=(0.8, 1.4),
+               tint=(0.8, 1.2), side_light=0.6, haze=0.3, haze_colour=(60.0, 80.0, 140.0), noise=(3.0, 9.0)),
 }
 
 # Rendered scenes are kept in memory when a whole dataset (images and labels) takes at most this many bytes.
 CACHE_BYTES = 256 * 2 ** 20
-# Third seed word of style "b" scenes (style "a" keeps the original (seed_offset, index) seeds).
-STYLE_SEED = {"b": 11}
+# Third seed word of style "b" and "c" scenes (style "a" keeps the original (seed_offset, index) seeds).
+STYLE_SEED = {"b": 11, "c": 13}
 
 
 def _colour(rng: np.random.Generator, family: list, jitter: float = 18.0) -> np.ndarray:
@@ -156,7 +181,7 @@ def _blocky_noise(rng: np.random.Generator, h: int, w: int, block: int) -> np.nd
 
 def render_scene(rng: np.random.Generator, height: int, width: int, ignore_label: int = IGNORE_LABEL,
                  style: str = "a") -> tuple[np.ndarray, np.ndarray]:
-    """One street scene of `style` ("a" or "b"): ([H,W,3] uint8 RGB image, [H,W] uint8 label)."""
+    """One street scene of `style` ("a", "b" or "c"): ([H,W,3] uint8 RGB image, [H,W] uint8 label)."""
     st = STYLES[style]
     H, W = height, width
     s = H / 128.0  # scale of texture periods relative to a 128-row scene
@@ -336,9 +361,9 @@ def render_scene(rng: np.random.Generator, height: int, width: int, ignore_label
 
 
 class SyntheticStreets(SegmentationDataset):
-    """`num_images` synthetic street scenes of `image_size` (H, W) in `style` ("a" or "b"); scene i is drawn from
-    the numpy generator seeded by (seed_offset, i) (style "b": (seed_offset, i, 11), so its scenes are not
-    re-coloured copies of style "a"'s). Training items (`train=True`) are random crops of `crop_size`."""
+    """`num_images` synthetic street scenes of `image_size` (H, W) in `style` ("a", "b" or "c"); scene i is drawn
+    from the numpy generator seeded by (seed_offset, i) (style "b": (seed_offset, i, 11), "c": (seed_offset, i,
+    13), so their scenes are not re-coloured copies of style "a"'s). Training items (`train=True`) are random crops of `crop_size`."""
 
     name = "synthetic"
     num_classes = NUM_CLASSES

@@ -34,9 +34,14 @@ SCHEMA: dict[str, Any] = {
         "depth": ((int, type(None)), None,
                   "ResNet depth 18/34/50/101; null: 101 for v2, 50 for v3 (101 in domain adaptation)"),
         "pretrained": ((str, type(None)), "default",
-                       "\"default\" (COCO or ImageNet file by `training.pretraining`), \"none\", or a file path"),
-        "width": ((int,), 64, "ResNet base width (stem and layer1; layer2..4: 2x, 4x, 8x); 64 is the standard and "
-                              "pretrained one, another width needs backbone.pretrained \"none\""),
+                       "\"default\" (COCO or ImageNet file by `training.pretraining`), \"synthetic\" (built on "
+                       "first use: trained on synthetic style \"c\" scenes), \"none\", or a file path"),
+        "width": ((int,), 64, "ResNet base width (stem and layer1; layer2..4: 2x, 4x, 8x); 64 is the standard one, "
+                              "the only one \"default\" weights fit"),
+        "synthetic_iterations": ((int,), 1000, "backbone.pretrained \"synthetic\": iterations of its supervised "
+                                              "pretraining"),
+        "synthetic_seed": ((int,), 0, "backbone.pretrained \"synthetic\": seed of its pretraining (not `seed`: "
+                                      "every run starts from the same backbone)"),
     },
     "training": {
         "batch_size": ((int,), REQUIRED, "labeled batch B; the unlabeled batch is B/2, augmented twice"),
@@ -100,8 +105,8 @@ SCHEMA: dict[str, Any] = {
         "num_train": ((int,), 300, "synthetic training images"),
         "num_val": ((int,), 40, "synthetic validation images"),
         "image_size": ((str,), "96,160", "\"H,W\" of the generated scenes"),
-        "style": ((str,), "a", "look of the scenes: \"a\", or \"b\" (other colours, textures, lighting and "
-                               "proportions; same classes)"),
+        "style": ((str,), "a", "look of the scenes: \"a\", \"b\" or \"c\" (other colours, textures, lighting and "
+                               "layout; same classes; \"c\" pretrains backbone.pretrained \"synthetic\")"),
         "num_source": ((int,), 300, "domain adaptation: fully labeled source scenes, in the other style"),
     },
     "folder": {
@@ -126,7 +131,7 @@ CHOICES = {
     "training.optimizer": ("SGD",),
     "training.lr_schedule": ("Poly", None),
     "training.pretraining": ("COCO", "imagenet"),
-    "synthetic.style": ("a", "b"),
+    "synthetic.style": ("a", "b", "c"),
     "method.da_source_schedule": (None, "last100_odd", "alternate"),
 }
 
@@ -214,9 +219,11 @@ def _check_semantics(cfg: dict, source: str) -> None:
     width, pretrained = cfg["backbone"]["width"], cfg["backbone"]["pretrained"]
     if width < 1:
         raise UserError(f"{source}: 'backbone.width' must be at least 1, got {width}.")
-    if width != 64 and pretrained is not None and pretrained.lower() != "none":
+    if width != 64 and pretrained == "default":  # a local file or "synthetic" loads where its tensors fit
         from model import width_without_weights
         raise UserError(f"{source}: {width_without_weights(width, pretrained)}")
+    if cfg["backbone"]["synthetic_iterations"] < 1:
+        raise UserError(f"{source}: 'backbone.synthetic_iterations' must be at least 1.")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from engine import distributed as dist
+from engine import synthetic_pretrain
 from model import build_model
 from utils.fidelity import Fidelity
 from utils.variants import Variant, backbone_depth
@@ -21,7 +22,10 @@ def build_student(cfg: dict, variant: Variant, num_classes: int, device: torch.d
         with torch.device("meta"):
             student = build_model(cfg["version"], num_classes, t["pretraining"], depth, None, **kwargs)
     else:
-        student = build_model(cfg["version"], num_classes, t["pretraining"], depth, cfg["backbone"]["pretrained"],
+        pretrained = cfg["backbone"]["pretrained"]
+        if pretrained == "synthetic":  # built here on first use (engine/synthetic_pretrain.py), then a local file
+            pretrained = synthetic_pretrain.resolve(cfg, depth, device)
+        student = build_model(cfg["version"], num_classes, t["pretraining"], depth, pretrained,
                               verbose=dist.is_main(), **kwargs).to(device)
     if t["sync_batchnorm"] and dist.is_distributed():
         student = dist.convert_sync_batchnorm(student, device)

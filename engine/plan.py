@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+from engine import synthetic_pretrain
 from model.pretrained import default_weights
 from model.weights_download import cache_status
 from utils.errors import UserError
@@ -37,10 +38,12 @@ def print_plan(run) -> None:
 
 
 def pretrained_status(cfg: dict, depth: int) -> str:
-    """One line on the pretrained weights: none, cached, to be downloaded, a local file found or missing."""
+    """One line on the pretrained weights: none, cached, to be downloaded or built, a local file found or missing."""
     source = cfg["backbone"]["pretrained"]
     if source in (None, "none"):
         return "none (random initialisation)"
+    if source == "synthetic":
+        return synthetic_pretrain.status(cfg, depth)
     if source == "default":
         try:
             path, url = default_weights(cfg["version"], cfg["training"]["pretraining"], depth)
@@ -49,4 +52,4 @@ def pretrained_status(cfg: dict, depth: int) -> str:
         return cache_status(path, url)
     if os.path.isfile(source):
         return f"{source} (found; not loaded in a dry run)"
-    return f"{source} MISSING (backbone.pretrained: give an existing file, \"default\" or \"none\")"
+    return f"{source} MISSING (backbone.pretrained: give an existing file, \"default\", \"synthetic\" or \"none\")"

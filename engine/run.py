@@ -37,7 +37,7 @@ from model.checkpoint_io import load_state_strict
 from utils.augmentations import normalize
 from utils.class_balancing import ClassBalancing
 from utils.ema import create_teacher, ema_alpha, ema_momentum, update_teacher
-from utils.memory_bank import MemoryBank, per_class_quota
+from utils.memory_bank import MemoryBank, format_fill, per_class_quota
 from utils.metrics import format_iou_table
 from utils.schedules import poly_lr, set_lr
 from utils.ssl_steps import StepContext
@@ -407,11 +407,16 @@ class Run:
     # ------------------------------------------------------------------------------------------ after loop
     @torch.no_grad()
     def refresh_batchnorm(self, model: torch.nn.Module, passes: int) -> None:
-        """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics."""
+        """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics (over labeled ones
+        when every training image is labeled: the fully supervised upper bound)."""
         model.train()
+        batches = self.unlabeled if self.unlabeled.batches_per_epoch else self.labeled
+        if batches is self.labeled:
+            self.logger.message("BatchNorm refresh: no unlabeled images (every training image is labeled), so it "
+                                "draws labeled batches")
         for _ in range(passes):
             self.stop.poll(self, "the BatchNorm refresh")
-            images = self.unlabeled.next()[0]
+            images = batches.next()[0]
             with self.autocast():
                 model(normalize(images, self.data.mean_rgb, self.data.channel_order))
         dist.average_buffers(model)  # every process refreshed on its own batches
@@ -441,6 +446,7 @@ class Run:
             with open(os.path.join(self.run_dir, "evaluation.json"), "w") as f:
                 json.dump(report, f, indent=2)
             self.logger.message(format_iou_table(torch.tensor(best["iou"]), self.data.class_names))
+            self.logger.message(format_fill(self.memory, self.data.class_names, self.method["use_contrastive"]))
             self.logger.message(f"best mIoU {100 * self.best_miou:.2f}; total time {time.time() - self.t_start:.1f} s")
         self.stop.end(self)  # closes the logger too
         return best

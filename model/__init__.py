@@ -25,8 +25,8 @@ def build_model(version: str, num_classes: int, pretraining: str = "COCO", depth
     "imagenet" the torchvision one; v3+ is always torchvision-style. depth None: 101 for v2, 50 for v3.
     pretrained: None/"none", "default" (released weights in torch hub's folder, downloaded on first use) or a
     file path; the load report is printed when verbose. v2_branches: classifier branches summed, 2 ("code")
-    or 4 ("paper"). width: the ResNet's base width (64: the standard network; another width has no pretrained
-    weights, so `pretrained` must then be None/"none").
+    or 4 ("paper"). width: the ResNet's base width (64: the standard network, the only one the "default"
+    weights fit; a local file loads at any width whose tensors it fits).
     """
     version = str(version)
     if version not in VERSIONS:
@@ -39,7 +39,7 @@ def build_model(version: str, num_classes: int, pretraining: str = "COCO", depth
         raise UserError(f"backbone depth {depth!r} is not supported; choose one of {sorted(LAYERS)} (or null).")
     if not isinstance(width, int) or isinstance(width, bool) or width < 1:
         raise UserError(f"backbone width {width!r}: give a positive integer (64: the standard ResNet).")
-    if width != STANDARD_WIDTH and pretrained is not None and str(pretrained).lower() != "none":
+    if width != STANDARD_WIDTH and pretrained == "default":
         raise UserError(width_without_weights(width, pretrained))
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer, got {num_classes!r}.")
@@ -58,8 +58,9 @@ def build_model(version: str, num_classes: int, pretraining: str = "COCO", depth
 
 
 def width_without_weights(width: int, pretrained: object) -> str:
-    """The message refusing pretrained weights for a backbone of non-standard width."""
-    return (f"backbone.width is {width} but backbone.pretrained is {json.dumps(pretrained)}: pretrained backbones "
+    """The message refusing the released weights for a backbone of non-standard width."""
+    return (f"backbone.width is {width} but backbone.pretrained is {json.dumps(pretrained)}: the released backbones "
             f"(ImageNet, COCO) are standard ResNets of width {STANDARD_WIDTH}, whose tensors do not fit a narrower "
-            f"or wider one. Set backbone.pretrained to \"none\" (random initialisation) or backbone.width to "
-            f"{STANDARD_WIDTH}.")
+            f"or wider one. Set backbone.width to {STANDARD_WIDTH}, or backbone.pretrained to \"synthetic\" (a "
+            f"backbone of this width trained on synthetic scenes), a file of this width, or \"none\" (random "
+            f"initialisation).")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from model.heads import BACKBONE_MODULES
 from model.weights_download import fetch_weights
 from utils.errors import UserError
 
@@ -70,6 +71,21 @@ def _strip(name: str) -> str:
     return name
 
 
+def refuse_unfitting_backbone(weights: dict[str, torch.Tensor], own: dict[str, torch.Tensor], path: str) -> None:
+    """Stop when most backbone tensors (conv1, bn1, layer1..4) that the file and the model both name differ in
+    shape: the file is for another backbone (width, depth or block type), and loading the few that fit would start
+    training from a mixture. Files of another depth whose common tensors fit (ResNet-101 into -50) load."""
+    common = [n for n, t in weights.items() if n.split(".")[0] in BACKBONE_MODULES and n in own
+              and isinstance(t, torch.Tensor)]
+    wrong = [n for n in common if weights[n].shape != own[n].shape]
+    if wrong and len(wrong) * 2 > len(common):
+        n = wrong[0]
+        raise UserError(f"pretrained weights {path}: {len(wrong)} of the {len(common)} backbone tensors it shares "
+                        f"with the model do not fit (e.g. {n}: file {tuple(weights[n].shape)}, model "
+                        f"{tuple(own[n].shape)}); the file is for another backbone. Set backbone.width and "
+                        f"backbone.depth to the file's network, or backbone.pretrained to another file or \"none\".")
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (raw state dict, or {"state_dict"/"model": ...}), prefixes stripped."""
     try:
@@ -97,11 +113,15 @@ def load_pretrained(model: nn.Module, source: str | None, version: str, pretrain
     """Copy the tensors of `source` into `model` where name and shape match; returns the report.
 
     source: None/"none" -> nothing (None returned); "default" -> the released file at torch hub's
-    checkpoint folder, downloaded there first when missing; anything else -> a local file path. A missing
-    local file, or a failed download, raises UserError saying what to download and where to put it.
+    checkpoint folder, downloaded there first when missing; anything else -> a local file path (the training
+    engine turns "synthetic" into one). A missing local file, or a failed download, raises UserError saying what
+    to download and where to put it; so does a file whose backbone tensors mostly do not fit the model.
     """
     if source is None or source.lower() == "none":
         return None
+    if source == "synthetic":
+        raise UserError("backbone.pretrained \"synthetic\" is built by the training engine "
+                        "(engine/synthetic_pretrain.py); give build_model the path of the built file.")
     downloaded = None
     if source == "default":
         path, url = default_weights(version, pretraining, depth)
@@ -112,8 +132,9 @@ def load_pretrained(model: nn.Module, source: str | None, version: str, pretrain
             raise UserError(f"pretrained weights file not found: {path} (backbone.pretrained). Give an existing "
                             f"file, \"default\" or \"none\".")
     weights = read_state_dict(path) if downloaded is None else state_dict_of(downloaded, path)
-    report = PretrainedReport(path)
     own = model.state_dict()            # detached tensors sharing storage with the model
+    refuse_unfitting_backbone(weights, own, path)
+    report = PretrainedReport(path)
     with torch.no_grad():
         for name, tensor in weights.items():
             if not isinstance(tensor, torch.Tensor):

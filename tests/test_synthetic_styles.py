@@ -72,7 +72,7 @@ def test_style_b_deterministic_and_seeded_apart_from_a():
     assert not np.array_equal(a.scene(0)[0], a.scene(1)[0])
     assert a.names[1] == "synthetic-b_3_00001"
     with pytest.raises(UserError, match="synthetic.style"):
-        SyntheticStreets(2, (32, 32), train=False, style="c")
+        SyntheticStreets(2, (32, 32), train=False, style="d")
 
 
 def _cfg(**sets):

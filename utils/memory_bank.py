@@ -154,3 +154,12 @@ class MemoryBank:
         # `add` relies on the slots beyond each count holding zeros
         unused = torch.arange(self.size, device=self.device)[None, :] >= counts[:, None]      # [C, S]
         self.memory.masked_fill_(unused[:, :, None], 0.0)
+
+
+def format_fill(memory: MemoryBank, class_names: list[str], used: bool = True) -> str:
+    """One line: the memory bank's vectors per class (of its size per class), or that the run did not use it."""
+    if not used:
+        return "memory bank at the end: not used (method.use_contrastive false)"
+    counts = memory.counts.tolist()
+    return (f"memory bank at the end, vectors per class (of {memory.size}): "
+            + ", ".join(f"{name} {n}" for name, n in zip(class_names, counts)))
