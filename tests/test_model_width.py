@@ -88,26 +88,70 @@ def test_width_32_forward_shapes_and_parameter_count_by_hand():
     assert backbone_parameters(model) == 2724 * 32 ** 2 + 297 * 32 == 2_798_880
 
 
-# ---------------------------------------------------------------- pretrained weights refused
+# ---------------------------------------------------------------- the width rule of pretrained weights
 
-def test_pretrained_weights_refused_for_another_width(tmp_path):
-    for source in ("default", str(tmp_path / "weights.pth")):
-        with pytest.raises(UserError) as err:
-            build_model("3", 4, "imagenet", 18, source, width=32)
-        msg = str(err.value)
-        assert "backbone.width is 32" in msg and '"none"' in msg and source in msg
-    assert build_model("3", 4, "imagenet", 18, "none", width=32, verbose=False).pretrained_report is None
-    with pytest.raises(UserError, match="positive integer"):
-        build_model("3", 4, "imagenet", 18, None, width=0)
-    # the config says so before anything is built, naming the file
+def _backbone_file(path, width: int, depth: int = 18, seed: int = 0) -> dict:
+    """A weights file holding the backbone tensors (what an ImageNet file holds) of a ResNet of `width`."""
+    torch.manual_seed(seed)
+    state = {k: v for k, v in build_model("3", 4, "imagenet", depth, width=width, verbose=False).state_dict().items()
+             if k.split(".")[0] in ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")}
+    torch.save(state, path)
+    return state
+
+
+def test_only_the_default_weights_need_the_standard_width(tmp_path):
+    # "default" (the released ImageNet/COCO files) is refused at another width, by build_model and by the config
+    with pytest.raises(UserError) as err:
+        build_model("3", 4, "imagenet", 18, "default", width=32)
+    msg = str(err.value)
+    assert "backbone.width is 32" in msg and '"none"' in msg and '"default"' in msg and '"synthetic"' in msg
     with pytest.raises(UserError) as err:
         load_config(BENCH_CONFIG, ["backbone.width=32", "backbone.pretrained=default"])
     assert "ssl_synthetic.json" in str(err.value) and "backbone.pretrained" in str(err.value)
+    # a local file of width 32 loads into a width-32 network: every one of its tensors, bit for bit
+    path = str(tmp_path / "w32.pth")
+    state = _backbone_file(path, 32)
+    model = build_model("3", 4, "imagenet", 18, path, width=32, verbose=False)
+    assert model.pretrained_report.loaded == len(state) == 120 and not model.pretrained_report.skipped
+    assert torch.equal(model.layer4[1].conv2.weight, state["layer4.1.conv2.weight"])
+    # ... and the config accepts a file or "synthetic" at any width
+    assert load_config(BENCH_CONFIG, [f"backbone.pretrained={path}"])["backbone"]["width"] == 32
+    assert load_config(BENCH_CONFIG, ["backbone.pretrained=synthetic", "backbone.width=16"])["backbone"]["width"] == 16
+    # a missing file is named as such (not as a width problem)
+    with pytest.raises(UserError, match="not found"):
+        build_model("3", 4, "imagenet", 18, str(tmp_path / "missing.pth"), width=32)
+    assert build_model("3", 4, "imagenet", 18, "none", width=32, verbose=False).pretrained_report is None
+    with pytest.raises(UserError, match="positive integer"):
+        build_model("3", 4, "imagenet", 18, None, width=0)
     with pytest.raises(UserError, match="at least 1"):
         load_config(BENCH_CONFIG, ["backbone.width=0", "backbone.pretrained=none"])
     assert load_config(BENCH_CONFIG)["backbone"]["width"] == 32                 # the benchmark's network
     demo = os.path.join(ROOT, "configs", "demo.json")                          # no width key: the standard 64
     assert load_config(demo, ["backbone.pretrained=default"])["backbone"]["width"] == 64
+
+
+def test_a_file_whose_backbone_mostly_does_not_fit_is_refused(tmp_path):
+    # a width-64 file into a width-32 network: every backbone tensor differs in shape -> refused, nothing loaded
+    path = str(tmp_path / "w64.pth")
+    _backbone_file(path, 64)
+    torch.manual_seed(5)
+    with pytest.raises(UserError) as err:
+        build_model("3", 4, "imagenet", 18, path, width=32)
+    msg = str(err.value)
+    # ResNet-18 tensors of conv1/bn1/layer1..4: 120; at width 32 against 64 only the 20 BatchNorm
+    # num_batches_tracked scalars keep their shape -> 100 of 120 differ
+    assert "100 of the 120 backbone tensors" in msg and "conv1.weight: file (64, 3, 7, 7), model (32, 3, 7, 7)" in msg
+    assert "backbone.width" in msg and path in msg
+    # a file where only a few tensors differ (here: layer4's first conv) still loads the rest, and says what it skipped
+    state = _backbone_file(path, 32)
+    state["layer4.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)
+    torch.save(state, path)
+    report = build_model("3", 4, "imagenet", 18, path, width=32, verbose=False).pretrained_report
+    assert report.loaded == 119 and [n for n, _ in report.skipped] == ["layer4.0.conv1.weight"]
+    # a deeper file whose common tensors fit (ResNet-34 into -18: layer blocks 2.. are extra) loads them
+    _backbone_file(path, 32, depth=34)
+    report = build_model("3", 4, "imagenet", 18, path, width=32, verbose=False).pretrained_report
+    assert report.loaded == 120 and all(reason == "missing in model" for _, reason in report.skipped)
 
 
 def test_a_width_16_checkpoint_is_rebuilt_from_its_config(tmp_path):
