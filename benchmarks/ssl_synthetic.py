@@ -37,20 +37,30 @@ from benchmarks.ssl_runner import LoadSampler, finished, machine, run_all  # noq
 SESSIONS = "sessions.json"  # in --out: every invocation that trained runs (wall time, load), to report true times
 
 
-def prepare_backbone(config: str, extra: dict) -> dict | None:
-    """Build (or find) the synthetic-pretrained backbone every arm starts from, before the runs, so that parallel runs
-    do not wait on its lock; its path and SHA-256 for the report. None when the config does not use one."""
-    from engine.config import load_config
+def prepare_backbone(config: str, extra: dict, threads: int) -> dict | None:
+    """Build (or find) the synthetic-pretrained backbone every arm starts from, before the runs (so that parallel runs
+    do not wait on its lock), with `threads` torch threads like each run (the bytes depend on the thread count);
+    its path and SHA-256 for the report. None when the config does not use one."""
+    import hashlib
+
+    import torch
+
     from engine import synthetic_pretrain
+    from engine.config import load_config
     from utils.variants import TRAIN_SSL, backbone_depth
     cfg = load_config(config, overrides(extra))
     if cfg["backbone"]["pretrained"] != "synthetic":
         return None
-    import hashlib
-    path = synthetic_pretrain.build(synthetic_pretrain.spec_of(cfg, backbone_depth(cfg, TRAIN_SSL)))
+    spec = synthetic_pretrain.spec_of(cfg, backbone_depth(cfg, TRAIN_SSL))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        path = synthetic_pretrain.build(spec)
+    finally:
+        torch.set_num_threads(before)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    return {"path": path, "sha256": digest, "spec": synthetic_pretrain.spec_of(cfg, backbone_depth(cfg, TRAIN_SSL)).stem}
+    return {"path": path, "sha256": digest, "spec": spec.stem, "threads": threads}
 
 
 def record_session(out: str, session: dict) -> list[dict]:
@@ -160,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = {**mode_settings("smoke")["sets"], **extra}
     os.makedirs(out, exist_ok=True)
     if args.run_length:
-        backbone = None if args.plan else prepare_backbone(config, extra)
+        backbone = None if args.plan else prepare_backbone(config, extra, args.threads)
         return run_length(args, config, out, extra, diagnose) | {"backbone": backbone}
     m = mode_settings(mode, args.iterations, args.seeds, args.val_every)
     runs = plan(m, out, args.arms, extra)
@@ -175,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(" ".join(shlex.quote(a) for a in command(r, config, args.device, diagnose)))
         return {}
     info = machine()
-    backbone = prepare_backbone(config, extra)
+    backbone = prepare_backbone(config, extra, args.threads)
     failed: list[dict] = []
     if args.report:
         done = [r for r in runs if finished(r, config, diagnose)]
