@@ -143,7 +143,8 @@ def plan_for(dry_run: bool) -> Plan:
     # process) beside the others.
     return Plan(
         dry_run=True, device="cpu", demo_precisions=("fp32",), demo_iterations=3,
-        demo_sets=("version=2", "backbone.depth=18", "backbone.width=16", "training.batch_size=2",
+        demo_sets=("version=2", "backbone.depth=18", "backbone.width=16", "backbone.pretrained=none",
+                   "training.batch_size=2",
                    "training.data.input_size=33,49", "training.data.labeled_samples=4", "synthetic.num_train=12",
                    "synthetic.num_val=3", "synthetic.image_size=40,60", "method.ramp_up_iterations=1",
                    "method.memory_start_offset=1", "method.memory_confidence=0.0", "method.bn_refresh_iterations=1",

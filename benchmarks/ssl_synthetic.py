@@ -31,7 +31,7 @@ if ROOT not in sys.path:
 from benchmarks import ssl_report as report  # noqa: E402
 from benchmarks.ssl_protocol import (ARMS, BASE_CONFIG, DEFAULT_OUT, DIFFERENCES_FROM_RELEASE, PAIRS,  # noqa: E402
                                      RELEASED_ITERATIONS, RUN_LENGTH_RULE, arm_documentation, arm_keys, command,
-                                     mode_settings, overrides, plan, scaled_run_length, set_args)
+                                     mode_settings, overrides, plan, rule_decision, scaled_run_length, set_args)
 from benchmarks.ssl_runner import LoadSampler, finished, machine, run_all  # noqa: E402
 
 SESSIONS = "sessions.json"  # in --out: every invocation that trained runs (wall time, load), to report true times
@@ -102,7 +102,7 @@ def run_length(args, config: str, out: str, extra: dict, diagnose: bool) -> dict
     """The pre-registration step: RUN_LENGTH_RULE on the supervised arm alone; writes run_length.json."""
     rule = RUN_LENGTH_RULE
     print("run-length rule: " + rule["text"], flush=True)
-    n, steps, chosen, failed = rule["start"], [], None, []
+    n, steps, chosen, why, failed = rule["start"], [], None, "", []
     while chosen is None:
         runs = [r for k in (n, 2 * n) for r in plan(mode_settings("full", k, rule["seeds"]), out, [rule["arm"]], extra)]
         done, bad, session = train(runs, args, config, diagnose)
@@ -117,12 +117,8 @@ def run_length(args, config: str, out: str, extra: dict, diagnose: bool) -> dict
                                    for k in (n, 2 * n)}})
         print(f"N={n}: mean best mIoU {mean[n]:.2f}; 2N={2 * n}: {mean[2 * n]:.2f}; gain {gain:+.2f} points "
               f"(rule: < {rule['min_gain_points']})", flush=True)
-        if gain < rule["min_gain_points"]:
-            chosen, why = n, "rule met"
-        elif 2 * n >= rule["cap"]:
-            chosen, why = rule["cap"], "cap reached (the rule not met below it)"
-        else:
-            n *= 2
+        chosen, why = rule_decision(n, gain, rule)
+        n *= 2
     result = {"rule": rule, "steps": steps, "chosen": chosen, "why": why, "failed": failed}
     with open(os.path.join(out, "run_length.json"), "w") as f:
         f.write(report.compact_json(result))

@@ -16,6 +16,32 @@ if ROOT not in sys.path:
 torch.set_num_threads(int(os.environ.get("SSL_TEST_THREADS") or (1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)))
 
 
+# No test reads or writes the real torch hub cache: tests that build or download weights point TORCH_HOME (or
+# torch.hub.get_dir) at their own temporary folder; the rest get this session's (subprocesses inherit it).
+if "PYTEST_TORCH_HOME_SET" not in os.environ:
+    import tempfile
+    os.environ["TORCH_HOME"] = tempfile.mkdtemp(prefix="ssl_tests_torch_home_")
+    os.environ["PYTEST_TORCH_HOME_SET"] = "1"
+
+TINY_BACKBONE_ITERATIONS = 50  # tests build synthetic backbones of a few iterations only
+
+
+@pytest.fixture(autouse=True)
+def no_large_synthetic_backbone(monkeypatch):
+    """A test that would build a real-sized synthetic backbone (configs/demo.json's, minutes of CPU) fails at once:
+    tiny runs set backbone.pretrained "none", tests of the builder a few iterations."""
+    from engine import synthetic_pretrain
+    train = synthetic_pretrain.train_backbone
+
+    def guarded(spec, *args, **kwargs):
+        if spec.iterations > TINY_BACKBONE_ITERATIONS:
+            raise AssertionError(f"a test would build the synthetic backbone {spec.stem} ({spec.iterations} "
+                                 f"iterations): set backbone.pretrained to \"none\" in its run's overrides")
+        return train(spec, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic_pretrain, "train_backbone", guarded)
+
+
 @pytest.fixture(scope="session")
 def original_signal_handlers():
     return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}

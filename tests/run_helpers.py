@@ -26,9 +26,11 @@ def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
     """The demo config (synthetic scenes) shrunk to a few CPU seconds per run: DeepLabv2 on ResNet-18, batch 2
     (one unlabeled image, two strong views), 33x49 crops of 40x60 scenes, 4 training images of which 2 labeled
     (class-balancing histories of 1 labeled and 2 unlabeled slots: full from iteration 1 on), 2 validation
-    images, no evaluation, checkpoint or BatchNorm refresh unless asked for."""
+    images, no evaluation, checkpoint or BatchNorm refresh unless asked for; random initialisation (the demo's
+    synthetic-pretrained backbone is never built by a test)."""
     sets = {
         "version": "2", "backbone.depth": 18, "backbone.width": TINY_WIDTH,
+        "backbone.pretrained": "none",  # the demo starts from "synthetic": no test builds that file
         "training.batch_size": 2, "training.num_workers": 0,
         "training.num_iterations": iterations, "training.learning_rate": 0.01,
         "training.data.labeled_samples": 2, "training.data.input_size": "33,49",

@@ -481,7 +481,7 @@ def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
     assert status(**{"backbone.pretrained": str(weights)}) == f"{weights} (found; not loaded in a dry run)"
     missing = str(tmp_path / "nowhere.pth")
     assert status(**{"backbone.pretrained": missing}) == (
-        f"{missing} MISSING (backbone.pretrained: give an existing file, \"default\" or \"none\")")
+        f"{missing} MISSING (backbone.pretrained: give an existing file, \"default\", \"synthetic\" or \"none\")")
     assert status(**{"backbone.pretrained": "none"}) == "none (random initialisation)"
     coco = status(**{"backbone.pretrained": "default", "training.pretraining": "COCO"})
     assert coco.startswith("unavailable: there are no default COCO weights for DeepLabv2 with ResNet-18 ")
