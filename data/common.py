@@ -17,7 +17,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.errors import UserError
-from utils.losses import check_labels
 
 CHANNEL_ORDERS = ("BGR", "RGB")
 READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -32,6 +31,25 @@ def parse_size(text: str, what: str = "size") -> tuple[int, int]:
     if h < 1 or w < 1:
         raise UserError(f"{what} must be positive, got {json.dumps(text)}.")
     return h, w
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_label: int, source: str = "") -> None:
+    """Raise UserError when `labels` holds values outside [0, num_classes) other than the ignore label.
+
+    Meant for the data pipeline (CPU, not a hot path: it syncs), so that a label file holding raw ids
+    instead of train ids fails with the file name rather than as a CUDA assert deep inside the loss.
+    """
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_label)
+    if bool(bad.any()):
+        values = torch.unique(labels[bad]).tolist()
+        shown = values[:20]
+        more = f" (and {len(values) - 20} more)" if len(values) > 20 else ""
+        where = f"label file {source!r}" if source else "labels"
+        raise UserError(
+            f"{where} contains values {shown}{more} outside the train ids 0..{num_classes - 1} and not the "
+            f"ignore label {ignore_label}; convert the labels to train ids (e.g. utils/translate_labels.py) "
+            f"or fix num_classes / ignore_label in the config."
+        )
 
 
 def channel_order_for(pretraining: str) -> str:
