@@ -55,7 +55,7 @@ def tiny_args(run_dir: str) -> list[str]:
         "method.ramp_up_iterations": R, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1, "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2,
         "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False, "utils.curves": False,
-        "utils.checkpoint_dir": run_dir,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "",
     }
     args = ["--config", CONFIG, "--device", "cpu"]
     for k, v in sets.items():

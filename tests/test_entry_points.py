@@ -95,11 +95,11 @@ def test_flags_and_their_help_are_the_readme_table():
         usage = action.option_strings[0] + ("" if action.nargs == 0 else f" {action.metavar}")
         flags[usage] = action.help
     assert flags == rows
-    assert len(rows) == 9
+    assert len(rows) == 10
     # what a flag left out means: no file or folder given, no override, the device chosen for you, switches off
     assert vars(parser.parse_args([])) == {
         "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
-        "check_files": False, "resume": None, "recover": False}
+        "check_files": False, "resume": None, "restart": False, "recover": False}
     assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
 
 

@@ -27,7 +27,8 @@ def tiny_overrides(run_dir: str, iterations: int = 12) -> list[str]:
         "method.ramp_up_iterations": 4, "method.memory_start_offset": 2, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 2,
         "training.data.split_id_list": -1,  # split 0 is the release's split of all 2975 images
-        "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 5, "utils.save_checkpoint_every": 5,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "", "utils.val_per_iter": 5,
+        "utils.save_checkpoint_every": 5,
         "utils.save_latest_every": 5, "utils.log_every": 1, "utils.curves": False,
     }
     out = []
