@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """Evaluate a trained checkpoint on its dataset's validation split: per-class IoU and mIoU.
 
-    python3 evaluateSSL.py --model-path ../saved/DeepLab/best_model.pth [--save-output-images [DIR]]
+    python3 evaluateSSL.py --model-path ../saved/DeepLab/<config name>/best_model.pth [--save-output-images [DIR]]
 
 Model kind, dataset, pretraining (channel order) and ignore label come from the config stored in the checkpoint,
 which may be one written by this project or by the original release ({'model', 'config', 'optimizer',
-'iteration'}). Prints per-class IoU (worst first) and mIoU and writes them as JSON next to the checkpoint.
+'iteration'}). Prints per-class IoU (worst first) and mIoU, in percent, and writes them as JSON next to the
+checkpoint (in the current folder when the checkpoint's folder cannot be written, and it says so first).
 
 `--protocol whole` (default) is the paper's: one forward of each whole image. `--protocol sliding` runs windows of
 the training crop size (a third overlapping) and sums their softmax over the overlaps. `--save-output-images`
-writes, per image, `<name>.png` (the colour-coded prediction, a palette PNG whose pixel values are the class
+writes, per image and under its relative path, `<name>.png` (the colour-coded prediction, a palette PNG whose pixel values are the class
 indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`. predict.py makes
 the same predictions for images without labels (engine/inference.py).
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Segment your own images with a trained checkpoint: colour-coded masks, class-id maps and overlays.
 
-    python3 predict.py --model-path ../saved/DeepLab/best_model.pth --input photos/ --out predictions/ [--overlay]
+    python3 predict.py --model-path ../saved/DeepLab/<config name>/best_model.pth --input photos/ --out predictions/ [--overlay]
 
 --input is one image, a folder (searched recursively for .png .jpg .jpeg .bmp .tif .tiff .webp, as the folder
 dataset) or a text file listing image paths, one per line (relative to the list file). For every image, under
