@@ -90,9 +90,9 @@ def report_path(stem: str) -> str | None:
     reasons = []
     for path in (beside, fallback):
         try:
-            check_writable(os.path.dirname(os.path.abspath(path)), "the folder", "-")
+            check_writable(os.path.dirname(os.path.abspath(path)), "the folder", "")
         except UserError as e:
-            reasons.append(str(e).removesuffix(" -"))
+            reasons.append(str(e).removesuffix("."))
             continue
         if reasons:
             print(f"note: {reasons[0]}; the report goes to {path} instead", flush=True)

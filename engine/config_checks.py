@@ -22,7 +22,7 @@ RANGES: dict[str, tuple[float, bool, float | None, bool, str]] = {
     "training.weight_decay": (0, True, None, True, "0 (none) or a positive weight decay, e.g. 5e-4"),
     "training.lr_schedule_power": (0, True, None, True, "0 (constant) or a positive poly power, e.g. 0.9"),
     "training.num_workers": (0, True, None, True, "0 (load in the training process) or a number of worker processes"),
-    "seed": (0, True, SEED_MAX, True, f"an integer in 0..{SEED_MAX}"),
+    "seed": (0, True, SEED_MAX, True, "a 32-bit seed, e.g. 5555 (the Cityscapes configs) or 7 (VOC)"),
     "ignore_label": (0, True, 255, True, "a value in 0..255 (labels are 8-bit images), e.g. 250 or 255"),
     "method.ramp_up_iterations": (0, True, None, True, "0 or more iterations"),
     "method.memory_start_offset": (0, True, None, True, "0 or more iterations"),
@@ -52,11 +52,15 @@ def _get(cfg: dict, dotted: str) -> Any:
     return node
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _bound(low: float, low_in: bool, high: float | None, high_in: bool) -> str:
-    lower = f">= {low:g}" if low_in else f"> {low:g}"
+    lower = f">= {_num(low)}" if low_in else f"> {_num(low)}"
     if high is None:
         return lower
-    return f"in [{low:g}, {high:g}{']' if high_in else ')'}"
+    return f"in [{_num(low)}, {_num(high)}{']' if high_in else ')'}"
 
 
 def _non_finite(node: Any, prefix: str = "") -> list[tuple[str, float]]:

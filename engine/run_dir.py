@@ -50,27 +50,29 @@ def run_directory(cfg: dict, config_path: str | None) -> str:
     return os.path.join(u["checkpoint_dir"], name) if name else u["checkpoint_dir"]
 
 
-def check_writable(run_dir: str, what: str = "the run directory", fix: str = "") -> None:
+def check_writable(run_dir: str, what: str = "the run directory", fix: str | None = None) -> None:
     """Raise UserError when the folder `run_dir` cannot be created or written (it is a file, a parent is a file, the
     place is read-only or full); writes and removes one small file to find out. `what` names it in the message,
-    `fix` says what to do (default: the config keys of the run directory)."""
+    `fix` says what to do (None: the config keys of the run directory; "": nothing)."""
     path = os.path.abspath(run_dir)
-    fix = fix or ("Choose a folder you can write: --set utils.checkpoint_dir=PATH (the runs' folder) or "
-                  "--set utils.run_name=NAME.")
+    if fix is None:
+        fix = ("Choose a folder you can write: --set utils.checkpoint_dir=PATH (the runs' folder) or "
+               "--set utils.run_name=NAME.")
+    fix = f" {fix}" if fix else ""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{what} {run_dir} is a file, not a folder. {fix}")
+        raise UserError(f"{what} {run_dir} is a file, not a folder.{fix}")
     probe = path
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
-        raise UserError(f"cannot create {what} {run_dir}: {probe} is a file, not a folder. {fix}")
+        raise UserError(f"cannot create {what} {run_dir}: {probe} is a file, not a folder.{fix}")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         where = f"{what} {run_dir}" if probe == path else f"{probe}, where {what} {run_dir} would be made"
-        raise UserError(f"cannot write {where}: {e.strerror or e}. {fix}") from None
+        raise UserError(f"cannot write {where}: {e.strerror or e}.{fix}") from None
 
 
 def _holder(text: str) -> str:
