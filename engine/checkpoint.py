@@ -58,7 +58,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     """Load a checkpoint dict with weights_only=True; a clear error for a missing or unreadable file."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a checkpoint file; give a .pth file in it (e.g. "
-                        f"{os.path.join(path, 'best_model.pth')}, or its run state {os.path.join(path, 'latest.pth')}).")
+                        f"{os.path.join(path, 'best_model.pth')}, or its run state "
+                        f"{os.path.join(path, 'latest.pth')}).")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -86,9 +86,11 @@ SCHEMA: dict[str, Any] = {
     "ignore_label": ((int,), 250, "label value ignored by losses and metrics"),
     "utils": {
         "save_checkpoint_every": ((int,), 10000, "periodic checkpoint interval (replaces the previous one)"),
-        "checkpoint_dir": ((str,), "../saved/DeepLab", "folder of the runs: the run directory is checkpoint_dir/run_name"),
-        "run_name": ((str, type(None)), None, "run directory inside checkpoint_dir (checkpoints, logs, config.json); "
-                                               "null: the config file's name without .json; \"\": checkpoint_dir itself"),
+        "checkpoint_dir": ((str,), "../saved/DeepLab",
+                           "folder of the runs: the run directory is checkpoint_dir/run_name"),
+        "run_name": ((str, type(None)), None,
+                     "run directory inside checkpoint_dir (checkpoints, logs, config.json); null: the config file's "
+                     "name without .json; \"\": checkpoint_dir itself"),
         "val_per_iter": ((int,), 1000, "evaluation interval"),
         "save_best_model": ((bool,), True, "write best_model.pth on a new best mIoU"),
         "save_latest_every": ((int,), 1000, "interval of latest.pth, the full run state for exact resume"),

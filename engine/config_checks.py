@@ -116,7 +116,8 @@ def check_values(cfg: dict, source: str) -> None:
     if min(h, w) < MIN_CROP:
         raise UserError(f"{source}: config key 'training.data.input_size' is \"{h},{w}\"; training crops must be at "
                         f"least {MIN_CROP},{MIN_CROP} (the strong augmentation's 23x23 blur pads by 11 pixels): use "
-                        f"e.g. \"{max(h, MIN_CROP)},{max(w, MIN_CROP)}\" (the paper configs: \"512,512\", \"321,321\").")
+                        f"e.g. \"{max(h, MIN_CROP)},{max(w, MIN_CROP)}\" (the paper configs: \"512,512\", "
+                        f"\"321,321\").")
     u = cfg["utils"]
     if not u["checkpoint_dir"].strip():
         raise UserError(f"{source}: config key 'utils.checkpoint_dir' is empty; name the folder of the runs, e.g. "

@@ -36,8 +36,9 @@ def load_config_and_checkpoint(a: argparse.Namespace, variant: Variant, argv: li
     ckpt = None
     if a.resume and a.resume != "auto":
         if os.path.isdir(a.resume):
-            raise UserError(f"--resume {a.resume} is a folder; give its run state ({os.path.join(a.resume, 'latest.pth')})"
-                            f" or a checkpoint file, or --resume auto with the run's --config.")
+            raise UserError(f"--resume {a.resume} is a folder; give its run state "
+                            f"({os.path.join(a.resume, 'latest.pth')}) or a checkpoint file, or --resume auto with the "
+                            f"run's --config.")
         ckpt = load_checkpoint(a.resume, map_location="cpu")
     if a.restart and (a.resume == "auto" or ckpt is not None and ckpt.get("format") == RUN_STATE_FORMAT):
         raise UserError("--restart starts a new run in the run directory; it does not go with --resume auto or a "
@@ -153,8 +154,8 @@ def _earlier_run(cfg: dict, run_dir: str, a: argparse.Namespace, variant: Varian
                         f"{weights} would write over them. To keep them, {own}; or {restart}.")
     if "latest.pth" not in files:
         shown = ", ".join(files[:6]) + (", ..." if len(files) > 6 else "")
-        raise UserError(f"{run_dir} holds files of an earlier run ({shown}) but no latest.pth to continue from. To keep "
-                        f"them, {own}; or {restart}.")
+        raise UserError(f"{run_dir} holds files of an earlier run ({shown}) but no latest.pth to continue from. "
+                        f"To keep them, {own}; or {restart}.")
     state = load_checkpoint(latest, map_location="cpu")
     done, total = state.get("iteration"), cfg["training"]["num_iterations"] * variant.steps_per_iteration
     script = state.get("script") or variant.name

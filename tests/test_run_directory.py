@@ -88,7 +88,8 @@ def test_an_earlier_run_is_never_written_over_silently(finished, tmp_path, capsy
          [f"{run_dir} holds a run of another config (latest.pth after 2 iterations). Differing keys (there -> now):",
           "  training.learning_rate: 0.01 -> 0.02", "--set utils.run_name=NAME", "--restart"]),
         (argv, LESS_MEMORY, [f"{run_dir} holds a run of trainSSL.py (latest.pth after 2 iterations); this is "
-                             f"trainSSL_less_memory.py. Continue that run with:\n  python3 trainSSL.py --config {DEMO}"]),
+                             f"trainSSL_less_memory.py. Continue that run with:\n  python3 trainSSL.py --config "
+                             f"{DEMO}"]),
         (argv + ["--resume", os.path.join(run_dir, "best_model.pth")], TRAIN_SSL,
          [f"{run_dir} holds files of an earlier run (", "(--resume auto continues that run); a run started from the "
           "weights of", "would write over them"]),
@@ -159,7 +160,7 @@ def test_a_held_directory_stops_a_second_run_at_once_and_a_killed_holder_leaves_
     assert holder.returncode == -signal.SIGKILL
     assert json.load(open(os.path.join(run_dir, rundir.LOCK_NAME)))["pid"] == holder.pid
     capsys.readouterr()
-    run = made(argv)
+    made(argv)
     assert f"taking over from pid {holder.pid} on host {socket.gethostname()}" in capsys.readouterr().out
     assert json.load(open(os.path.join(run_dir, rundir.LOCK_NAME)))["pid"] == os.getpid()
     rundir.release(run_dir)

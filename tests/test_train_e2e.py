@@ -114,7 +114,8 @@ def test_evaluate_checkpoint(trained, city_root, tmp_path, capsys):
     assert "mIoU" in out and "road" in out
     saved = json.load(open(os.path.join(run_dir, "best_model_evaluation.json")))
     assert saved["miou"] == pytest.approx(report["miou"]) and len(saved["iou"]) == 19
-    assert len([n for n in os.listdir(tmp_path / "pred") if n.endswith(".png")]) >= 2
+    # under each image's relative path (<city>/<name>.png), so images of the same name in two folders both get theirs
+    assert len([n for _, _, files in os.walk(tmp_path / "pred") for n in files if n.endswith(".png")]) >= 2
 
 
 def test_released_checkpoint_format_evaluates(trained, city_root, tmp_path):
