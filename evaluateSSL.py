@@ -11,8 +11,8 @@ checkpoint (in the current folder when the checkpoint's folder cannot be written
 `--protocol whole` (default) is the paper's: one forward of each whole image. `--protocol sliding` runs windows of
 the training crop size (a third overlapping) and sums their softmax over the overlaps. `--save-output-images`
 writes, per image and under its relative path, `<name>.png` (the colour-coded prediction, a palette PNG whose
-pixel values are the class indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus `summary.txt`. predict.py makes
-the same predictions for images without labels (engine/inference.py).
+pixel values are the class indices) and `<name>_overlay.jpg` (the prediction blended over the image), plus
+`summary.txt`. predict.py makes the same predictions for images without labels (engine/inference.py).
 """
 from __future__ import annotations
 
