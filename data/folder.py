@@ -1,6 +1,6 @@
 """Your own dataset from folders (`"dataset": "folder"`): images and single-channel label maps, no code to write.
 
-Configured in the JSON `folder` section (see README, "Training on your own data"):
+Configured in the JSON `folder` section (see docs/datasets.md, "Training on your own data"):
 - `train_images` / `train_labels`, `val_images` / `val_labels`: each a directory or a list file.
   Two directories: every image file (.png .jpg .jpeg .bmp .tif .tiff .webp, searched recursively) is paired with
   the label of the same relative path and name with a lossless extension (.png .bmp .tif .tiff), e.g.

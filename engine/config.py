@@ -28,7 +28,7 @@ SCHEMA: dict[str, Any] = {
                 "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50; 101 in domain adaptation)"),
     "dataset": ((str,), REQUIRED,
                 "\"cityscapes\", \"pascal_voc\" (alias \"pascal\"), \"synthetic\" or \"folder\""),
-    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (README)"),
+    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (docs/fidelity.md)"),
     "precision": ((str,), "fp32", "\"fp32\", \"bf16\" or \"fp16\" (autocast; losses and memory stay fp32)"),
     "backbone": {
         "depth": ((int, type(None)), None,
@@ -165,7 +165,7 @@ def _resolve(user: dict, schema: dict, prefix: str, source: str) -> dict:
     if unknown:
         known = ", ".join(sorted(schema))
         raise UserError(f"{source}: unknown config key '{prefix}{unknown[0]}'. Known keys here: {known}. "
-                        f"Fix the spelling or remove it (see README, 'Configuration').")
+                        f"Fix the spelling or remove it (see docs/configuration.md).")
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         name = prefix + key
@@ -247,7 +247,7 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
         for i, part in enumerate(path):
             if not isinstance(schema, dict) or part not in schema:
                 raise UserError(f"--set {text}: unknown config key '{'.'.join(path[:i + 1])}' "
-                                f"(config {source}); see README, 'Configuration'.")
+                                f"(config {source}); see docs/configuration.md.")
             schema = schema[part]
             if i < len(path) - 1:
                 node = node.setdefault(part, {})
@@ -298,7 +298,7 @@ def config_diff(a: dict, b: dict, prefix: str = "", ignore: tuple[str, ...] = ()
 
 
 def schema_rows(schema: dict | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every key, for the README's table."""
+    """(key, default, help) for every key, for docs/configuration.md's table."""
     rows = []
     for key, spec in (schema or SCHEMA).items():
         if isinstance(spec, dict):
