@@ -7,6 +7,7 @@
 dataset folder (predict.py).
 
 `data.synthetic` is imported on first use, so that `python3 -m data.synthetic` runs a module not yet imported.
+`pair_lists.py` reads the split files of today's papers (`image mask` lines) for Cityscapes and Pascal VOC.
 Dataset tools live here too: `check_files.py` (--dry-run --check-files), `translate_labels.py` (GTA5 labels to train
 ids; `python3 utils/translate_labels.py` starts it) and `progress.py` (their progress lines).
 """

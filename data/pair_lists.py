@@ -3,9 +3,9 @@ training.data.unlabeled_file, Cityscapes and Pascal VOC).
 
 The peers (UniMatch, U2PL and their successors) publish their labeled and unlabeled lists as text files of
 `image mask` lines, both paths relative to the dataset root, e.g. Cityscapes
-    leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png gtFine/train/jena/jena_000078_000019_gtFine_labelTrainIds.png
+ leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png gtFine/train/jena/jena_000078_000019_gtFine_labelTrainIds.png
 and Pascal VOC
-    JPEGImages/2008_006748.jpg SegmentationClass/2008_006748.png
+ JPEGImages/2008_006748.jpg SegmentationClass/2008_006748.png
 A split file whose every line has two columns is read this way: its lines are the labeled items, in file order,
 with the masks they name. The unlabeled items are the images of `unlabeled_file` (first column; a mask column is
 not read), or without one the training images of the dataset folder that the split file does not name. Masks of
@@ -182,16 +182,16 @@ def read_pair_split(dataset: str, root: str, split_file: str, unlabeled_file: st
                 names.append(_name(path, root))
                 images.append(path)
                 labels.append(None)
-    _refuse_repeats(images, num_labeled, split_file, unlabeled_file)
+    _refuse_repeats(images, split_file, unlabeled_file)
     if num_labeled != labeled_samples:
         warnings.warn(f"split file {split_file} lists {num_labeled} labeled images; training.data.labeled_samples "
                       f"({labeled_samples}) is superseded by the file.", stacklevel=2)
     return ListedSplit(names, images, labels, num_labeled)
 
 
-def _refuse_repeats(images: list[str], num_labeled: int, split_file: str, unlabeled_file: str | None) -> None:
+def _refuse_repeats(images: list[str], split_file: str, unlabeled_file: str | None) -> None:
     counts = Counter(os.path.realpath(p) for p in images)
-    repeated = [p for p in dict.fromkeys(os.path.realpath(p) for p in images) if counts[p] > 1]
+    repeated = [p for p, n in counts.items() if n > 1]
     if repeated:
         where = f"{split_file} and {unlabeled_file}" if unlabeled_file else split_file
         raise UserError(f"{len(repeated)} image(s) are listed more than once in {where} (an image is labeled or "

@@ -62,8 +62,9 @@ SCHEMA: dict[str, Any] = {
             "split_file": ((str, type(None)), None, "labeled images: a list of image ids, a list of `image mask` lines "
                                                     "relative to the dataset root (Cityscapes, VOC), or the release's "
                                                     ".pkl split"),
-            "unlabeled_file": ((str, type(None)), None, "with an `image mask` split_file: the unlabeled images, one per "
-                                                        "line (first column; default: the rest of the training list)"),
+            "unlabeled_file": ((str, type(None)), None, "with an `image mask` split_file: the unlabeled images, one "
+                                                        "per line (first column; default: the rest of the training "
+                                                        "list)"),
             "gta5_root": ((str, type(None)), None, "GTA5 folder for domain adaptation (default ../data/GTA5)"),
         },
     },

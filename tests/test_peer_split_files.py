@@ -82,7 +82,8 @@ def test_cityscapes_peer_split_labeled_masks_and_unlabeled_file(city, tmp_path):
     assert data.train_names[0].startswith("leftImg8bit/train/")  # as the list writes it
     for index, k in enumerate((3, 0, 5)):  # crop = the whole image (v3: no resize)
         image, label, _ = data.train[(index, 7)]
-        assert torch.equal(image, rgb(train[k][0])) and torch.equal(label, by_hand(np.asarray(Image.open(train[k][1])), 250))
+        expected = by_hand(np.asarray(Image.open(train[k][1])), 250)  # from the label-id file, by the table above
+        assert torch.equal(image, rgb(train[k][0])) and torch.equal(label, expected)
     assert data.train.labels[0].endswith("_gtFine_labelTrainIds.png")
     for index, k in ((3, 1), (4, 4)):
         image, label, _ = data.train[(index, 7)]
