@@ -128,14 +128,14 @@ def test_check_files_names_an_unreadable_unlabeled_image(tree, tmp_path, capsys)
     bad = os.path.join(folder, "bad.png")
     Image.open(paths[0]).save(good)
     open(bad, "wb").write(b"\x89PNG but not really")
-    # building the data does not read unlabeled images: the dry run itself is fine
-    argv = tiny_argv(config, str(tmp_path / "run"), folder, 1) + ["--dry-run"]
-    trainSSL.main(argv)
-    assert "10 train (8 labeled, 2 unlabeled)" in capsys.readouterr().out
+    argv = tiny_argv(config, str(tmp_path / "run"), folder, 1) + ["--dry-run", "--check-files"]
     with pytest.raises(SystemExit) as e:
-        main_guard(lambda: trainSSL.main(argv + ["--check-files"]))
+        main_guard(lambda: trainSSL.main(argv))
     assert e.value.code == 2
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    # building the data does not read unlabeled images (the plan is printed); the file check does
+    assert "10 train (8 labeled, 2 unlabeled)" in captured.out and "dry run: OK" in captured.out
+    err = captured.err
     assert "1 of 12 items (10 train, 2 val)" in err and bad in err and good not in err, err
 
 
