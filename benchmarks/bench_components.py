@@ -37,8 +37,8 @@ JSON (--json PATH): {"benchmark": "components", "mode": "paper"|"quick", "env": 
 "results": [{"name", "what", "ms_median", "ms_min", "ms_all", "repeats", "syncs_per_call"}]}; syncs_per_call is
 null on CPU.
 
---compare-reference times the parts that have a per-class (or plain) reference next to it, interleaved in one
-run (each round calls every variant once, so load on a shared machine falls on all alike):
+--compare-reference (benchmarks/bench_compare.py) times the parts that have a per-class (or plain) reference next to
+it, interleaved in one run (each round calls every variant once, so load on a shared machine falls on all alike):
 
   memory_update        MemoryBank.add (selector method of the device) | add_reference, the release's per-class
                        loop; 5 x 65 x 65 vectors into a full bank, quota 15, keep "lowest"
@@ -58,12 +58,10 @@ timing fields and syncs_per_call), "ratio_median" and "ratio_min" (this part's t
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import random
 import sys
 from collections.abc import Callable
-from unittest import mock
 from dataclasses import asdict, dataclass, replace
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -72,19 +70,16 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from benchmarks.common import (choose_device, count_syncs, cpu_threads, environment, format_table, time_call,
-                               time_interleaved, write_json)
+                               write_json)
+from engine.entry import main_guard
 from model.heads import class_selector, prediction_head, projection_head
 from utils.augmentations import strong_augment, weak_augment
-import utils.class_balancing as class_balancing
 from utils.class_balancing import ClassBalancing
 from utils.classmix import classmix_masks
 from utils.contrastive import contrastive_loss, contrastive_loss_reference
 from utils.errors import UserError
-from engine.evaluation import predicted_class
-from engine.entry import main_guard
 from utils.memory_bank import MemoryBank, per_class_quota
 from utils.metrics import confusion_matrix
-from utils.selectors import selector_method
 
 # Approximate share of each Cityscapes train id among the labeled pixels of the training set (road, sidewalk,
 # building, wall, fence, pole, traffic light, traffic sign, vegetation, terrain, sky, person, rider, car, truck,
@@ -338,105 +333,6 @@ def network_cases(s: Sizes, device: torch.device, g: torch.Generator, net_crops:
             "network_teacher_fwd": (f"{name} teacher forward (no grad), {teacher_crops} {h}x{w}", teacher_step)}
 
 
-# ------------------------------------------------------------------------------- against the references
-@dataclass
-class Comparison:
-    """One part timed as used (`fn`), as its reference (`reference`), and with the other selector method."""
-
-    name: str
-    what: str
-    fn: Callable[[], object]
-    reference: Callable[[], object]
-    other: tuple[str, Callable[[], object]] | None = None   # (method name, call)
-
-
-def other_method(device: torch.device) -> str:
-    return "blocks" if selector_method("auto", device) == "segments" else "segments"
-
-
-def memory_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
-    bank = full_memory(s, g, device)
-    banks = [copy.deepcopy(bank) for _ in range(3)]     # full banks stay full, so each call does the same work
-    x = torch.randn(s.memory_vectors, s.dim, generator=g).to(device)
-    labels = vector_labels(s.memory_vectors, s.classes, g, device)
-    sel = selectors(s, device)
-    quota, other = s.quota, other_method(device)
-
-    def add(b, **kw):
-        def call():
-            with torch.no_grad():
-                b.add(x, labels, sel, quota=quota, keep="lowest", **kw)
-        return call
-
-    def reference():
-        banks[1].add_reference(x, labels, sel, quota=quota, keep="lowest")
-    return [Comparison("memory_update", f"MemoryBank.add of {s.memory_vectors} vectors into a full bank, quota "
-                       f"{quota} | add_reference (per-class loop)", add(banks[0]), reference,
-                       (other, add(banks[2], selector_method=other)))]
-
-
-def balancing_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
-    cb, labels, pseudo = filled_balancing(s, device, g)
-    cb_ref = ClassBalancing(s.classes, cb.labeled_slots, cb.unlabeled_slots, device=device)
-    cb_ref.load_state_dict(cb.state_dict())
-
-    def reference():  # today's update with the compare-and-sum counting it replaced
-        with mock.patch.object(class_balancing, "_class_counts", class_balancing._class_counts_reference):
-            cb_ref.update(labels, pseudo)
-    return [Comparison("class_balancing", f"ClassBalancing.update, {s.labeled} labels + {s.unlabeled_images} "
-                       f"pseudo-labels {s.crop[0]}x{s.crop[1]}, full histories | with the [C,N] compare-and-sum",
-                       lambda: cb.update(labels, pseudo), reference)]
-
-
-def argmax_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
-    scores = torch.randn(1, s.classes, *s.eval_size, generator=g).to(device)
-    return [Comparison("evaluation_argmax", f"predicted class of {s.classes}x{s.eval_size[0]}x{s.eval_size[1]} "
-                       "scores: max(dim=1).indices | argmax(dim=1)", lambda: predicted_class(scores),
-                       lambda: scores.argmax(dim=1))]
-
-
-def contrastive_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
-    bank = full_memory(s, g, device)
-    labels = vector_labels(s.vectors, s.classes, g, device)
-    features = torch.randn(s.vectors, s.dim, generator=g).to(device).requires_grad_(True)
-    feature_sel, memory_sel = selectors(s, device), selectors(s, device)
-    params = [features] + [p for m in feature_sel + memory_sel for p in m.parameters()]
-    other = other_method(device)
-
-    def case(fn, mode, **kw):
-        def call():
-            for p in params:
-                p.grad = None
-            fn(features, labels, bank, feature_sel, memory_sel, s.classes, memory_weights=mode, **kw).backward()
-        return call
-    what = f"forward+backward, {s.vectors} vectors, {s.classes} classes x {s.memory_size} memory, D={s.dim}"
-    return [Comparison(f"contrastive_{m}", f"{what}, memory weights '{m}' | per-class loop",
-                       case(contrastive_loss, m), case(contrastive_loss_reference, m),
-                       (other, case(contrastive_loss, m, selector_method=other))) for m in ("ones", "mean")]
-
-
-def run_comparisons(parts: tuple[str, ...], sizes: Sizes, device: torch.device, g: torch.Generator, repeats: int,
-                    warmup: int) -> list[dict]:
-    builders = {"memory": memory_compare, "balancing": balancing_compare, "argmax": argmax_compare,
-                "contrastive": contrastive_compare}
-    results = []
-    for part in parts:
-        for cmp in builders[part](sizes, device, g):
-            fns = {"fn": cmp.fn, "reference": cmp.reference} | ({"other": cmp.other[1]} if cmp.other else {})
-            timing = time_interleaved(fns, device, repeats=repeats, warmup=warmup)
-            ref = {**timing["reference"], "syncs_per_call": count_syncs(cmp.reference, device)}
-            rows = [(cmp.name, cmp.what, "fn")] + ([(f"{cmp.name} ({cmp.other[0]})",
-                                                      f"{cmp.what}; selector method {cmp.other[0]}", "other")]
-                                                    if cmp.other else [])
-            for name, what, key in rows:
-                t = timing[key]
-                results.append({"name": name, "what": what, **t, "syncs_per_call": count_syncs(fns[key], device),
-                                "reference": ref, "ratio_median": t["ms_median"] / ref["ms_median"],
-                                "ratio_min": t["ms_min"] / ref["ms_min"]})
-                print(f"  {name}: {t['ms_median']:.2f} ms, reference {ref['ms_median']:.2f} ms", flush=True)
-    return results
-
-
 # --------------------------------------------------------------------------------------------------- driver
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1],
@@ -523,6 +419,7 @@ def _main(args: argparse.Namespace) -> dict:
 
 def _compare(args: argparse.Namespace, parts: tuple[str, ...], sizes: Sizes, device: torch.device,
              g: torch.Generator, repeats: int, warmup: int) -> dict:
+    from benchmarks.bench_compare import run_comparisons  # it builds on this module's sizes and inputs
     results = run_comparisons(parts, sizes, device, g, repeats, warmup)
     report = _report(args, sizes, device, results, suffix="+compare")
     rows = [(r["name"], r["ms_median"], r["reference"]["ms_median"], r["ratio_median"], r["ms_min"],

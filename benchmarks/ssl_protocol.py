@@ -183,7 +183,8 @@ def plan(mode: str | dict, out: str, arms: list[str] | None = None, extra: dict 
                 continue
             comparison = COMPARISONS[spec["comparison"]]
             d = run_dir(out, arm, n, seed)
-            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": d}
+            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": d,
+                    "utils.run_name": ""}  # the run directory is d itself
             runs.append({"arm": arm, "comparison": spec["comparison"], "seed": seed, "script": comparison["script"],
                          "iterations": n, "run_dir": d, "sets": sets})
     return runs

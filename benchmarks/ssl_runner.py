@@ -13,6 +13,7 @@ import threading
 import time
 
 from benchmarks.ssl_protocol import ROOT, command, overrides
+from engine.run_dir import run_files
 
 RUN_TIME = "run_time.json"  # in each run directory: wall and CPU seconds of the run, as measured here
 
@@ -79,10 +80,9 @@ def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints:
     if finished(run, config, diagnose):
         return {**run, "seconds": None, "cached": True}
     os.makedirs(run["run_dir"], exist_ok=True)
-    stale = [os.path.join(run["run_dir"], n)
-             for n in ("train_log.jsonl", "diagnostics.jsonl", "evaluation.json", RUN_TIME)]
-    for path in stale + glob.glob(os.path.join(run["run_dir"], "*.pth")):  # of another config or interrupted
-        if os.path.exists(path):
+    stale = [os.path.join(run["run_dir"], n) for n in run_files(run["run_dir"]) + ["diagnostics.jsonl", RUN_TIME]]
+    for path in stale:  # of another config or interrupted: a run starts only in a directory without them
+        if os.path.isfile(path):
             os.remove(path)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0, cpu0 = time.time(), time.process_time()

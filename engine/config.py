@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from data.common import parse_size
+from engine.config_checks import check_values
 from utils.errors import UserError
 from utils.fidelity import FIDELITY_PRESETS, Fidelity
 
@@ -28,7 +29,7 @@ SCHEMA: dict[str, Any] = {
                 "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50; 101 in domain adaptation)"),
     "dataset": ((str,), REQUIRED,
                 "\"cityscapes\", \"pascal_voc\" (alias \"pascal\"), \"synthetic\" or \"folder\""),
-    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (README)"),
+    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (docs/fidelity.md)"),
     "precision": ((str,), "fp32", "\"fp32\", \"bf16\" or \"fp16\" (autocast; losses and memory stay fp32)"),
     "backbone": {
         "depth": ((int, type(None)), None,
@@ -64,7 +65,12 @@ SCHEMA: dict[str, Any] = {
             "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),
             "input_size": ((str,), REQUIRED, "\"H,W\" crop size"),
             "root": ((str, type(None)), None, "dataset folder (default ../data/CityScapes, ../data/VOC2012)"),
-            "split_file": ((str, type(None)), None, "text list of labeled image ids, or the release's .pkl split"),
+            "split_file": ((str, type(None)), None, "labeled images: a list of image ids, a list of `image mask` lines "
+                                                    "relative to the dataset root (Cityscapes, VOC), or the release's "
+                                                    ".pkl split"),
+            "unlabeled_file": ((str, type(None)), None, "with an `image mask` split_file: the unlabeled images, one "
+                                                        "per line (first column; default: the rest of the training "
+                                                        "list)"),
             "gta5_root": ((str, type(None)), None, "GTA5 folder for domain adaptation (default ../data/GTA5)"),
         },
     },
@@ -90,7 +96,11 @@ SCHEMA: dict[str, Any] = {
     "ignore_label": ((int,), 250, "label value ignored by losses and metrics"),
     "utils": {
         "save_checkpoint_every": ((int,), 10000, "periodic checkpoint interval (replaces the previous one)"),
-        "checkpoint_dir": ((str,), "../saved/DeepLab", "run directory: checkpoints, logs, config.json"),
+        "checkpoint_dir": ((str,), "../saved/DeepLab",
+                           "folder of the runs: the run directory is checkpoint_dir/run_name"),
+        "run_name": ((str, type(None)), None,
+                     "run directory inside checkpoint_dir (checkpoints, logs, config.json); null: the config file's "
+                     "name without .json; \"\": checkpoint_dir itself"),
         "val_per_iter": ((int,), 1000, "evaluation interval"),
         "save_best_model": ((bool,), True, "write best_model.pth on a new best mIoU"),
         "save_latest_every": ((int,), 1000, "interval of latest.pth, the full run state for exact resume"),
@@ -99,7 +109,8 @@ SCHEMA: dict[str, Any] = {
         "curves": ((bool,), True, "draw curves.png in the run directory at evaluations (at most every 30 s) and at "
                                   "the end (about a second of matplotlib each time)"),
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
-        "eval_batch_size": ((int,), 1, "validation batch size (VOC images differ in size: keep 1)"),
+        "eval_batch_size": ((int,), 1, "accepted for older configs and ignored: evaluation goes one whole image at a "
+                                       "time (images differ in size)"),
     },
     "synthetic": {
         "num_train": ((int,), 300, "synthetic training images"),
@@ -114,6 +125,8 @@ SCHEMA: dict[str, Any] = {
         "train_labels": ((str, type(None)), None, "directory (or list file) of training labels"),
         "val_images": ((str, type(None)), None, "directory (or list file) of validation images"),
         "val_labels": ((str, type(None)), None, "directory (or list file) of validation labels"),
+        "unlabeled_images": ((str, type(None)), None, "directory (searched recursively) or list file of training "
+                                                      "images without labels: the unlabeled set"),
         "class_names": ((list, type(None)), None, "class names, one per class"),
         "palette": ((list, type(None)), None, "[[r,g,b], ...] colours for predictions"),
         "num_classes": ((int, type(None)), None, "number of classes (default: len(class_names))"),
@@ -164,7 +177,7 @@ def _resolve(user: dict, schema: dict, prefix: str, source: str) -> dict:
     if unknown:
         known = ", ".join(sorted(schema))
         raise UserError(f"{source}: unknown config key '{prefix}{unknown[0]}'. Known keys here: {known}. "
-                        f"Fix the spelling or remove it (see README, 'Configuration').")
+                        f"Fix the spelling or remove it (see docs/configuration.md).")
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         name = prefix + key
@@ -222,8 +235,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
     if width != 64 and pretrained == "default":  # a local file or "synthetic" loads where its tensors fit
         from model import width_without_weights
         raise UserError(f"{source}: {width_without_weights(width, pretrained)}")
-    if cfg["backbone"]["synthetic_iterations"] < 1:
-        raise UserError(f"{source}: 'backbone.synthetic_iterations' must be at least 1.")
+    check_values(cfg, source)  # numeric ranges, NaN, the ignore label against the classes (engine/config_checks.py)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -248,7 +260,7 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
         for i, part in enumerate(path):
             if not isinstance(schema, dict) or part not in schema:
                 raise UserError(f"--set {text}: unknown config key '{'.'.join(path[:i + 1])}' "
-                                f"(config {source}); see README, 'Configuration'.")
+                                f"(config {source}); see docs/configuration.md.")
             schema = schema[part]
             if i < len(path) - 1:
                 node = node.setdefault(part, {})
@@ -299,7 +311,7 @@ def config_diff(a: dict, b: dict, prefix: str = "", ignore: tuple[str, ...] = ()
 
 
 def schema_rows(schema: dict | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every key, for the README's table."""
+    """(key, default, help) for every key, for docs/configuration.md's table."""
     rows = []
     for key, spec in (schema or SCHEMA).items():
         if isinstance(spec, dict):

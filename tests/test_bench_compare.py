@@ -1,5 +1,5 @@
-"""benchmarks/bench_components.py --compare-reference: each part timed next to its reference, interleaved, with the
-documented JSON; and the interleaved timer's accounting."""
+"""benchmarks/bench_components.py --compare-reference (benchmarks/bench_compare.py): each part timed next to its
+reference, interleaved, with the documented JSON; and the interleaved timer's accounting."""
 import json
 
 import pytest

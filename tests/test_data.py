@@ -13,6 +13,7 @@ from PIL import Image
 
 from data import CITYSCAPES_MEAN_RGB, OTHER_MEAN_RGB, VOC_MEAN_RGB, build_data, build_gta5
 from data.cityscapes import CityscapesDataset
+from data.common import check_labels
 from data.gta5 import GTA5Dataset
 from data.sampler import InfiniteBatches, item_seed
 from data.splits import make_split
@@ -552,3 +553,17 @@ def test_build_gta5(tmp_path):
     # the train split only is the extra labeled source (the release's gtaLoader reads images/train)
     assert len(ds) == 2 and image.shape == (3, 8, 16) and ds.channel_order == "BGR"
     assert all(os.sep + os.path.join("images", "train") + os.sep in path for path in ds.images)
+
+
+def test_check_labels_accepts_train_ids_and_ignore():
+    check_labels(torch.tensor([[0, 18, 250]]), 19, 250, "a.png")
+
+
+def test_check_labels_names_file_and_values():
+    labels = torch.tensor([[0, 26, 33, 250, 26, -1]])
+    with pytest.raises(UserError) as err:
+        check_labels(labels, 19, 250, "aachen_000000_gtFine_labelIds.png")
+    msg = str(err.value)
+    assert "aachen_000000_gtFine_labelIds.png" in msg
+    assert "[-1, 26, 33]" in msg
+    assert "250" in msg

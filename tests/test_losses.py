@@ -5,8 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.errors import UserError
-from utils.losses import check_labels, entropy_loss, pseudo_label_ce, supervised_ce
+from utils.losses import entropy_loss, pseudo_label_ce, supervised_ce
 
 IGN = 250
 LN3 = math.log(3.0)
@@ -128,17 +127,3 @@ def test_entropy_broadcast_bug_is_n_fold_for_uniform():
     mask = torch.ones(n, 2, 3, dtype=torch.bool)
     assert entropy_loss(probs, mask, broadcast_mask_bug=True).item() == pytest.approx(float(n), rel=1e-6)
     assert entropy_loss(probs, mask, broadcast_mask_bug=False).item() == pytest.approx(1.0, rel=1e-6)
-
-
-def test_check_labels_accepts_train_ids_and_ignore():
-    check_labels(torch.tensor([[0, 18, 250]]), 19, 250, "a.png")
-
-
-def test_check_labels_names_file_and_values():
-    labels = torch.tensor([[0, 26, 33, 250, 26, -1]])
-    with pytest.raises(UserError) as err:
-        check_labels(labels, 19, 250, "aachen_000000_gtFine_labelIds.png")
-    msg = str(err.value)
-    assert "aachen_000000_gtFine_labelIds.png" in msg
-    assert "[-1, 26, 33]" in msg
-    assert "250" in msg

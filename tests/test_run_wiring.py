@@ -19,7 +19,6 @@ against both memory-weight forms, the entropy term and the DeepLabv2 classifier'
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
@@ -34,10 +33,9 @@ import torch.nn.functional as F
 import trainSSL
 from tests.run_helpers import (DEMO, TINY_WIDTH, TeacherProbe, argv_of, ema_alpha_by_hand, poly_by_hand,
                                ramp_by_hand, single_thread, tiny_sets)
-from engine.plan import pretrained_status, print_plan
 from engine.run import Run
 from utils import ssl_steps
-from utils.variants import TRAIN_SSL, resolve_method
+from utils.variants import LESS_MEMORY, TRAIN_SSL, resolve_method
 
 N, R = 5, 2
 BASE_LR = 0.01
@@ -286,7 +284,6 @@ def test_teacher_is_the_ema_of_the_student_with_trainssl_warm_up(code_run):
     assert all(probe.other_deviation[i] > 1e-4 for i in range(1, N)), probe.other_deviation
 
 
-
 def test_pseudo_label_weight_is_ramp_times_confidence_power(code_run):
     """pixel weight = exp(-5 (1 - i/R)^2) p^6 before R (exp(-5), exp(-1.25)), p^6 from R on."""
     assert sorted(code_run.pixel_weights) == list(range(N))
@@ -387,170 +384,6 @@ def test_teacher_takes_the_momentum_once_the_warm_up_passes_it(code_run):
     assert other > 0  # 1 - 1/31 = 0.9677 there
 
 
-def test_main_guard_exit_codes_and_messages(capsys, monkeypatch):
-    """The scripts' top level: success returns (and tears the process group down); a user error prints
-    "<label>: <message>" alone and exits with its code (2, or a stop's own: 128 + 15 after SIGTERM); any other
-    exception propagates with its traceback, and nothing is torn down after a failure."""
-    from engine import entry as training
-    from utils.errors import RunStopped, UserError
-    cleaned = []
-    monkeypatch.setattr(training.dist, "cleanup", lambda: cleaned.append(True))
-    ran = []
-    assert training.main_guard(lambda: ran.append(1)) is None
-    assert ran == [1] and cleaned == [True]
-
-    def fails(error):
-        def main():
-            raise error
-        return main
-
-    for error, code, line in [(UserError("c.json: unknown key 'x'"), 2, "error: c.json: unknown key 'x'"),
-                              (RunStopped("stopped by SIGTERM", exit_code=143, label="stopped"), 143,
-                               "stopped: stopped by SIGTERM")]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            training.main_guard(fails(error))
-        assert e.value.code == code and capsys.readouterr().err == line + "\n"
-    with pytest.raises(RuntimeError, match="a bug"):
-        training.main_guard(fails(RuntimeError("a bug")))
-    assert cleaned == [True]
-
-
-def test_dry_run_plan_lines(tmp_path, capsys):
-    """--dry-run's plan, line by line, for the tiny config worked out by hand: 4 synthetic training images of which
-    2 labeled, 2 validation images, 8 classes, DeepLabv2 on ResNet-18, one SGD group, an 8 x 256 memory."""
-    import json as json_module
-    run_dir = str(tmp_path / "run")
-    run = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3)) + ["--dry-run"])  # prints the plan; again:
-    capsys.readouterr()
-    print_plan(run)
-    lines = capsys.readouterr().out.splitlines()
-    n_params = sum(p.numel() for p in run.student.parameters())
-    n_tensors = len([p for p in run.student.parameters() if p.requires_grad])
-    assert lines[0] == f"config: {DEMO}"
-    config_end = lines.index("}")
-    assert json_module.loads("\n".join(lines[1:config_end + 1])) == run.cfg
-    assert lines[1] == "{" and lines[2].startswith('  "') and not lines[2].startswith('   ')  # indented by 2
-    assert lines[config_end + 1:] == [
-        "script: trainSSL; method constants: " + json_module.dumps(run.method),
-        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='ones', "
-        "da_source_schedule='last100_odd', entropy_mask_broadcast=True)",
-        "data: synthetic, 4 train (2 labeled, 2 unlabeled), 2 val, 8 classes, crop (33, 49), channel order RGB",
-        f"model: DeepLabv2 ResNet-18, {n_params / 1e6:.1f} M parameters, pretrained weights: none (random "
-        "initialisation)",
-        f"optimiser: SGD, one group of {n_tensors} trainable tensors at lr 0.01, momentum 0.9, weight decay 0.0005, "
-        "Poly power 0.9",
-        "memory: 8 x 256 vectors, quota 256 per class and update; class balancing: on",
-        f"run directory: {run_dir}; device cpu",
-        "dry run: OK",
-    ]
-    assert n_tensors > 100 and 1.0 < n_params / 1e6 < 3.0  # a quarter-width ResNet-18 with its DeepLabv2 head
-    # what the plan reports is what the run holds
-    (group,) = run.optimizer.param_groups
-    assert (group["lr"], group["momentum"], group["weight_decay"], len(group["params"])) == (0.01, 0.9, 0.0005,
-                                                                                             n_tensors)
-    assert run.base_lr == 0.01 and tuple(run.memory.memory.shape) == (8, 256, 256) and run.memory_quota == 256
-    assert run.balancing is not None and run.class_weights.tolist() == [1.0] * 8
-    assert run.student.layer5.branches == 2
-    # and with the preset's classifier branches and the config's memory size, as a training run's
-    paper = Run(TRAIN_SSL, argv_of(tiny_sets(run_dir, 3, fidelity="paper", **{"method.memory_size": 64}))
-                + ["--dry-run"])
-    assert paper.student.layer5.branches == 4 and paper.student.layer5.conv2d_list[0].weight.is_meta
-    assert tuple(paper.memory.memory.shape) == (8, 64, 256)
-
-
-def test_dry_run_names_the_starting_weights(tmp_path, monkeypatch):
-    """The plan's "pretrained weights:" for each backbone.pretrained: default (not cached / cached), a file that
-    exists, a missing one, and COCO weights that do not exist for this network."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))             # torch hub: $TORCH_HOME/hub
-    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"  # torchvision's ResNet-18 file
-    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-    weights = tmp_path / "mine.pth"
-    weights.write_bytes(b"")
-
-    def status(**sets) -> str:
-        base = tiny_sets(str(tmp_path / "run"), 3, **{"backbone.width": 64, "training.pretraining": "imagenet"})
-        run = Run(TRAIN_SSL, argv_of({**base, **sets}) + ["--dry-run"])
-        return pretrained_status(run.cfg, run.student.depth)
-
-    assert status(**{"backbone.pretrained": "default"}) == (
-        f"{cached} not cached yet: training will download {url} there first (nothing downloaded in a dry run)")
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"")
-    assert status(**{"backbone.pretrained": "default"}) == f"{cached} (cached; not loaded in a dry run)"
-    assert status(**{"backbone.pretrained": str(weights)}) == f"{weights} (found; not loaded in a dry run)"
-    missing = str(tmp_path / "nowhere.pth")
-    assert status(**{"backbone.pretrained": missing}) == (
-        f"{missing} MISSING (backbone.pretrained: give an existing file, \"default\", \"synthetic\" or \"none\")")
-    assert status(**{"backbone.pretrained": "none"}) == "none (random initialisation)"
-    coco = status(**{"backbone.pretrained": "default", "training.pretraining": "COCO"})
-    assert coco.startswith("unavailable: there are no default COCO weights for DeepLabv2 with ResNet-18 ")
-
-
-def test_seed_everything_and_rng_state_round_trip(tmp_path):
-    """seed_everything seeds Python, NumPy and torch alike; rng_state survives a weights_only checkpoint and
-    set_rng_state puts every generator back, including NumPy's cached Gaussian."""
-    import random
-
-    from engine.checkpoint import load_checkpoint, save_atomic
-    from engine.rng import rng_state, seed_everything, set_rng_state
-
-    def draws():
-        return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2).tolist()
-
-    seed_everything(7)
-    seeded = draws()
-    random.seed(7)
-    np.random.seed(7)
-    torch.manual_seed(7)
-    assert seeded == draws()
-    np.random.randn()                                   # an odd number of Gaussians: one is cached
-    save_atomic({"rng": rng_state()}, str(tmp_path / "s.pth"))
-    expected = draws()
-    seed_everything(123)
-    set_rng_state(load_checkpoint(str(tmp_path / "s.pth"))["rng"])
-    assert draws() == expected
-
-
-def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
-    """The other branches of the plan: DeepLabv3+ (ResNet-101 for domain adaptation with v3) on half-size Cityscapes
-    with full-size final evaluations, the GTA5 source counted, class balancing off."""
-    from tests.fixtures_data import make_cityscapes_tree, make_gta5_tree
-    from utils.variants import DOMAIN_ADAPTATION
-    city, gta5 = str(tmp_path / "CityScapes"), str(tmp_path / "GTA5")
-    make_cityscapes_tree(city, n_train=6, n_val=1, size=(64, 96), seed=5)
-    make_gta5_tree(gta5, n_train=4, n_val=1, size=(64, 96), seed=6)
-    sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.batch_size": 4,
-            "training.data.split_id_list": 7, "training.num_workers": 1, "method.class_balancing": False,
-            "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False}
-    config = os.path.join(os.path.dirname(DEMO), "configSSL_city_1_30_split0_v3.json")
-    argv = argv_of(sets, config=config) + ["--data-root", city, "--gta5-root", gta5, "--dry-run"]
-    run = Run(DOMAIN_ADAPTATION, argv)
-    lines = capsys.readouterr().out.splitlines()
-    # the periodic evaluations read half-size images, the final ones full-size; the GTA5 batches: B, seed + 2
-    assert tuple(run.val_set[0][0].shape[-2:]) == (32, 48) and tuple(run.final_val_set[0][0].shape[-2:]) == (64, 96)
-    assert len(run.gta5) == 4 and not run.drop_background
-    gta5 = run.gta5_batches.sampler
-    assert (gta5.seed, gta5.batch_size, gta5.indices) == (run.cfg["seed"] + 2, 4, [0, 1, 2, 3])
-    assert run.gta5_batches.loader.dataset is run.gta5 and run.gta5_batches.loader.num_workers == 1
-    Run(DOMAIN_ADAPTATION, argv + ["--check-files"])  # reads every file, the GTA5 source's too
-    assert "--check-files: all 11 items (6 train, 1 val, 4 GTA5) read" in capsys.readouterr().out
-    run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
-    assert "half-size" not in capsys.readouterr().out and not run.half_size and run.final_val_set is run.val_set
-    # trainSSL.py reads Cityscapes at full size; its final evaluations use the same set
-    run = Run(TRAIN_SSL, argv)
-    assert "half-size" not in capsys.readouterr().out
-    assert tuple(run.val_set[0][0].shape[-2:]) == (64, 96) and run.final_val_set is run.val_set
-    assert run.gta5 is None and run.gta5_batches is None
-    data = [ln for ln in lines if ln.startswith("data: ")]
-    assert data == ["data: cityscapes, 6 train (4 labeled, 2 unlabeled), 1 val, 19 classes, crop (32, 48) of "
-                    "half-size images (full-size final evaluations), channel order RGB; GTA5: 4 images"]
-    (model,) = [ln for ln in lines if ln.startswith("model: ")]
-    assert model.startswith("model: DeepLabv3+ ResNet-101, ")
-    (memory,) = [ln for ln in lines if ln.startswith("memory: ")]
-    assert memory.endswith("; class balancing: off") and lines[-1] == "dry run: OK"
-
-
 @pytest.mark.parametrize("precision, dtype", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_autocast_context_by_precision(tmp_path, capsys, precision, dtype):
     """Run.autocast: no autocast in fp32; bf16 or fp16 autocast on the run's device otherwise."""
@@ -602,169 +435,6 @@ def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_bu
     for i in range(4):
         Run.end_iteration(run, i, {"loss": torch.tensor(1.0)})
     assert periodic == [1, 2, 3] and run._count == 4
-
-
-def test_upsample_is_bilinear_with_corners_aligned_and_resize_nearest_keeps_the_dtype():
-    """Worked by hand: [0, 1] upsampled to 5 columns with align_corners=True is [0, .25, .5, .75, 1] (False would
-    give [0, .1, .5, .9, 1]), in float32 from float64 logits; labels resized by nearest neighbour keep their dtype."""
-    out = ssl_steps.upsample(torch.tensor([[[[0.0, 1.0]]]], dtype=torch.float64), (1, 5))
-    assert out.dtype == torch.float32 and out.flatten().tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
-    labels = torch.tensor([[[3, 250], [0, 7]]])                                    # [1, 2, 2] int64
-    resized = ssl_steps.resize_nearest(labels, (4, 4))
-    assert resized.dtype == torch.int64
-    assert resized.tolist() == [[[3, 3, 250, 250], [3, 3, 250, 250], [0, 0, 7, 7], [0, 0, 7, 7]]]
-
-
-def test_pseudo_label_is_the_softmax_over_classes_of_the_labeler():
-    """One pixel, logits (0, ln 3) from the labeler (the teacher here, not the student): softmax over the classes
-    gives (1/4, 3/4), so confidence 3/4 and label 1 (a softmax over any other dimension gives 1 and label 0)."""
-
-    class FixedLogits(torch.nn.Module):
-        def forward(self, x):
-            return torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)
-
-    run = SimpleNamespace(labeler=FixedLogits(), student_module=None, autocast=nullcontext, crop=(1, 1),
-                          mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB")
-    confidence, labels = ssl_steps.pseudo_label(run, torch.zeros(1, 3, 1, 1))
-    assert labels.tolist() == [[[1]]] and confidence.item() == pytest.approx(0.75, abs=1e-6)
-
-
-def test_augmentation_steps_pass_classmix_masks_and_the_run_settings(monkeypatch):
-    """Steps 4 and 5 on a stand-in run, ClassMix probability 1, the augmentations and the mask drawing replaced by
-    recorders: the masks drawn from the (pseudo-)labels with the run's ignore label and drop_background reach the
-    augmentation with the run's ignore label and channel order; two strong views, each with its own masks, and
-    none drawn when the unlabeled step does not mix (`mix` false)."""
-    drawn, weak, strong = [], [], []
-
-    def draw(labels, ignore_label, drop_background):
-        drawn.append((labels, ignore_label, drop_background))
-        return f"masks{len(drawn)}"
-
-    def recorder(calls):
-        def augment(images, labels, confidences=None, **kw):
-            calls.append((labels, confidences, kw))
-            return images, labels, confidences
-        return augment
-
-    monkeypatch.setattr(ssl_steps, "classmix_masks", draw)
-    monkeypatch.setattr(ssl_steps, "weak_augment", recorder(weak))
-    monkeypatch.setattr(ssl_steps, "strong_augment", recorder(strong))
-    run = SimpleNamespace(method={"labeled_classmix_prob": 1.0, "unlabeled_classmix_prob": 1.0}, ignore_label=7,
-                          drop_background="drop?", channel_order="BGR")
-    images, labels, pseudo, conf = torch.zeros(1, 3, 2, 2), "labels", torch.ones(1, 2, 2), torch.ones(1, 2, 2)
-    ssl_steps.augment_labeled(run, images, labels)
-    assert drawn == [("labels", 7, "drop?")]
-    assert weak == [("labels", None, {"ignore_label": 7, "channel_order": "BGR", "classmix_masks": "masks1"})]
-    mixed, mixed_pseudo, mixed_conf = ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=True)
-    assert [d[1:] for d in drawn[1:]] == [(7, "drop?")] * 2 and all(d[0] is pseudo for d in drawn[1:])
-    assert [c[2] for c in strong] == [{"ignore_label": 7, "channel_order": "BGR", "classmix_masks": f"masks{k}"}
-                                      for k in (2, 3)]
-    assert all(c[0] is pseudo and c[1] is conf for c in strong)
-    # the two views concatenated (the loop hands them to the run for TensorBoard pictures: test below)
-    assert torch.equal(mixed, torch.cat([images, images])) and torch.equal(mixed_pseudo, torch.cat([pseudo, pseudo]))
-    assert torch.equal(mixed_conf, torch.cat([conf, conf]))
-    strong.clear()
-    ssl_steps.augment_unlabeled(run, images, pseudo, conf, mix=False)
-    assert len(drawn) == 3 and [c[2]["classmix_masks"] for c in strong] == [None, None]
-
-
-@pytest.mark.parametrize("broadcast", [False, True])
-def test_unlabeled_losses_worked_by_hand(broadcast):
-    """Step 8's unlabeled terms on 2 images of 1x2 pixels, 2 classes, ignore label 9, at i = R/2 (ramp exp(-1.25)),
-    power 2, entropy weight 0.5, class weights (1, 2). Logits (0, ln 3) give q = (1/4, 3/4): CE of class 1 is
-    ln(4/3), entropy H = 2 - (3/4) log2 3; logits (0, 0) give CE ln 2 and H = 1.
-      image 0: pixel (0, ln 3) pseudo 1, p = 0.5  | pixel (ln 3, ln 3) ignored (q = (1/2, 1/2): H = 1)
-      image 1: pixel (ln 3, 0) pseudo 0, p = 1    | pixel (0, 0) pseudo 0, p = 0.5
-    Pseudo-label CE = ramp/4 (2 ln(4/3) 0.5^2 + ln(4/3) + ln 2 0.5^2) (ignored pixels count in the mean as 0).
-    Entropy per image: mean over the 3 valid pixels (2H + 1)/3. With the released [n,1,h,w] mask (less-memory and
-    domain-adaptation scripts) the numerator is sum over pixels of (valid count) x (sum of H over images): pixel 0
-    gives 2 (H + H), pixel 1 gives 1 (1 + 1); over n h w mean(mask) = 3: (4H + 2)/3."""
-    run = SimpleNamespace(method={"ramp_up_iterations": 10, "pseudo_label_power": 2, "entropy_weight": 0.5},
-                          ignore_label=9)
-    ln3 = math.log(3.0)
-    logits = torch.tensor([[[[0.0, ln3]], [[ln3, ln3]]],
-                           [[[ln3, 0.0]], [[0.0, 0.0]]]])                   # [n=2, C=2, 1, 2]
-    pseudo = torch.tensor([[[1, 9]], [[0, 0]]])
-    confidence = torch.tensor([[[0.5, 0.8]], [[1.0, 0.5]]])
-    loss_pseudo, loss_entropy = ssl_steps.unlabeled_losses(run, 5, logits, pseudo, confidence,
-                                                           torch.tensor([1.0, 2.0]), broadcast)
-    ramp = math.exp(-1.25)
-    ce = ramp / 4 * (2 * math.log(4 / 3) * 0.25 + math.log(4 / 3) + math.log(2.0) * 0.25)
-    H = 2 - 0.75 * math.log2(3.0)
-    entropy = (4 * H + 2) / 3 if broadcast else (2 * H + 1) / 3
-    assert loss_pseudo.item() == pytest.approx(ce, rel=1e-6)
-    assert loss_entropy.item() == pytest.approx(0.5 * entropy, rel=1e-6)
-
-
-def test_contrastive_term_needs_two_labelled_vectors(monkeypatch):
-    """Fewer than two pixels with a valid label: an exact zero that keeps a (zero) gradient path, and no heads or
-    loss called (their BatchNorm needs two vectors); two: the loss gets those two feature vectors [2, F] and their
-    labels (heads and loss stand-ins here: the loss returns the vectors' sum)."""
-    calls = []
-    monkeypatch.setattr(ssl_steps, "contrastive_loss",
-                        lambda v, y, *a, **k: (calls.append((tuple(v.shape), y.tolist())), v.sum())[1])
-    model = SimpleNamespace(projection_head=lambda v: v, prediction_head=lambda v: v,
-                            feature_selectors=lambda: [], memory_selectors=lambda: [])
-    run = SimpleNamespace(student_module=model, ignore_label=250, autocast=nullcontext, memory=None, num_classes=3,
-                          fidelity=SimpleNamespace(memory_weights="ones"))
-    labels = torch.full((1, 2, 2), 250)
-    labels[0, 0, 0] = 1
-    features = torch.arange(1.0, 13.0).reshape(1, 3, 2, 2).requires_grad_(True)  # [B=1, F=3, 2, 2]
-    out = ssl_steps.contrastive_term(run, features, labels)
-    out.backward()
-    assert out.item() == 0.0 and calls == [] and torch.equal(features.grad, torch.zeros_like(features))
-    labels[0, 1, 1] = 2
-    out = ssl_steps.contrastive_term(run, features, labels)
-    assert calls == [((2, 3), [1, 2])] and out.item() == (1 + 5 + 9) + (4 + 8 + 12)
-
-
-def test_memory_update_needs_two_admitted_vectors():
-    """Step 9 on a stand-in run (a labeler with planted logits and features at crop size, memory of 2 classes x
-    3 slots x 4 dims, features of 5 dims): one pixel both confident (p = 0.9 > 0.8) and correct gives no
-    projection (the heads' BatchNorm needs two vectors) but still an empty [0, 4] float32 block and [0] labels
-    through gather_rows to the memory (under torchrun the other processes' rows join it, so its width must be the
-    memory's); two such pixels go through the projection head ([2, 5] in) and reach the memory in float32, with
-    the teacher's selectors, the quota and the preset's keep rule."""
-    ln3, ln9 = math.log(3.0), math.log(9.0)
-
-    class Labeler(torch.nn.Module):
-        def __init__(self, logits):
-            super().__init__()
-            self.logits = logits
-            self.projection_head = lambda v: (heads.append(v.clone()), 2 * v[:, :4].double())[1]
-
-        def forward(self, x, return_features=False):
-            assert return_features
-            return self.logits, torch.arange(15.0).view(1, 5, 1, 3)           # features [1, F=5, 1, 3]
-
-    heads, gathered, added = [], [], []
-    run = SimpleNamespace(autocast=nullcontext, student_module=None, crop=(1, 3),
-                          mean_rgb=(0.0, 0.0, 0.0), channel_order="RGB",
-                          method={"memory_confidence": 0.8}, memory_quota=7,
-                          gather_rows=lambda p, y: (gathered.append((p, y)), (p, y))[1],
-                          memory=SimpleNamespace(memory=torch.zeros(2, 3, 4),
-                                                 add=lambda p, y, sel, **kw: added.append((p, y, sel, kw))),
-                          teacher=SimpleNamespace(feature_selectors=lambda: "teacher selectors"),
-                          fidelity=SimpleNamespace(memory_keep="lowest?"))
-    labels = torch.tensor([[[1, 0, 0]]])
-    # logits (0, ln 9) at pixels 0 and 1: class 1 at p = 9/10 (pixel 0 correct, pixel 1 labelled 0: wrong);
-    # (ln 3, 0) at pixel 2: class 0 at p = 3/4, correct but not above the threshold 0.8
-    run.labeler = Labeler(torch.tensor([[[[0.0, 0.0, ln3]], [[ln9, ln9, 0.0]]]]))
-    ssl_steps.update_memory(run, torch.zeros(1, 3, 1, 3), labels)
-    assert heads == []
-    ((p, y),) = gathered
-    assert p.shape == (0, 4) and p.dtype == torch.float32 and y.shape == (0,) and y.dtype == torch.int64
-    ((p2, y2, selectors, kw),) = added
-    assert p2 is p and y2 is y and selectors == "teacher selectors" and kw == {"quota": 7, "keep": "lowest?"}
-    gathered.clear()
-    added.clear()
-    labels[0, 0, 1] = 1  # pixel 1 is now correct too
-    ssl_steps.update_memory(run, torch.zeros(1, 3, 1, 3), labels)
-    (vectors,) = heads
-    assert vectors.tolist() == [[0.0, 3.0, 6.0, 9.0, 12.0], [1.0, 4.0, 7.0, 10.0, 13.0]]  # pixels 0 and 1
-    ((p, y),) = gathered
-    assert p.dtype == torch.float32 and p.tolist() == [[0.0, 6.0, 12.0, 18.0], [2.0, 8.0, 14.0, 20.0]]
-    assert y.tolist() == [1, 1] and added[0][0] is p
 
 
 def test_lr_schedule_null_keeps_the_base_rate(tmp_path, capsys):
@@ -827,64 +497,6 @@ def test_run_files_hold_the_resolved_config_and_the_labeled_images(code_run):
     assert [run.data.train_names.index(name) for name in lines[:2]] == list(run.data.labeled_idx)
 
 
-def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
-    """--help names the script by its docstring's first line; the run keeps its own argv (for the resume command a
-    stop prints), sys.argv's when none is given; --check-files without --dry-run and --recover without --resume are
-    refused by the parser (exit 2), and accepted with their partner."""
-    with pytest.raises(SystemExit) as e:
-        trainSSL.main(["--help"])
-    assert e.value.code == 0 and trainSSL.__doc__.splitlines()[0] in capsys.readouterr().out.replace("\n", " ")
-    with pytest.raises(SystemExit):
-        Run(TRAIN_SSL, ["--help"])  # no description given: the script's name
-    assert "\ntrainSSL\n" in capsys.readouterr().out
-    argv = argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]
-    assert Run(TRAIN_SSL, argv).argv == argv
-    monkeypatch.setattr("sys.argv", ["trainSSL.py"] + argv)
-    assert Run(TRAIN_SSL, None).argv == argv
-    for extra in (["--check-files"], ["--recover"], ["--recover", "--check-files", "--dry-run"]):
-        with pytest.raises(SystemExit) as e:
-            Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + extra)
-        assert e.value.code == 2
-        assert capsys.readouterr().err.splitlines()[-1].endswith(
-            ": error: --check-files goes with --dry-run, --recover with --resume")
-    Run(TRAIN_SSL, argv + ["--check-files"])  # with its partner: accepted (and every file read)
-    assert "dry run: OK" in capsys.readouterr().out
-    from utils.errors import UserError
-    with pytest.raises(UserError, match="missing.pth"):  # past the parser: the checkpoint is looked for
-        Run(TRAIN_SSL, argv + ["--recover", "--resume", str(tmp_path / "missing.pth")])
-
-
-def test_flags_and_their_help_are_the_readme_table():
-    """The README's flag table and --help say the same: each row's flag and argument name is a flag of the parser
-    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
-    and the defaults."""
-    import re
-    from engine.cli import build_arg_parser
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    table = readme[readme.index("| flag | meaning |"):]
-    table = table[:table.index("\n\n")].splitlines()[2:]
-    rows = {}
-    for line in table:
-        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        assert len(cells) == 2, line
-        rows[cells[0].strip("`")] = cells[1].replace("`", "")
-    parser = build_arg_parser("x")
-    flags = {}
-    for action in parser._actions:
-        if action.help == argparse.SUPPRESS or "-h" in action.option_strings:
-            continue
-        assert len(action.option_strings) == 1, action.option_strings
-        usage = action.option_strings[0] + ("" if action.nargs == 0 else f" {action.metavar}")
-        flags[usage] = action.help
-    assert flags == rows
-    assert len(rows) == 9
-    # what a flag left out means: no file or folder given, no override, the device chosen for you, switches off
-    assert vars(parser.parse_args([])) == {
-        "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
-        "check_files": False, "resume": None, "recover": False}
-    assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
-
-
 def test_set_up_of_networks_samplers_and_random_streams(tmp_path, capsys):
     """On the CPU: the networks keep the default (NCHW) memory format, the student is not compiled; the labeled
     sampler draws B items per batch from the labeled subset with the config's seed, the unlabeled one B/2 items from
@@ -929,30 +541,6 @@ def test_compile_wraps_the_student_of_a_training_run(tmp_path, monkeypatch):
     run.logger.close()
     assert calls == [run.student_module] and run.student.module is run.student_module
     assert isinstance(run.student_module, torch.nn.Module)
-
-
-def test_choose_device(monkeypatch):
-    """auto: CUDA when there is one, else the CPU; a CUDA device asked for without CUDA stops with the fix; under
-    torchrun every process takes cuda:<LOCAL_RANK>, and the chosen CUDA device is made current."""
-    from engine import distributed
-    from utils.errors import UserError
-    from engine.cli import choose_device
-    current = []
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert choose_device("auto") == torch.device("cpu") == choose_device("cpu")
-    for name in ("cuda", "cuda:1"):
-        with pytest.raises(UserError, match=r"^--device cuda was asked for but no CUDA device is available; use "
-                                            r"--device cpu\.$"):
-            choose_device(name)
-    assert current == []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert choose_device("auto") == torch.device("cuda") and choose_device("cuda:1") == torch.device("cuda:1")
-    assert choose_device("cpu") == torch.device("cpu")
-    assert current == [torch.device("cuda"), torch.device("cuda:1")]
-    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
-    monkeypatch.setattr(distributed, "local_rank", lambda: 3)
-    assert choose_device("cuda") == torch.device("cuda:3") == choose_device("auto") == current[-1]
 
 
 @pytest.mark.parametrize("variant_name, dataset, expected", [
@@ -1249,3 +837,31 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
     assert float(student.weight.detach()) == pytest.approx(0.6, rel=1e-6)
     assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
     assert calls == [("gradients", student), ("buffers", student, teacher)]
+
+
+@pytest.mark.parametrize("script", ["trainSSL", "trainSSL_less_memory"])
+def test_the_loop_hands_the_unlabeled_views_to_the_run(tmp_path, monkeypatch, script):
+    """For the TensorBoard pictures, the loop (not the augmentation step) gives run.remember_unlabeled the
+    un-augmented unlabeled batch, its pseudo-labels from step 2 and the strong views with their mixed pseudo-labels:
+    the very tensors step 2 returned and the student's unlabeled forward received. 2 iterations of each loop."""
+    import importlib
+    module = importlib.import_module(script)
+    variant = {"trainSSL": TRAIN_SSL, "trainSSL_less_memory": LESS_MEMORY}[script]
+    run = Run(variant, argv_of(tiny_sets(str(tmp_path / "run"), 2)))
+    run.finish = lambda: run.logger.close()
+    labelled, forwarded, remembered = [], [], []
+    pseudo_label, forward_student = ssl_steps.pseudo_label, ssl_steps.forward_student
+    monkeypatch.setattr(ssl_steps, "pseudo_label",
+                        lambda ctx, x: (labelled.append((x, *pseudo_label(ctx, x))), labelled[-1][1:])[1])
+    monkeypatch.setattr(ssl_steps, "forward_student",
+                        lambda ctx, x: (forwarded.append(x), forward_student(ctx, x))[1])
+    monkeypatch.setattr(run, "remember_unlabeled", lambda *views: remembered.append(views))
+    with single_thread():
+        module.train(run)
+    steps = 2 * (2 if script == "trainSSL_less_memory" else 1)   # the less-memory loop runs 2N steps
+    unlabeled_steps = steps // 2 if script == "trainSSL_less_memory" else steps
+    assert len(remembered) == len(labelled) == unlabeled_steps
+    for (images, pseudo, views, mixed_pseudo), (x, _, labels) in zip(remembered, labelled):
+        assert images is x and pseudo is labels
+        assert any(views is f for f in forwarded) and views.shape[0] == 2 * x.shape[0]
+        assert mixed_pseudo.shape == (2 * x.shape[0], *labels.shape[1:])

@@ -1,5 +1,5 @@
-"""Loss functions of the method (SPEC 4 step 8): supervised CE, confidence-weighted pseudo-label CE,
-the entropy term, and a label sanity check used by the data pipeline.
+"""Loss functions of the method (SPEC 4 step 8): supervised CE, confidence-weighted pseudo-label CE and the
+entropy term.
 
 All losses are tensor code without host syncs: "no valid pixel" cases are handled by clamping the
 denominators instead of Python branches on tensor values.
@@ -12,26 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.errors import UserError
-
-
-def check_labels(labels: Tensor, num_classes: int, ignore_label: int, source: str = "") -> None:
-    """Raise UserError when `labels` holds values outside [0, num_classes) other than the ignore label.
-
-    Meant for the data pipeline (CPU, not a hot path: it syncs), so that a label file holding raw ids
-    instead of train ids fails with the file name rather than as a CUDA assert deep inside the loss.
-    """
-    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_label)
-    if bool(bad.any()):
-        values = torch.unique(labels[bad]).tolist()
-        shown = values[:20]
-        more = f" (and {len(values) - 20} more)" if len(values) > 20 else ""
-        where = f"label file {source!r}" if source else "labels"
-        raise UserError(
-            f"{where} contains values {shown}{more} outside the train ids 0..{num_classes - 1} and not the "
-            f"ignore label {ignore_label}; convert the labels to train ids (e.g. utils/translate_labels.py) "
-            f"or fix num_classes / ignore_label in the config."
-        )
 
 
 def supervised_ce(

@@ -1,0 +1,23 @@
+"""The training engine: everything around the method that a run needs, apart from the method itself (utils/).
+
+    run.py            Run: the run's state (networks, optimiser, memory, balancing, samplers, best mIoU) and the
+                      services of its loop (learning rate, optimiser step + EMA, logging, evaluation, checkpoints)
+    cli.py            the training scripts' flags; the one device a run uses
+    config.py         the JSON config: schema, defaults, validation, --set overrides
+    resume.py         which config a run uses and which checkpoint it continues (--resume, --recover)
+    networks.py       student, its compiled forward, the SGD optimiser
+    run_state.py      latest.pth: capture and restore of the whole run state (exact resume)
+    checkpoint.py     atomic writes, weights_only loads
+    plan.py           --dry-run's plan
+    rng.py            seeding and RNG states
+    entry.py          main_guard: the top level of every script (messages, exit codes)
+    distributed.py    torchrun: process group, collectives
+    graceful_stop.py  SIGTERM/SIGINT and bad files: latest.pth written, then a clean stop
+    fault_guard.py    NaN/Inf: stop before anything is written; --recover
+    logger.py         console, train_log.jsonl, TensorBoard; curves.py draws curves.png
+    evaluation.py     the evaluation loop (confusion matrix over the validation split); visualize.py its pictures
+    inference.py      a trained checkpoint ready to predict (evaluateSSL.py, predict.py)
+
+Imports run one way: the scripts use the engine; the engine uses the method (utils/), the data (data/) and the
+networks (model/), none of which uses the engine (tests/test_layout.py).
+"""

@@ -1,0 +1,153 @@
+"""What every script starts and ends with (engine/cli.py, engine/entry.py, engine/rng.py): the flags and their help
+(held to docs/configuration.md's table), the choice of the device, the top-level exit codes and messages, and the RNG states a
+run state holds."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import trainSSL
+from engine.run import Run
+from tests.run_helpers import argv_of, tiny_sets
+from utils.variants import TRAIN_SSL
+
+
+def test_main_guard_exit_codes_and_messages(capsys, monkeypatch):
+    """The scripts' top level: success returns (and tears the process group down); a user error prints
+    "<label>: <message>" alone and exits with its code (2, or a stop's own: 128 + 15 after SIGTERM); any other
+    exception propagates with its traceback, and nothing is torn down after a failure."""
+    from engine import entry as training
+    from utils.errors import RunStopped, UserError
+    cleaned = []
+    monkeypatch.setattr(training.dist, "cleanup", lambda: cleaned.append(True))
+    ran = []
+    assert training.main_guard(lambda: ran.append(1)) is None
+    assert ran == [1] and cleaned == [True]
+
+    def fails(error):
+        def main():
+            raise error
+        return main
+
+    for error, code, line in [(UserError("c.json: unknown key 'x'"), 2, "error: c.json: unknown key 'x'"),
+                              (RunStopped("stopped by SIGTERM", exit_code=143, label="stopped"), 143,
+                               "stopped: stopped by SIGTERM")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            training.main_guard(fails(error))
+        assert e.value.code == code and capsys.readouterr().err == line + "\n"
+    with pytest.raises(RuntimeError, match="a bug"):
+        training.main_guard(fails(RuntimeError("a bug")))
+    assert cleaned == [True]
+
+
+def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
+    """--help names the script by its docstring's first line; the run keeps its own argv (for the resume command a
+    stop prints), sys.argv's when none is given; --check-files without --dry-run and --recover without --resume are
+    refused by the parser (exit 2), and accepted with their partner."""
+    with pytest.raises(SystemExit) as e:
+        trainSSL.main(["--help"])
+    assert e.value.code == 0 and trainSSL.__doc__.splitlines()[0] in capsys.readouterr().out.replace("\n", " ")
+    with pytest.raises(SystemExit):
+        Run(TRAIN_SSL, ["--help"])  # no description given: the script's name
+    assert "\ntrainSSL\n" in capsys.readouterr().out
+    argv = argv_of(tiny_sets(str(tmp_path / "run"), 3)) + ["--dry-run"]
+    assert Run(TRAIN_SSL, argv).argv == argv
+    monkeypatch.setattr("sys.argv", ["trainSSL.py"] + argv)
+    assert Run(TRAIN_SSL, None).argv == argv
+    for extra in (["--check-files"], ["--recover"], ["--recover", "--check-files", "--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 3)) + extra)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            ": error: --check-files goes with --dry-run, --recover with --resume")
+    Run(TRAIN_SSL, argv + ["--check-files"])  # with its partner: accepted (and every file read)
+    assert "dry run: OK" in capsys.readouterr().out
+    from utils.errors import UserError
+    with pytest.raises(UserError, match="missing.pth"):  # past the parser: the checkpoint is looked for
+        Run(TRAIN_SSL, argv + ["--recover", "--resume", str(tmp_path / "missing.pth")])
+
+
+def test_flags_and_their_help_are_the_readme_table():
+    """docs/configuration.md's flag table and --help say the same: each row's flag and argument name is a flag of the parser
+    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
+    and the defaults."""
+    import re
+    from engine.cli import build_arg_parser
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                               "configuration.md")).read()
+    table = readme[readme.index("| flag | meaning |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]
+    rows = {}
+    for line in table:
+        cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        assert len(cells) == 2, line
+        rows[cells[0].strip("`")] = cells[1].replace("`", "")
+    parser = build_arg_parser("x")
+    flags = {}
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or "-h" in action.option_strings:
+            continue
+        assert len(action.option_strings) == 1, action.option_strings
+        usage = action.option_strings[0] + ("" if action.nargs == 0 else f" {action.metavar}")
+        flags[usage] = action.help
+    assert flags == rows
+    assert len(rows) == 10
+    # what a flag left out means: no file or folder given, no override, the device chosen for you, switches off
+    assert vars(parser.parse_args([])) == {
+        "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
+        "check_files": False, "resume": None, "restart": False, "recover": False}
+    assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
+
+
+def test_choose_device(monkeypatch):
+    """auto: CUDA when there is one, else the CPU; a CUDA device asked for without CUDA stops with the fix; under
+    torchrun every process takes cuda:<LOCAL_RANK>, and the chosen CUDA device is made current."""
+    from engine import distributed
+    from utils.errors import UserError
+    from engine.cli import choose_device
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(d))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert choose_device("auto") == torch.device("cpu") == choose_device("cpu")
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(UserError, match=r"^--device cuda was asked for but no CUDA device is available; use "
+                                            r"--device cpu\.$"):
+            choose_device(name)
+    assert current == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_device("auto") == torch.device("cuda") and choose_device("cuda:1") == torch.device("cuda:1")
+    assert choose_device("cpu") == torch.device("cpu")
+    assert current == [torch.device("cuda"), torch.device("cuda:1")]
+    monkeypatch.setattr(distributed, "launched_by_torchrun", lambda: True)
+    monkeypatch.setattr(distributed, "local_rank", lambda: 3)
+    assert choose_device("cuda") == torch.device("cuda:3") == choose_device("auto") == current[-1]
+
+
+def test_seed_everything_and_rng_state_round_trip(tmp_path):
+    """seed_everything seeds Python, NumPy and torch alike; rng_state survives a weights_only checkpoint and
+    set_rng_state puts every generator back, including NumPy's cached Gaussian."""
+    import random
+
+    from engine.checkpoint import load_checkpoint, save_atomic
+    from engine.rng import rng_state, seed_everything, set_rng_state
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(2).tolist()
+
+    seed_everything(7)
+    seeded = draws()
+    random.seed(7)
+    np.random.seed(7)
+    torch.manual_seed(7)
+    assert seeded == draws()
+    np.random.randn()                                   # an odd number of Gaussians: one is cached
+    save_atomic({"rng": rng_state()}, str(tmp_path / "s.pth"))
+    expected = draws()
+    seed_everything(123)
+    set_rng_state(load_checkpoint(str(tmp_path / "s.pth"))["rng"])
+    assert draws() == expected
