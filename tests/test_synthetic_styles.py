@@ -75,6 +75,29 @@ def test_style_b_deterministic_and_seeded_apart_from_a():
         SyntheticStreets(2, (32, 32), train=False, style="d")
 
 
+def test_style_c_a_third_look_same_classes():
+    """Style "c" (the synthetic backbone's pretraining scenes): the same classes, a look unlike "a" and "b" in
+    colours (a dark night sky), layout (a lower horizon, narrower roads) and textures, and its own scenes."""
+    img_a, lbl_a = _scenes("a")
+    img_b, lbl_b = _scenes("b")
+    img_c, lbl_c = _scenes("c")
+    assert set(np.unique(lbl_c).tolist()) == set(range(NUM_CLASSES)) | {250}
+    assert (lbl_c[:, 0] == SKY).mean() > 0.9  # the sky is still the top band
+    for img, lbl in ((img_a, lbl_a), (img_b, lbl_b)):
+        far = sum(np.abs(img[lbl == c].mean(0) - img_c[lbl_c == c].mean(0)).max() > 20 for c in range(NUM_CLASSES))
+        assert far >= 5, far
+        assert (lbl != lbl_c).mean() > 0.2  # other layouts, not re-coloured copies
+    sky = [img[lbl == SKY].mean() for img, lbl in ((img_a, lbl_a), (img_b, lbl_b), (img_c, lbl_c))]
+    assert sky[2] < 80 < min(sky[:2])  # a night sky: darker than both day skies (58 against 141 and 158)
+    # a lower horizon than both: more sky rows; a narrower road than "b"
+    assert (lbl_c == SKY).mean() > (lbl_a == SKY).mean() and (lbl_c == SKY).mean() > (lbl_b == SKY).mean()
+    from data.synthetic import ROAD
+    assert (lbl_c == ROAD).mean() < (lbl_b == ROAD).mean()
+    again = SyntheticStreets(2, (48, 80), seed_offset=0, train=False, style="c")
+    assert np.array_equal(again.scene(1)[0], SyntheticStreets(2, (48, 80), train=False, style="c").scene(1)[0])
+    assert again.names[1] == "synthetic-c_0_00001"
+
+
 def _cfg(**sets):
     raw = {"dataset": "synthetic", "version": "3", "backbone": {"depth": 18, "pretrained": "none"},
            "training": {"batch_size": 4, "num_iterations": 10, "learning_rate": 0.01, "pretraining": "imagenet",
@@ -112,7 +135,8 @@ def test_build_source_cityscapes_is_gta5_and_others_refused(tmp_path):
 def test_config_keys():
     assert _cfg()["synthetic"]["style"] == "a" and _cfg()["method"]["da_source_schedule"] is None
     with pytest.raises(UserError, match="synthetic.style"):
-        _cfg(**{"synthetic.style": "c"})
+        _cfg(**{"synthetic.style": "d"})
+    assert _cfg(**{"synthetic.style": "c"})["synthetic"]["style"] == "c"
     with pytest.raises(UserError, match="da_source_schedule"):
         _cfg(**{"method.da_source_schedule": "sometimes"})
     # the schedule key replaces only the preset's schedule; null keeps the preset
