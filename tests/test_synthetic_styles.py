@@ -96,6 +96,10 @@ def test_style_c_a_third_look_same_classes():
     again = SyntheticStreets(2, (48, 80), seed_offset=0, train=False, style="c")
     assert np.array_equal(again.scene(1)[0], SyntheticStreets(2, (48, 80), train=False, style="c").scene(1)[0])
     assert again.names[1] == "synthetic-c_0_00001"
+    # its own scenes: seeded by (offset, index, 13), neither style "a"'s (offset, index) nor "b"'s (offset, index, 11)
+    from data.synthetic import render_scene
+    own = render_scene(np.random.default_rng([0, 1, 13]), 48, 80, style="c")
+    assert all(np.array_equal(x, y) for x, y in zip(own, again.scene(1)))
 
 
 def _cfg(**sets):
