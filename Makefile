@@ -14,7 +14,8 @@ $(STAMP): requirements.txt requirements-test.txt
 
 install: $(STAMP)
 
-# Train on the embedded synthetic dataset on CPU, evaluate the best checkpoint, then segment a few scenes written
+# Train on the embedded synthetic dataset on CPU (from the synthetic-pretrained backbone, built into torch hub's
+# folder on first use), evaluate the best checkpoint, then segment a few scenes written
 # out as image files (at another size than in training) with predict.py. The run directory runs/demo is demo.json's
 # utils.checkpoint_dir (runs) and the config's name (utils.run_name null); `rm -rf` starts it afresh each time.
 demo: $(STAMP)

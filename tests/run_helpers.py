@@ -31,6 +31,8 @@ def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
     sets = {
         "version": "2", "backbone.depth": 18, "backbone.width": TINY_WIDTH,
         "backbone.pretrained": "none",  # the demo starts from "synthetic": no test builds that file
+        # the EMA teacher labels, above 0.5 (the demo: the student, at any confidence)
+        "training.use_teacher_train": True, "method.memory_confidence": 0.5,
         "training.batch_size": 2, "training.num_workers": 0,
         "training.num_iterations": iterations, "training.learning_rate": 0.01,
         "training.data.labeled_samples": 2, "training.data.input_size": "33,49",

@@ -50,6 +50,7 @@ def tiny_args(run_dir: str) -> list[str]:
     sets = {
         "version": "2",  # the demo is v3+; batch 2 leaves one unlabeled image, too few for its image-pooling BN
         "backbone.depth": 18, "backbone.width": TINY_WIDTH, "backbone.pretrained": "none",
+        "training.use_teacher_train": True,
         "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": N,
         "training.data.input_size": "33,49", "training.data.labeled_samples": 4,
         "synthetic.num_train": 12, "synthetic.num_val": 4, "synthetic.image_size": "40,60",

@@ -43,6 +43,7 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
     sets = {
         "version": "2",  # the demo is v3+; batch 2 leaves one unlabeled image, too few for its image-pooling BN
         "backbone.width": TINY_WIDTH, "backbone.pretrained": "none",  # never the demo's synthetic backbone
+        "training.use_teacher_train": True,  # the EMA teacher labels (the demo: the student)
         "training.batch_size": 2, "training.num_workers": 0, "training.num_iterations": iterations,
         "training.data.labeled_samples": 6, "training.data.input_size": "33,49",
         "synthetic.num_train": 24, "synthetic.num_val": 2, "synthetic.image_size": "40,60",

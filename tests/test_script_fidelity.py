@@ -31,6 +31,7 @@ def one_thread():
 def make_run(variant, run_dir, **sets) -> Run:
     """B = 5 labeled (6 labeled images), B/2 = 2 unlabeled, 32x48 crops, memory and contrast far away (R = 1000)."""
     values = {"backbone.depth": 18, "backbone.width": TINY_WIDTH, "backbone.pretrained": "none",
+              "training.use_teacher_train": True, "method.memory_confidence": 0.5,
               "training.batch_size": 5, "training.num_iterations": 1,
               "training.data.labeled_samples": 6, "training.data.input_size": "32,48",
               "synthetic.num_train": 10, "synthetic.num_val": 2, "synthetic.image_size": "32,48",
