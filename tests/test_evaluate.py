@@ -64,7 +64,8 @@ def checkpoint(tmp_path_factory):
     """A random ResNet-18 DeepLabv2 with the config of a folder dataset of 3 synthetic validation scenes."""
     root = str(tmp_path_factory.mktemp("data"))
     config = export_folder(root, num_train=4, num_val=3, image_size=SIZE)
-    cfg = load_config(config, ["training.data.input_size=33,49", "version=2"])
+    # the exported config is the demo's (backbone.width 32); these checkpoints hold a standard-width network
+    cfg = load_config(config, ["training.data.input_size=33,49", "version=2", "backbone.width=64"])
     torch.manual_seed(3)
     model = build_model("2", 8, "imagenet", 18, None, verbose=False)
     path = os.path.join(str(tmp_path_factory.mktemp("ckpt")), "best_model.pth")

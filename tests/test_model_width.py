@@ -126,8 +126,9 @@ def test_only_the_default_weights_need_the_standard_width(tmp_path):
     with pytest.raises(UserError, match="at least 1"):
         load_config(BENCH_CONFIG, ["backbone.width=0", "backbone.pretrained=none"])
     assert load_config(BENCH_CONFIG)["backbone"]["width"] == 32                 # the benchmark's network
-    demo = os.path.join(ROOT, "configs", "demo.json")                          # no width key: the standard 64
-    assert load_config(demo, ["backbone.pretrained=default"])["backbone"]["width"] == 64
+    paper = os.path.join(ROOT, "configs", "configSSL_city_1_30_split0_imagenet.json")  # no width key: the standard 64
+    assert load_config(paper, ["backbone.pretrained=default"])["backbone"]["width"] == 64
+    assert load_config(os.path.join(ROOT, "configs", "demo.json"))["backbone"]["width"] == 32  # the demo's network
 
 
 def test_a_file_whose_backbone_mostly_does_not_fit_is_refused(tmp_path):

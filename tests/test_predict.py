@@ -28,7 +28,8 @@ def checkpoint(tmp_path_factory):
     everywhere; these weights predict several, so that comparisons of class maps mean something) and the config of
     a folder dataset of 3 synthetic validation scenes."""
     config = export_folder(str(tmp_path_factory.mktemp("data")), num_train=4, num_val=3, image_size=SIZE)
-    cfg = load_config(config, ["training.data.input_size=33,49", "version=2"])
+    # the exported config is the demo's (backbone.width 32); these checkpoints hold a standard-width network
+    cfg = load_config(config, ["training.data.input_size=33,49", "version=2", "backbone.width=64"])
     torch.manual_seed(3)
     model = build_model("2", 8, "imagenet", 18, None, verbose=False)
     for module in model.modules():

@@ -192,15 +192,16 @@ def test_interrupted_and_resumed_run_is_bit_identical(reference, tmp_path, monke
 
 
 def test_resume_refuses_another_config(reference, tmp_path):
-    argv = tiny_argv(str(tmp_path), **{"training.learning_rate": 0.01, "method.memory_size": 128,
+    argv = tiny_argv(str(tmp_path), **{"training.learning_rate": 2 * DEMO_LR, "method.memory_size": 128,
                                        "training.num_workers": 1})
     with pytest.raises(UserError) as e:
         trainSSL.main(argv + ["--resume", os.path.join(reference, "latest.pth")])
     msg = str(e.value)
-    assert f"training.learning_rate: {DEMO_LR} -> 0.01" in msg and "method.memory_size: 256 -> 128" in msg
+    assert f"training.learning_rate: {DEMO_LR} -> {2 * DEMO_LR}" in msg and "method.memory_size: 256 -> 128" in msg
     lines = msg.splitlines()  # one differing key per line, indented, between the heading and the hint
     assert lines[0].endswith("it belongs to a run with another config. Differing keys (checkpoint -> now):")
-    assert sorted(lines[1:-1]) == ["  method.memory_size: 256 -> 128", f"  training.learning_rate: {DEMO_LR} -> 0.01"]
+    assert sorted(lines[1:-1]) == ["  method.memory_size: 256 -> 128",
+                                   f"  training.learning_rate: {DEMO_LR} -> {2 * DEMO_LR}"]
     assert lines[-1] == ("(training.learning_rate, precision may differ with --recover, e.g. to continue after a "
                          "divergence.)")
     assert "training.num_workers" not in msg  # keys that change no result may differ

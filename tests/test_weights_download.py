@@ -108,7 +108,7 @@ def test_dry_run_reports_the_download_and_fetches_nothing(hub, monkeypatch, caps
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     argv = ["--config", os.path.join(ROOT, "configs", "demo.json"), "--dry-run", "--device", "cpu",
-            "--set", "backbone.pretrained=default"]
+            "--set", "backbone.pretrained=default", "--set", "backbone.width=64"]  # the demo's width is 32
     trainSSL.main(argv)
     path = cache / "resnet18-f37072fd.pth"
     url = pretrained.IMAGENET_URL + "resnet18-f37072fd.pth"
