@@ -51,6 +51,7 @@ def draw_study(results: list[dict], comps: list[dict], path: str, title: str) ->
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         a1.errorbar(x[arm] + 0.18, mean, yerr=sd, fmt="D", color=COLOURS[arm], ms=6, capsize=4, zorder=3)
     a1.set_xticks(range(len(arms)), [LABELS[a].replace(", fidelity", ",\nfidelity").replace(" + ", " +\n")
+                                     .replace(" (DA)", "\n(DA)").replace("domain adaptation", "domain\nadaptation")
                                      for a in arms], fontsize=7.5)
     a1.set_ylabel("best validation mIoU (points)")
     a1.set_title("per seed (grey: one seed's arms) and mean ± std", fontsize=10)

@@ -109,12 +109,12 @@ def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints:
 
 
 def machine() -> dict:
+    """CPU, platform, Python (the load while runs train is in each session's record)."""
     info = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     try:
         with open("/proc/cpuinfo") as f:
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         info["cpu"] = names[0] if names else platform.processor()
-        info["load_average_at_start"] = list(os.getloadavg())
     except OSError:
         info["cpu"] = platform.processor()
     return info
