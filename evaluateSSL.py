@@ -23,6 +23,7 @@ import os
 from data import build_data
 from engine.evaluation import evaluate
 from engine.inference import load_trained_model
+from engine.rng import set_determinism
 from engine.cli import choose_device
 from engine.entry import main_guard
 from engine.visualize import palette_png, save_overlay
@@ -65,6 +66,7 @@ def main(argv=None) -> dict:
     device = choose_device(args.device)
     trained = load_trained_model(args.model_path, device, args.overrides)
     cfg, ckpt = trained.cfg, trained.checkpoint
+    set_determinism(cfg["utils"]["deterministic"])  # cuDNN's benchmark, unless the run asked for determinism
     data = build_data(cfg, args.data_root, split=False)
 
     stem = os.path.splitext(args.model_path)[0]
@@ -80,7 +82,8 @@ def main(argv=None) -> dict:
 
     result = evaluate(trained.model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
                       mean_rgb=data.mean_rgb, channel_order=data.channel_order, device=device,
-                      protocol=args.protocol, window=trained.window, on_prediction=on_prediction)
+                      protocol=args.protocol, window=trained.window, on_prediction=on_prediction,
+                      num_workers=cfg["training"]["num_workers"])
     summary = format_summary(result, data.class_names, len(data.val), args.protocol)
     print(summary)
     report = {"checkpoint": os.path.abspath(args.model_path), "protocol": args.protocol, "miou": result["miou"],

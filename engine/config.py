@@ -95,6 +95,9 @@ SCHEMA: dict[str, Any] = {
                                   "the end (about a second of matplotlib each time)"),
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
         "eval_batch_size": ((int,), 1, "validation batch size (VOC images differ in size: keep 1)"),
+        "deterministic": ((bool,), False, "true: deterministic kernels (torch.use_deterministic_algorithms, warnings "
+                                          "where none exists) and no cuDNN benchmark; false: cuDNN benchmarks its "
+                                          "convolutions, as released"),
     },
     "synthetic": {
         "num_train": ((int,), 300, "synthetic training images"),

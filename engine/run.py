@@ -19,11 +19,13 @@ from data import build_data, build_source
 from data.check_files import check_files
 from data.common import parse_size
 from data.sampler import InfiniteBatches
+from engine import batchnorm, run_state
 from engine import distributed as dist
-from engine import run_state
+from engine.batchnorm import BatchNormStatistics
 from engine.checkpoint import load_checkpoint, model_state_from, save_atomic
 from engine.cli import build_arg_parser, choose_device
 from engine.config import fidelity
+from engine.ddp_step import GradientPass
 from engine.evaluation import evaluate
 from engine.fault_guard import NonFiniteGuard, all_finite
 from engine.graceful_stop import GracefulStop
@@ -31,10 +33,9 @@ from engine.logger import TrainLogger
 from engine.networks import build_optimizer, build_student, student_forward
 from engine.plan import print_plan
 from engine.resume import load_config_and_checkpoint
-from engine.rng import seed_everything
+from engine.rng import seed_everything, set_determinism
 from engine.visualize import log_unlabeled_panels, validation_panel
 from model.checkpoint_io import load_state_strict
-from utils.augmentations import normalize
 from utils.class_balancing import ClassBalancing
 from utils.ema import create_teacher, ema_alpha, ema_momentum, update_teacher
 from utils.memory_bank import MemoryBank, per_class_quota
@@ -68,6 +69,7 @@ class Run:
         self.crop = parse_size(t["data"]["input_size"], "training.data.input_size")
         self.batch_size = t["batch_size"]
         seed_everything(cfg["seed"])
+        set_determinism(cfg["utils"]["deterministic"])
 
         # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
         # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
@@ -79,9 +81,8 @@ class Run:
         self.num_classes = self.data.num_classes
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
-        self.gta5 = None
-        if variant.uses_gta5:  # the labeled source: GTA5 for Cityscapes, the other style for synthetic scenes
-            self.gta5 = build_source(cfg, self.args.gta5_root or t["data"]["gta5_root"])
+        # the labeled source of domain adaptation: GTA5 for Cityscapes, the other style for synthetic scenes
+        self.gta5 = build_source(cfg, self.args.gta5_root or t["data"]["gta5_root"]) if variant.uses_gta5 else None
 
         # Networks: student, EMA teacher (the pseudo-labeler: the teacher or the student in eval mode), optimiser.
         self.student_module = build_student(cfg, variant, self.num_classes, self.device, self.fidelity, dry_run)
@@ -139,6 +140,9 @@ class Run:
             seed_everything(seed + seed_offset)
         if resume_ckpt is not None:
             self.load_state_dict(resume_ckpt)
+        # run.gradient_pass(steps, *args): steps 6-10 as one forward, DDP's under torchrun (engine/ddp_step.py)
+        self.gradient_pass = GradientPass(self.student_module, self.device, vote=lambda: self.stop.vote())
+        self.statistics = BatchNormStatistics(lambda: (self.student_module, self.teacher))  # averaged where read
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
                                   tensorboard=cfg["utils"]["tensorboard"], curves=cfg["utils"]["curves"])
         if dist.is_main():
@@ -178,7 +182,7 @@ class Run:
             f.write("".join(names[k] + "\n" for k in self.data.labeled_idx))
 
     def iterations(self) -> range:
-        self.stop.resume_pending_evaluation(self)  # an evaluation interrupted by a stop is done first
+        self.stop.before_loop(self)  # an evaluation interrupted by a stop is done first; batches loaded ahead
         return range(self.start_iteration, self.num_iterations)
 
     def autocast(self):
@@ -195,6 +199,8 @@ class Run:
         set_lr(self.optimizer, lr)
         self.lr = lr
         self.iteration = i
+        if self.labeler is self.student_module:  # its eval-mode pseudo-labels read the BatchNorm statistics
+            self.statistics.agree()
         return lr
 
     def periodic_evaluation_after(self, i: int) -> bool:
@@ -237,18 +243,18 @@ class Run:
         return self.method["use_contrastive"] and i > self.method["ramp_up_iterations"]
 
     def optimizer_step(self, i: int, loss: torch.Tensor) -> None:
-        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA.
+        """Step 11: one backward (DDP averages the gradients over processes as it goes), one SGD step, then the
+        teacher's EMA.
 
         Gradients are zeroed, not freed (torch 1.6's `zero_grad()`, as released): a parameter that ever had a
         gradient keeps getting weight decay and momentum on steps whose loss does not reach it."""
         self.optimizer.zero_grad(set_to_none=False)
         self.scaler.scale(loss).backward()
-        dist.average_gradients(self.student_module)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
         update_teacher(self.teacher, self.student_module, self.alpha)
-        dist.average_buffers(self.student_module, self.teacher)  # BatchNorm running statistics: the same on every rank
+        self.statistics.changed()  # BatchNorm statistics of this rank's batches: averaged when next read
 
     def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights; then a stop
@@ -300,6 +306,7 @@ class Run:
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
         """Evaluate on `self.val_set` (the final validation set once finish() has begun) and log the result."""
+        self.statistics.agree()
         self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
@@ -312,8 +319,9 @@ class Run:
             poll()
 
         result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
-                          mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
-                          autocast=self.autocast, on_prediction=keep_image)
+                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
+                          autocast=self.autocast, on_prediction=keep_image,
+                          num_workers=self.cfg["training"]["num_workers"])
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
         self.logger.vector(i, f"{tag}_iou", result["iou"], d.class_names)
         for k, picture in enumerate(shown):  # image | ground truth | prediction
@@ -342,6 +350,7 @@ class Run:
         return {**ckpt, "iteration": i, **extra}
 
     def save_periodic(self, i: int) -> None:
+        self.statistics.agree()
         self.guard.check(self, weights=True)
         if not dist.is_main():
             return
@@ -353,6 +362,7 @@ class Run:
 
     def evaluate_and_keep_best(self, i: int, final: bool = False) -> dict:
         """Evaluate the student; a new best is saved as best_model.pth (after the loop, `final`: the student)."""
+        self.statistics.agree()
         self.guard.check(self, weights=True)  # before best_model.pth (and, at the end, the final checkpoint)
         result = self.evaluate(self.student_module, i)
         if result["miou"] > self.best_miou:
@@ -398,6 +408,7 @@ class Run:
 
     def save_latest(self, next_iteration: int) -> None:
         """latest.pth: the whole run state after `next_iteration` iterations, written atomically."""
+        self.statistics.agree()
         self.guard.check(self, weights=True)
         state = self.state_dict(next_iteration)
         if dist.is_main():
@@ -405,17 +416,6 @@ class Run:
         self.latest_saved = next_iteration
 
     # ------------------------------------------------------------------------------------------ after loop
-    @torch.no_grad()
-    def refresh_batchnorm(self, model: torch.nn.Module, passes: int) -> None:
-        """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics."""
-        model.train()
-        for _ in range(passes):
-            self.stop.poll(self, "the BatchNorm refresh")
-            images = self.unlabeled.next()[0]
-            with self.autocast():
-                model(normalize(images, self.data.mean_rgb, self.data.channel_order))
-        dist.average_buffers(model)  # every process refreshed on its own batches
-
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
@@ -425,7 +425,7 @@ class Run:
             save_atomic(self._checkpoint(N, "final", miou=result["miou"]),
                         os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
-            self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
+            batchnorm.refresh(self, self.student_module, self.method["bn_refresh_iterations"])
             refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
             if refreshed["miou"] > self.best_miou and all_finite(self.student_module.state_dict().values()):
                 self.best_miou, self.best_result = refreshed["miou"], refreshed

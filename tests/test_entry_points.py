@@ -150,3 +150,32 @@ def test_seed_everything_and_rng_state_round_trip(tmp_path):
     seed_everything(123)
     set_rng_state(load_checkpoint(str(tmp_path / "s.pth"))["rng"])
     assert draws() == expected
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_or_cudnn_benchmark(tmp_path, monkeypatch, deterministic):
+    """utils.deterministic, set when a run starts (the flags are global and readable on the CPU): false (the
+    default) turns cuDNN's benchmark on, as the release did, and leaves torch's deterministic algorithms off; true
+    turns the benchmark off, cuDNN's deterministic algorithms and torch.use_deterministic_algorithms on (warn_only:
+    a kernel without a deterministic form warns instead of stopping the run), with the cuBLAS workspace setting
+    that determinism needs (a value already set is kept)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic
+    torch.use_deterministic_algorithms(not deterministic)
+    sets = tiny_sets(str(tmp_path / "run"), 2) | ({"utils.deterministic": True} if deterministic else {})
+    try:
+        Run(TRAIN_SSL, argv_of(sets) + ["--dry-run"])
+        assert torch.backends.cudnn.benchmark is not deterministic
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
+        if deterministic:
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+            Run(TRAIN_SSL, argv_of(sets) + ["--dry-run"])
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

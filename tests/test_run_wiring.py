@@ -605,7 +605,8 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     mIoU and loss as "<tag>" scalars without a printed line, the per-class IoU, one panel per image for the first
     log_images images (TensorBoard only), the unlabeled batch kept for it (b = 2 images, 2 strong views each:
     image k's views are rows k and b + k) shown as min(log_images, b) panels, once; a stop is polled after each
-    image; one message line; the ETA clock paused around it."""
+    image; one message line; the ETA clock paused around it; the BatchNorm statistics agreed over processes first;
+    the loader workers from training.num_workers."""
     from engine import run as training
     from engine import visualize
     polls, evaluated = [], {}
@@ -633,21 +634,23 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     b = 2
     images, pseudo = torch.tensor([10.0, 11.0]), torch.tensor([20.0, 21.0])
     mixed, mixed_pseudo = torch.tensor([30.0, 31.0, 32.0, 33.0]), torch.tensor([40.0, 41.0, 42.0, 43.0])
-    run = SimpleNamespace(cfg={"utils": {"log_images": log_images}}, logger=logger, data=data, val_set="val set",
-                          num_classes=2, ignore_label=250, device="the device", autocast="autocast",
+    run = SimpleNamespace(cfg={"utils": {"log_images": log_images}, "training": {"num_workers": 5}}, logger=logger,
+                          data=data, val_set="val set", num_classes=2, ignore_label=250, device="the device",
+                          autocast="autocast",
                           stop=SimpleNamespace(evaluation_poll=lambda r, n: (polls.append((r, n)), lambda: polls.append(
                               "poll"))[1]),
+                          statistics=SimpleNamespace(agree=lambda: logger.calls.append(("statistics_agreed", (), {}))),
                           _unlabeled_views=(images, pseudo, mixed, mixed_pseudo))
     model = torch.nn.Identity()
     result = Run.evaluate(run, model, 7, tag="val_x")
     assert result == {"miou": 0.375, "loss": 1.25, "iou": [0.5, 0.25]}
     assert evaluated == {"model": model, "dataset": "val set", "num_classes": 2, "ignore_label": 250,
                          "mean_rgb": "mean", "channel_order": "RGB", "device": "the device", "autocast": "autocast",
-                         "on_prediction": evaluated["on_prediction"]}
+                         "on_prediction": evaluated["on_prediction"], "num_workers": 5}
     assert polls == [(run, 3), "poll", "poll", "poll"]
     shown = min(log_images, 3) if tensorboard else 0
     views = min(log_images, b) if tensorboard else 0
-    expected = [("evaluation_started", (), {}),
+    expected = [("statistics_agreed", (), {}), ("evaluation_started", (), {}),
                 ("scalars", (7, {"miou": 0.375, "loss": 1.25}), {"prefix": "val_x", "print_line": False}),
                 ("vector", (7, "val_x_iou", [0.5, 0.25], ["a", "b"]), {})]
     expected += [("images", (7, f"val_x_images/{j}", [[j, 250]]), {}) for j in range(shown)]
@@ -740,10 +743,12 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     """Run's set-up under torchrun, with stand-ins for the collectives (one process plays rank 1 of 2): the learning
     rate scaled by the world size when asked, SyncBatchNorm when asked, rank 0's weights broadcast, this rank's
     shard of each sampler, class-balancing counts summed over ranks, its own random draws (seed + 1000003 x rank),
-    no run files and no log output (rank 0 writes them)."""
+    the gradient pass wrapped by DistributedDataParallel, no run files and no log output (rank 0 writes them)."""
     import random
+    from engine import ddp_step
     from engine import run as training
     calls = []
+    monkeypatch.setattr(ddp_step, "wrap", lambda module: calls.append(("ddp", module)) or module)
     reduce = lambda t: t  # noqa: E731  (the stand-in of the sum over ranks)
     for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
                         "is_main": lambda: False, "init_distributed": lambda device: calls.append(("init", device)),
@@ -758,7 +763,8 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     run = Run(TRAIN_SSL, argv_of(sets))
     assert random.random() == random.Random(seed + 1000003).random()
     assert calls == [("init", torch.device("cpu")), ("sync_bn", run.student_module, torch.device("cpu")),
-                     ("broadcast", run.student)]
+                     ("broadcast", run.student), ("ddp", run.gradient_pass.module)]
+    assert run.gradient_pass.module.student is run.student_module
     assert run.base_lr == 0.02 == run.optimizer.param_groups[0]["lr"]
     for sampler in (run.labeled.sampler, run.unlabeled.sampler):
         assert (sampler.rank, sampler.world_size) == (1, 2)
@@ -808,20 +814,14 @@ def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_
     assert "pretrained weights" not in capsys.readouterr().out
 
 
-def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypatch):
+def test_optimizer_step_steps_then_moves_the_teacher(monkeypatch):
     """Run.optimizer_step with a one-weight student, worked by hand: loss w^2 at w = 1, lr 0.1, no momentum: gradient
-    2, w' = 0.8; the gradients averaged over processes between backward and step (stand-in: doubled, so w' = 0.6),
-    the BatchNorm buffers averaged after the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up:
-    min(1 - 1/21, m_2)); teacher 0.5 -> alpha 0.5 + (1 - alpha) w'."""
+    2, w' = 0.8; the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up: min(1 - 1/21, m_2)):
+    teacher 0.5 -> alpha 0.5 + (1 - alpha) w'; then the BatchNorm statistics are marked for averaging at their next
+    read, and nothing is averaged here (under torchrun DistributedDataParallel averages the gradients during the
+    backward: tests/test_distributed.py)."""
     from engine import run as training
     calls = []
-
-    def average_gradients(module):
-        calls.append(("gradients", module))
-        for p in module.parameters():
-            p.grad.mul_(2)
-
-    monkeypatch.setattr(training.dist, "average_gradients", average_gradients)
     monkeypatch.setattr(training.dist, "average_buffers", lambda *modules: calls.append(("buffers",) + modules))
     student = torch.nn.Linear(1, 1, bias=False)
     teacher = torch.nn.Linear(1, 1, bias=False)
@@ -830,13 +830,15 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
         teacher.weight.fill_(0.5)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     run = SimpleNamespace(optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                          student_module=student, teacher=teacher, num_iterations=10, variant=TRAIN_SSL)
+                          student_module=student, teacher=teacher, num_iterations=10, variant=TRAIN_SSL,
+                          statistics=SimpleNamespace(changed=lambda: calls.append(
+                              ("changed", float(teacher.weight.detach())))))
     Run.optimizer_step(run, 2, (student.weight ** 2).sum())
     alpha = ema_alpha_by_hand(2, 10, 10)
     assert run.alpha == pytest.approx(alpha, rel=1e-12)
-    assert float(student.weight.detach()) == pytest.approx(0.6, rel=1e-6)
-    assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
-    assert calls == [("gradients", student), ("buffers", student, teacher)]
+    assert float(student.weight.detach()) == pytest.approx(0.8, rel=1e-6)
+    assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.8, rel=1e-6)
+    assert calls == [("changed", float(teacher.weight.detach()))]
 
 
 @pytest.mark.parametrize("script", ["trainSSL", "trainSSL_less_memory"])
