@@ -95,9 +95,10 @@ class Spy:
         for name in ("pseudo_label", "augment_labeled", "augment_unlabeled", "update_memory", "contrastive_term",
                      "unlabeled_losses"):
             monkeypatch.setattr(ssl_steps, name, getattr(self, "_" + name)(getattr(ssl_steps, name)))
-        for module in (trainSSL, less_memory):
+        for module in (trainSSL, less_memory):  # (the less-memory script takes labeled_terms from trainSSL.py)
             for name, phase in (("labeled_terms", "labeled"), ("unlabeled_terms", "unlabeled")):
-                monkeypatch.setattr(module, name, self._phase(phase, getattr(module, name)))
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, self._phase(phase, getattr(module, name)))
 
     def at(self, kind: str) -> list[tuple]:
         """(iteration, detail) of every event of `kind` inside the loop."""
