@@ -44,7 +44,7 @@ MUTANTS ?= $(shell sed -n '/^\[mutants\]/,$$p' setup.cfg | sed -n 's/^\([a-z_/]*
 MUTANT_JOBS ?= 2
 mutants: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	mkdir -p mutants && cp README.md mutants/  # a test holds --help to the README's flag table
+	mkdir -p mutants && cp -r docs mutants/  # a test holds --help to docs/configuration.md's flag table
 	SSL_TEST_THREADS=1 OMP_NUM_THREADS=1 $(PY) -m mutmut run --max-children $(MUTANT_JOBS) \
 		$(foreach m,$(MUTANTS),"$(subst /,.,$(m:.py=)).*")
 	$(PY) tests/mutation.py $(MUTANTS)

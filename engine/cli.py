@@ -13,7 +13,7 @@ from utils.errors import UserError
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     """The flags every training script takes (SPEC section 1)."""
     p = argparse.ArgumentParser(description=description)
-    # The help texts are the README's flag table, word for word (tests/test_run_wiring.py holds them to it).
+    # The help texts are docs/configuration.md's flag table, word for word (tests/test_entry_points.py holds them).
     p.add_argument("--config", metavar="FILE", help="JSON config (configs/)")
     p.add_argument("--data-root", metavar="PATH",
                    help="dataset folder (default: training.data.root, else ../data/CityScapes, ../data/VOC2012)")

@@ -28,7 +28,7 @@ SCHEMA: dict[str, Any] = {
                 "\"2\" DeepLabv2 (ResNet-101), \"3\" DeepLabv3+ (ResNet-50; 101 in domain adaptation)"),
     "dataset": ((str,), REQUIRED,
                 "\"cityscapes\", \"pascal_voc\" (alias \"pascal\"), \"synthetic\" or \"folder\""),
-    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (README)"),
+    "fidelity": ((str,), "code", "\"code\" reproduces the released code, \"paper\" the paper's text (docs/fidelity.md)"),
     "precision": ((str,), "fp32", "\"fp32\", \"bf16\" or \"fp16\" (autocast; losses and memory stay fp32)"),
     "backbone": {
         "depth": ((int, type(None)), None,
@@ -59,7 +59,12 @@ SCHEMA: dict[str, Any] = {
             "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),
             "input_size": ((str,), REQUIRED, "\"H,W\" crop size"),
             "root": ((str, type(None)), None, "dataset folder (default ../data/CityScapes, ../data/VOC2012)"),
-            "split_file": ((str, type(None)), None, "text list of labeled image ids, or the release's .pkl split"),
+            "split_file": ((str, type(None)), None, "labeled images: a list of image ids, a list of `image mask` lines "
+                                                    "relative to the dataset root (Cityscapes, VOC), or the release's "
+                                                    ".pkl split"),
+            "unlabeled_file": ((str, type(None)), None, "with an `image mask` split_file: the unlabeled images, one "
+                                                        "per line (first column; default: the rest of the training "
+                                                        "list)"),
             "gta5_root": ((str, type(None)), None, "GTA5 folder for domain adaptation (default ../data/GTA5)"),
         },
     },
@@ -112,6 +117,8 @@ SCHEMA: dict[str, Any] = {
         "train_labels": ((str, type(None)), None, "directory (or list file) of training labels"),
         "val_images": ((str, type(None)), None, "directory (or list file) of validation images"),
         "val_labels": ((str, type(None)), None, "directory (or list file) of validation labels"),
+        "unlabeled_images": ((str, type(None)), None, "directory (searched recursively) or list file of training "
+                                                      "images without labels: the unlabeled set"),
         "class_names": ((list, type(None)), None, "class names, one per class"),
         "palette": ((list, type(None)), None, "[[r,g,b], ...] colours for predictions"),
         "num_classes": ((int, type(None)), None, "number of classes (default: len(class_names))"),
@@ -162,7 +169,7 @@ def _resolve(user: dict, schema: dict, prefix: str, source: str) -> dict:
     if unknown:
         known = ", ".join(sorted(schema))
         raise UserError(f"{source}: unknown config key '{prefix}{unknown[0]}'. Known keys here: {known}. "
-                        f"Fix the spelling or remove it (see README, 'Configuration').")
+                        f"Fix the spelling or remove it (see docs/configuration.md).")
     out: dict[str, Any] = {}
     for key, spec in schema.items():
         name = prefix + key
@@ -244,7 +251,7 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
         for i, part in enumerate(path):
             if not isinstance(schema, dict) or part not in schema:
                 raise UserError(f"--set {text}: unknown config key '{'.'.join(path[:i + 1])}' "
-                                f"(config {source}); see README, 'Configuration'.")
+                                f"(config {source}); see docs/configuration.md.")
             schema = schema[part]
             if i < len(path) - 1:
                 node = node.setdefault(part, {})
@@ -295,7 +302,7 @@ def config_diff(a: dict, b: dict, prefix: str = "", ignore: tuple[str, ...] = ()
 
 
 def schema_rows(schema: dict | None = None, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, default, help) for every key, for the README's table."""
+    """(key, default, help) for every key, for docs/configuration.md's table."""
     rows = []
     for key, spec in (schema or SCHEMA).items():
         if isinstance(spec, dict):

@@ -8,7 +8,7 @@ the host wait for the device raises. Checked:
   class balancing, memory update and both contrastive terms active), fp32 and bf16, with the DOCUMENTED sync
   points excluded explicitly: the boolean selections of feature vectors (x[mask]) inside the memory update
   (utils/ssl_steps.update_memory) and the two contrastive terms (utils/ssl_steps.contrastive_term) are let
-  through and counted (README "Speed"; comments at those lines); any other sync fails the test.
+  through and counted (docs/speed.md; comments at those lines); any other sync fails the test.
 On a CPU standing in for the device (dry run) the guard is a proxy that catches value-dependent operations and
 tensors built from host data on the device (see cuda_support._proxy_violation).
 """

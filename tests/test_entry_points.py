@@ -1,5 +1,5 @@
 """What every script starts and ends with (engine/cli.py, engine/entry.py, engine/rng.py): the flags and their help
-(held to the README's table), the choice of the device, the top-level exit codes and messages, and the RNG states a
+(held to docs/configuration.md's table), the choice of the device, the top-level exit codes and messages, and the RNG states a
 run state holds."""
 from __future__ import annotations
 
@@ -73,12 +73,13 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
 
 
 def test_flags_and_their_help_are_the_readme_table():
-    """The README's flag table and --help say the same: each row's flag and argument name is a flag of the parser
+    """docs/configuration.md's flag table and --help say the same: each row's flag and argument name is a flag of the parser
     (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
     and the defaults."""
     import re
     from engine.cli import build_arg_parser
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                               "configuration.md")).read()
     table = readme[readme.index("| flag | meaning |"):]
     table = table[:table.index("\n\n")].splitlines()[2:]
     rows = {}

@@ -21,8 +21,8 @@ release's `selector_c(x[labels == c])`. Two implementations of that one function
 
 Why two: on one CPU thread at the paper's sizes (21,125 or 38,025 vectors, 19 classes, D = H = 256) the blocks
 path pays for padding, the weight gather per block and several [rows, 256] temporaries (each a fresh page-faulted
-allocation at these sizes), and measured 2-4x slower than the per-class segments; the figures are in the README
-("Speed"). On a GPU the segments' host sync and 19 small kernels per layer are what to avoid.
+allocation at these sizes), and measured 2-4x slower than the per-class segments; the figures are in
+docs/speed.md. On a GPU the segments' host sync and 19 small kernels per layer are what to avoid.
 """
 from __future__ import annotations
 
