@@ -172,3 +172,19 @@ def test_bench_step_restores_what_it_instrumented(step_report):
 def test_bench_step_refuses_fp16_on_cpu():
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         bench_step.main(["--config", CITY, *TINY, "--precision", "fp16"])
+
+
+def test_bench_eval_workers_small(tmp_path):
+    """benchmarks/bench_eval_workers.py at toy size: the PNG pairs written and read back through the folder dataset,
+    each case evaluated with 0 and 1 loader workers (equal results: checked inside), the JSON report."""
+    from benchmarks import bench_eval_workers
+    path = str(tmp_path / "report.json")
+    report = bench_eval_workers.main(["--files", "3", "--size", "48,64", "--workers", "0", "1", "--rounds", "1",
+                                      "--width", "8", "--dir", str(tmp_path / "files"), "--json", path])
+    assert sorted(os.listdir(tmp_path / "files" / "images")) == ["000.png", "001.png", "002.png"]
+    rows = {(r["case"], r["workers"]): r for r in report["results"]}
+    assert set(rows) == {("decode", 0), ("decode", 1), ("network", 0), ("network", 1)}
+    assert all(r["seconds_median"] > 0 and r["images_per_second"] == pytest.approx(3 / r["seconds_median"])
+               for r in rows.values())
+    assert rows[("decode", 0)]["ratio_to_first"] == 1.0 and report["size"] == [48, 64]
+    assert json.load(open(path))["files"] == 3
