@@ -40,7 +40,8 @@ SCHEMA: dict[str, Any] = {
     },
     "training": {
         "batch_size": ((int,), REQUIRED, "labeled batch B; the unlabeled batch is B/2, augmented twice"),
-        "num_workers": ((int,), 3, "data-loading worker processes"),
+        "num_workers": ((int,), 3, "data-loading worker processes (training batches, and the images of every "
+                                   "evaluation)"),
         "optimizer": ((str,), "SGD", "only \"SGD\""),
         "momentum": ((float,), 0.9, "SGD momentum"),
         "num_iterations": ((int,), REQUIRED, "N, training iterations (trainSSL_less_memory.py runs 2N alternating steps)"),

@@ -11,18 +11,20 @@ gradients in buckets while the backward pass is still running, instead of after 
   than two valid pixels. DDP marks them ready with zeros on that rank and averages them with the others'
   gradients; a parameter unused on every rank keeps its gradient untouched (None until it first had one), so SGD
   skips it (no weight decay, no momentum) exactly as one process would. That set changes from iteration to
-  iteration, which rules out static_graph; adding `0 * parameter` to the loss so that none is ever unused would
-  give those parameters zero gradients, and SGD would then decay them: a different trajectory. The cost is one
-  traversal of the autograd graph and one small all-reduce of the "used" flags per iteration (measured in
-  docs/long-runs.md).
+  iteration, which rules out static_graph (DDP stops with "Your training graph has changed in this iteration");
+  adding `0 * parameter` to the loss so that none is ever unused would give those parameters zero gradients, and
+  SGD would then decay them: a different trajectory. The cost: one traversal of the autograd graph per iteration,
+  one small all-reduce of the "used" flags, and — since some parameter is unused on every rank in every iteration
+  here — DDP's wait for those flags on the host at the end of the backward pass (measured on CPU in
+  docs/long-runs.md; the hand-written averaging it replaces read its own flags on the host too).
 - forward_sync_buffers=False: BatchNorm running statistics stay per rank between reads and are averaged where they
   are read (engine/batchnorm.py); DDP's broadcast would cost a collective per forward and keep rank 0's
   statistics, not those of the whole global batch.
 - The stop vote: a rank that must stop (a signal, a bad file among the batches it loaded ahead) uses the parameter
   `stop_vote` in its loss with a zero weight, so its gradient carries the reasons. The gradient all-reduce delivers
   the vote to every rank in the same iteration without a collective of its own; an iteration in which no rank
-  voted leaves that gradient None on every rank (unused everywhere), which the host reads without a device sync.
-  engine/graceful_stop.py acts on it.
+  voted leaves that gradient None on every rank (unused everywhere), which the host reads without touching the
+  device. engine/graceful_stop.py acts on it.
 """
 from __future__ import annotations
 
@@ -76,6 +78,10 @@ class GradientPass:
     def __call__(self, steps: Callable[..., dict[str, torch.Tensor]], *args) -> dict[str, torch.Tensor]:
         """`steps(*args)`, the loss terms, run as the forward (with this rank's stop vote under torchrun)."""
         return self.forward(steps, *args, vote=self.vote() if dist.is_distributed() else ())
+
+    def close(self) -> None:
+        """Release DistributedDataParallel (its reducer and its hold on the process group); the module stays."""
+        self.forward = self.module
 
     def votes(self) -> tuple[bool, ...]:
         """After the backward: which reasons any rank voted for (all False when none did: no device read then).

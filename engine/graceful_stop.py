@@ -93,11 +93,14 @@ class GracefulStop:
         self._previous = {}
 
     def end(self, run) -> None:
-        """The run is over (finished or stopped): signals go back to their handlers, the loader workers end."""
+        """The run is over (finished or stopped): signals go back to their handlers, the loader workers end,
+        DistributedDataParallel lets go of the process group (before it is destroyed or the process exits)."""
         self.uninstall()
         for batches in (run.labeled, run.unlabeled, run.gta5_batches):
             if batches is not None:
                 batches.close()
+        if getattr(run, "gradient_pass", None) is not None:
+            run.gradient_pass.close()
         run.logger.close()
 
     def _handle(self, signum: int, frame) -> None:
