@@ -28,18 +28,35 @@ from engine.entry import main_guard
 from engine.visualize import palette_png, save_overlay
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with the original release's -m/--model-path, --gpu N and --save-output-images."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
-    p.add_argument("--data-root", help="dataset folder (default: from the stored config)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    # The help texts are docs/configuration.md's table, word for word (tests/test_entry_points.py holds them).
+    p.add_argument("-m", "--model-path", required=True, metavar="CKPT",
+                   help="checkpoint (.pth) written by training, of this project or of the original release")
+    p.add_argument("--data-root", metavar="PATH", help="dataset folder (default: from the stored config)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the network runs (auto: CUDA when available)")
+    p.add_argument("--gpu", type=int, metavar="N", help="the original release's flag: the same as --device cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the stored config (e.g. training.data.root=...)")
     p.add_argument("--save-output-images", nargs="?", const="", default=None, metavar="DIR",
                    help="write colour-coded predictions and overlays (default DIR: <checkpoint>_predictions/)")
-    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
+    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole", metavar="whole|sliding",
                    help="whole image (the paper's protocol, default) or crop-sized sliding windows")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.gpu is not None:  # the release's --gpu N: cuda:N
+        if args.gpu < 0:
+            p.error(f"--gpu {args.gpu}: give a GPU index 0, 1, ...")
+        if args.device not in ("auto", "cuda", f"cuda:{args.gpu}"):
+            p.error(f"--gpu {args.gpu} and --device {args.device} name two devices; give one of them")
+        args.device = f"cuda:{args.gpu}"
+    return args
 
 
 def worst_first(iou: list[float], class_names: list[str]) -> tuple[list[tuple[str, float]], list[str]]:

@@ -11,7 +11,7 @@ dataset) or a text file listing image paths, one per line (relative to the list 
   <name>_overlay.jpg   with --overlay: the colours blended over the image
 at the image's own size. The network, classes, palette and preprocessing (mean, channel order, the dataset's
 evaluation resize) come from the checkpoint's stored config, and the prediction is evaluateSSL.py's
-(engine/inference.py, utils/evaluation.segment). An image that cannot be read or predicted is named and skipped;
+(engine/inference.py, engine/evaluation.segment). An image that cannot be read or predicted is named and skipped;
 the exit status is 1 when any was.
 """
 from __future__ import annotations
@@ -34,19 +34,29 @@ from engine.entry import main_guard
 from engine.visualize import palette_png, save_overlay
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
+    # The help texts are docs/configuration.md's table, word for word (tests/test_entry_points.py holds them).
+    p.add_argument("-m", "--model-path", required=True, metavar="CKPT",
+                   help="checkpoint (.pth) written by training, of this project or of the original release")
     p.add_argument("--input", required=True, metavar="IMG|DIR|LIST",
-                   help="an image, a folder of images (recursive) or a text file of image paths")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg")
-    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
-                   help="whole image (default, as evaluateSSL.py) or windows of the training crop size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+                   help="one image; a folder, searched recursively; or a text file of image paths, one per line "
+                        "(relative to the file)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder; the input's sub-folders are kept")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write the prediction blended over the image (<name>_overlay.jpg)")
+    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole", metavar="whole|sliding",
+                   help="one forward of the whole image (default, as evaluateSSL.py), or windows of the training "
+                        "crop size")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the network runs (auto: CUDA when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the stored config")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:

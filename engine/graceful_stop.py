@@ -48,13 +48,13 @@ def resume_command(run, extra: tuple[str, ...] = (), replace: tuple[str, ...] = 
     args, kept, k = list(run.argv), [], 0
     while k < len(args):
         name, eq, value = args[k].partition("=")
-        takes_value = name in ("--resume", "--set")
+        takes_value = name in ("--resume", "-r", "--set")
         if takes_value and not eq:
             value = args[k + 1] if k + 1 < len(args) else ""
             k += 2
         else:
             k += 1
-        if name in ("--resume", "--recover") or (name == "--set" and value.split("=")[0] in replace):
+        if name in ("--resume", "-r", "--recover") or (name == "--set" and value.split("=")[0] in replace):
             continue
         kept += [name, value] if takes_value else [args[k - 1]]
     resume = "auto" if run.args.config else os.path.join(run.run_dir, "latest.pth")

@@ -22,7 +22,7 @@ from data.sampler import InfiniteBatches
 from engine import distributed as dist
 from engine import run_state
 from engine.checkpoint import load_checkpoint, model_state_from, save_atomic
-from engine.cli import build_arg_parser, choose_device
+from engine.cli import build_arg_parser, choose_device, config_required_for
 from engine.config import fidelity
 from engine.evaluation import evaluate
 from engine.fault_guard import NonFiniteGuard, all_finite
@@ -51,9 +51,10 @@ class Run:
     def __init__(self, variant: Variant, argv: list[str] | None = None, description: str = ""):
         self.t_start = time.time()
         self.variant = variant
-        parser = build_arg_parser(description or variant.name)
-        self.args = parser.parse_args(argv)
         self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command printed on a stop
+        parser = build_arg_parser(description or variant.name, gta5=variant.uses_gta5,
+                                  config_required=config_required_for(self.argv))
+        self.args = parser.parse_args(self.argv)
         if self.args.check_files and not self.args.dry_run or self.args.recover and not self.args.resume:
             parser.error("--check-files goes with --dry-run, --recover with --resume")
         self.device = choose_device(self.args.device)
