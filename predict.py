@@ -59,6 +59,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def is_image_file(path: str) -> bool:
+    """Whether Pillow recognises the file as an image (it reads the header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return False
+
+
+def is_text_file(path: str) -> bool:
+    """Whether the file is UTF-8 text without NUL bytes (a list of paths), not some other binary file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in data
+
+
 def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:
     """(image path, output name without extension) of every input; output names keep the input's folders. A folder
     input leaves out the files under `out_dir` (earlier predictions, when the output folder is inside it)."""
@@ -71,8 +91,11 @@ def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:
         return [(path, rel) for rel, path in found.items()]
     if not os.path.isfile(spec):
         raise UserError(f"--input {spec} does not exist; give an image, a folder of images or a list file.")
-    if os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS:
-        return [(spec, os.path.splitext(os.path.basename(spec))[0])]
+    if os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS or is_image_file(spec):
+        return [(spec, os.path.splitext(os.path.basename(spec))[0])]  # e.g. x.gif: any image Pillow reads
+    if not is_text_file(spec):
+        raise UserError(f"--input {spec} is neither an image Pillow can read nor a text file of image paths; give "
+                        f"an image, a folder of images or a list file.")
     paths = [row[0] for row in read_list(spec, 1, "--input")]
     if not paths:
         raise UserError(f"{spec} lists no images (--input).")
