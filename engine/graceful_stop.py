@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from engine import distributed as dist
+from engine.checkpoint import remove_partial_files
 from utils.errors import RunStopped, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -106,6 +107,7 @@ class GracefulStop:
             return
         if self.signum:  # the second signal: stop now, by that signal's default action
             self._say(f"\n{name} again: stopping now; latest.pth is the one written before\n")
+            remove_partial_files()  # a save in progress leaves no .tmp-* file behind
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

@@ -246,6 +246,59 @@ def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
     assert set(latest["model"]) == set(latest["teacher"])
 
 
+def test_second_sigterm_mid_save_leaves_no_temporary_file(tmp_path):
+    """A first SIGTERM during a save of latest.pth asks for a stop after the iteration; a second one stops at once:
+    the partial temporary file is removed, latest.pth is the one written before, the process ends by SIGTERM."""
+    run_dir = str(tmp_path)
+    argv = tiny_argv(run_dir, iterations=3, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT] + argv, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        for line in proc.stdout:
+            if "MID-SAVE" in line or time.time() > deadline:
+                break
+        assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
+        os.kill(proc.pid, signal.SIGTERM)
+        for line in proc.stdout:
+            if "SIGTERM received" in line or time.time() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-")] == []
+    assert load_checkpoint(os.path.join(run_dir, "latest.pth"))["iteration"] == 1
+
+
+def test_checkpoints_get_the_permissions_torch_save_gives(tmp_path):
+    """save_atomic's file has the mode torch.save(obj, path) gives under the same umask (0666 less the umask, not
+    mkstemp's 0600), and keeps the mode of a file it replaces, as torch.save does."""
+    from engine.checkpoint import save_atomic
+    old = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o002, 0o077):
+            os.umask(umask)
+            torch.save({"a": 1}, str(tmp_path / f"plain{umask}.pth"))
+            save_atomic({"a": 1}, str(tmp_path / f"atomic{umask}.pth"))
+            plain = os.stat(tmp_path / f"plain{umask}.pth").st_mode & 0o777
+            assert plain == 0o666 & ~umask
+            assert os.stat(tmp_path / f"atomic{umask}.pth").st_mode & 0o777 == plain
+        os.umask(0o022)
+        for name in ("plain", "atomic"):  # files written before, whose mode the user changed
+            torch.save({"a": 1}, str(tmp_path / f"{name}-old.pth"))
+            os.chmod(tmp_path / f"{name}-old.pth", 0o640)
+        torch.save({"a": 2}, str(tmp_path / "plain-old.pth"))
+        save_atomic({"a": 2}, str(tmp_path / "atomic-old.pth"))
+        assert os.stat(tmp_path / "plain-old.pth").st_mode & 0o777 == 0o640
+        assert os.stat(tmp_path / "atomic-old.pth").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
+
+
 def test_sigterm_stops_after_the_iteration_and_resumes_exactly(reference, tmp_path, monkeypatch, no_finish, capsys):
     """SIGTERM right after the first log line (iteration 2, before its evaluation): the run finishes the iteration,
     leaves that evaluation pending, writes latest.pth and exits 128 + 15 without a traceback; --resume auto does
