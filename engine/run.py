@@ -27,6 +27,7 @@ from engine.config import fidelity
 from engine.evaluation import evaluate
 from engine.fault_guard import NonFiniteGuard, all_finite
 from engine.graceful_stop import GracefulStop
+from engine.log_window import add_terms, window_means
 from engine.logger import TrainLogger
 from engine.networks import build_optimizer, build_student, student_forward
 from engine.plan import print_plan
@@ -124,6 +125,7 @@ class Run:
         self.since_best = 0
         self.best_result: dict | None = None
         self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}  # iterations of the window in which each term was computed
         self._count = 0
         self.pending_evaluation: int | None = None  # an evaluation a stop interrupted (engine/graceful_stop.py)
         self.latest_saved: int | None = None  # iterations in the latest.pth this process wrote last
@@ -255,11 +257,9 @@ class Run:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights; then a stop
         (signal, bad file in the next batches) writes latest.pth and ends the run (engine/graceful_stop.py)."""
         u = self.cfg["utils"]
-        for k, v in terms.items():
-            v = v.detach().float()
-            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        add_terms(self._sums, self._counts, terms)  # each term counted where computed (engine/log_window.py)
         self._count += 1
-        self.logger.advance()
+        self.logger.advance(i)
         if (i + 1) % u["log_every"] == 0 or i == self.num_iterations - 1:
             self._log(i)
         if i > 0 and i % u["save_checkpoint_every"] == 0:
@@ -286,14 +286,10 @@ class Run:
 
     def _log(self, i: int) -> None:
         self.guard.check(self)
-        if dist.is_distributed() and self._sums:  # the mean over all processes' batches
-            keys = list(self._sums)
-            total = dist.all_reduce_sum(torch.stack([self._sums[k] for k in keys])) / dist.world_size()
-            self._sums = dict(zip(keys, total))
-        values = {k: float(v) / self._count for k, v in self._sums.items()}  # one sync per log interval
+        values = window_means(self._sums, self._counts)  # fixed order; over processes; one sync per row
         values.update(lr=self.lr, ema_alpha=getattr(self, "alpha", 0.0),
                       ema_momentum=ema_momentum(i, self.num_iterations))
-        self._sums, self._count = {}, 0
+        self._sums, self._counts, self._count = {}, {}, 0
         self.logger.scalars(i, values)
         self.logger.vector(i, "class_weights", self.class_weights.tolist(), self.data.class_names)
         self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)

@@ -429,7 +429,7 @@ def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_bu
     periodic = []
     run = SimpleNamespace(
         cfg={"utils": {"log_every": 100, "save_checkpoint_every": 1, "save_latest_every": 100}}, num_iterations=4,
-        _sums={}, _count=0, logger=SimpleNamespace(advance=lambda: None), _log=lambda i: None,
+        _sums={}, _counts={}, _count=0, logger=SimpleNamespace(advance=lambda i: None), _log=lambda i: None,
         save_periodic=periodic.append, evaluate_if_due=lambda i: False, save_latest=lambda n: None,
         stop=SimpleNamespace(after_iteration=lambda r, i: None))
     for i in range(4):
@@ -721,7 +721,8 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
     monkeypatch.setattr(training.dist, "all_reduce_sum",
                         lambda t: t + torch.tensor([[other["loss"]], [other["loss_sup"]]]).reshape(t.shape))
     logger, checked = _RecordingLogger(), []
-    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2, lr=0.01,
+    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2,
+                          _counts={"loss": 2, "loss_sup": 2}, lr=0.01,
                           **({"alpha": 0.5} if processes > 1 else {}), num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
                           memory=SimpleNamespace(counts=torch.tensor([3, 0])),
                           data=SimpleNamespace(class_names=["a", "b"]), guard=SimpleNamespace(check=checked.append))
@@ -733,7 +734,7 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
                              {}),
                             ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
                             ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
-    assert checked == [run] and run._sums == {} and run._count == 0
+    assert checked == [run] and run._sums == {} and run._count == 0 and run._counts == {}
 
 
 def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
