@@ -177,6 +177,10 @@ class FolderDataset(SegmentationDataset):
                 raise UserError(f"{len(problems)} of {len(pairs)} {what} pairs cannot be used:\n  "
                                 + "\n  ".join(problems))
 
+    def check_item(self, index: int) -> None:
+        """The construction's check of pair `index` (sizes, every label value, not only a crop's): --check-files."""
+        check_pair(self.image_paths[index], self.label_paths[index], self.num_classes, self.ignore_label)
+
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.image_paths[index])
         label = read_label(self.label_paths[index])

@@ -74,7 +74,8 @@ class Run:
         # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
         # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
         self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
-        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
+        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size,
+                               check_pairs=not self.args.check_files)  # --check-files lists both splits' bad files
         # the set evaluations use: the periodic one now, the final one in finish()
         self.val_set = self.data.val
         self.final_val_set = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val

@@ -108,7 +108,7 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
     assert "half-size" not in capsys.readouterr().out and not run.half_size and run.final_val_set is run.val_set
     # trainSSL.py reads Cityscapes at full size; its final evaluations use the same set
-    run = Run(TRAIN_SSL, argv)
+    run = Run(TRAIN_SSL, argv[:-3] + ["--dry-run"])  # without --gta5-root, a flag of domain adaptation only
     assert "half-size" not in capsys.readouterr().out
     assert tuple(run.val_set[0][0].shape[-2:]) == (64, 96) and run.final_val_set is run.val_set
     assert run.gta5 is None and run.gta5_batches is None
