@@ -54,7 +54,7 @@ def test_row_cosine_gradients_match_autograd_of_normalize():
                                     .requires_grad_(True), ma.detach().requires_grad_(True)))
 
 
-@pytest.mark.parametrize("mode", ["ones", "mean"])
+@pytest.mark.parametrize("mode", ["ones", "release", "mean"])
 def test_contrastive_loss_with_each_selector_method_matches_reference(mode):
     g = torch.Generator().manual_seed(1)
     S = 10

@@ -28,7 +28,7 @@ def test_dry_run_plan_lines(tmp_path, capsys):
     assert lines[1] == "{" and lines[2].startswith('  "') and not lines[2].startswith('   ')  # indented by 2
     assert lines[config_end + 1:] == [
         "script: trainSSL; method constants: " + json_module.dumps(run.method),
-        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='ones', "
+        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='release', "
         "da_source_schedule='last100_odd', entropy_mask_broadcast=True)",
         "data: synthetic, 4 train (2 labeled, 2 unlabeled), 2 val, 8 classes, crop (33, 49), channel order RGB",
         f"model: DeepLabv2 ResNet-18, {n_params / 1e6:.1f} M parameters, pretrained weights: none (random "
