@@ -522,6 +522,32 @@ def training_session(previous_json: str, report: dict) -> dict | None:
     return None
 
 
+def with_session_times(report: dict) -> dict:
+    """The report with its top-level times those of the training: every invocation records its own under
+    "invocation"; one that trained nothing (--report) takes elapsed_seconds, runs_trained_now, jobs, threads,
+    machine and load_samples from the training session, so that the top level states how long the runs took."""
+    session = report.get("training_session")
+    own = ("elapsed_seconds", "runs_trained_now", "jobs", "threads", "load_samples", "load_average_at_end")
+    report = dict(report, invocation={k: report[k] for k in own})
+    if session and not report["runs_trained_now"]:
+        report.update({k: session[k] for k in SESSION_KEYS})
+        report.pop("load_average_at_end")  # this invocation's, not the training's: kept under "invocation"
+    return report
+
+
+def compact_json(obj, indent: int = 1, level: int = 0) -> str:
+    """JSON with one key per line, but every list of numbers (learning curves, load samples) and every object of
+    plain values (per-class values, config keys) on one line, instead of one number per line."""
+    pad, end = " " * (indent * (level + 1)), " " * (indent * level)
+    if isinstance(obj, dict) and obj and any(isinstance(v, (dict, list)) for v in obj.values()):
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(k)}: {compact_json(v, indent, level + 1)}"
+                                   for k, v in obj.items()) + "\n" + end + "}"
+    if isinstance(obj, list) and (any(isinstance(v, dict) for v in obj) or  # objects, or long texts: one per line
+                                  any(isinstance(v, str) for v in obj) and len(json.dumps(obj)) > 120):
+        return "[\n" + ",\n".join(pad + compact_json(v, indent, level + 1) for v in obj) + "\n" + end + "]"
+    return json.dumps(obj)
+
+
 class LoadSampler:
     """The 1-minute load average every `every` seconds while the runs train ([elapsed seconds, load] pairs): how
     busy the machine was, to read the wall time by."""
@@ -674,8 +700,9 @@ def main(argv: list[str] | None = None) -> dict:
         "training_session": None,
     }
     report["training_session"] = training_session(os.path.join(out, "ssl_synthetic.json"), report)
+    report = with_session_times(report)
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(compact_json(report) + "\n")
     print(f"wrote {os.path.join(out, 'ssl_synthetic.json')}, {png} and {diag_png}")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed; their output is in <run dir>/stdout.txt: "
