@@ -7,6 +7,7 @@
 dataset folder (predict.py).
 
 `data.synthetic` is imported on first use, so that `python3 -m data.synthetic` runs a module not yet imported.
+`pair_lists.py` reads the split files of today's papers (`image mask` lines) for Cityscapes and Pascal VOC.
 Dataset tools live here too: `check_files.py` (--dry-run --check-files), `translate_labels.py` (GTA5 labels to train
 ids; `python3 utils/translate_labels.py` starts it) and `progress.py` (their progress lines).
 """
@@ -21,12 +22,13 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from data import cityscapes_labels, voc
-from data.cityscapes import CityscapesDataset, validation_input
+from data.cityscapes import CityscapesDataset, list_cityscapes, validation_input
 from data.common import channel_order_for, parse_size
 from data.folder import FolderDataset, folder_classes
 from data.gta5 import GTA5Dataset
+from data.pair_lists import is_pair_list, read_pair_split, refuse_validation_images
 from data.splits import make_split
-from data.voc import VOCDataset
+from data.voc import VOCDataset, list_voc
 from utils.errors import UserError
 
 CITYSCAPES_MEAN_RGB = (73.15835921, 82.90891754, 72.39239876)
@@ -45,7 +47,7 @@ class DataBundle:
     train: Dataset                 # training items (image [3,h,w] float 0..255, label [h,w] int64, index)
     val: Dataset                   # validation items (image, label, name), whole images
     labeled_idx: list[int]         # indices into `train` of the labeled subset
-    unlabeled_idx: list[int]       # the rest of `train`
+    unlabeled_idx: list[int]       # the rest of `train` (items of images without labels: an all-ignore label)
     num_classes: int
     class_names: list[str]
     palette: list[tuple[int, int, int]]
@@ -115,15 +117,24 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
     name, order, ignore = info.name, info.channel_order, info.ignore_label
     d = cfg["training"]["data"]
     crop = parse_size(d["input_size"], "training.data.input_size")
+    listed = None  # training items from split files of `image mask` lines (data/pair_lists.py)
     if name in ("cityscapes", "pascal_voc"):
         root = data_root or d.get("root") or default_root(name)
+        if split and is_pair_list(d.get("split_file")):
+            standard = (lambda: list_cityscapes(root, "train")[1]) if name == "cityscapes" else \
+                (lambda: list_voc(root, "train")[1])
+            listed = read_pair_split(name, root, d["split_file"], d.get("unlabeled_file"), standard,
+                                     d["labeled_samples"])
+        items = listed.items if listed else None
         if name == "cityscapes":
             resolution = "2" if cityscapes_half_size else cfg["version"]  # the version whose resize rule applies
-            train = CityscapesDataset(root, "train", resolution, crop, order, ignore)
+            train = CityscapesDataset(root, "train", resolution, crop, order, ignore, items=items)
             val = CityscapesDataset(root, "val", resolution, None, order, ignore)
         else:
-            train = VOCDataset(root, "train", crop, order, ignore)
+            train = VOCDataset(root, "train", crop, order, ignore, items=items)
             val = VOCDataset(root, "val", None, order, ignore)
+        if listed:
+            refuse_validation_images(train.images, val.images, d["split_file"])
     elif name == "synthetic":
         from data.synthetic import SyntheticStreets
         s = cfg["synthetic"]
@@ -136,21 +147,41 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
         f = dict(cfg["folder"])
         root = data_root or d.get("root")
         if root:  # relative folder paths are relative to --data-root / training.data.root when given
-            for key in ("train_images", "train_labels", "val_images", "val_labels"):
-                if f[key] and not os.path.isabs(f[key]):
+            for key in ("train_images", "train_labels", "val_images", "val_labels", "unlabeled_images"):
+                if f.get(key) and not os.path.isabs(f[key]):
                     f[key] = os.path.join(root, f[key])
         common = dict(num_classes=info.num_classes, class_names=info.class_names, palette=info.palette,
                       channel_order=order, ignore_label=ignore)
         # evaluation (split=False) lists the training pairs but does not read them
-        train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop, check=split and check_pairs, **common)
+        train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop,
+                              check=split and check_pairs, unlabeled=f.get("unlabeled_images") if split else None,
+                              **common)
         val = FolderDataset(f["val_images"], f["val_labels"], "val", train=False, crop_size=None, check=check_pairs,
                             **common)
-    labeled, unlabeled = make_split(len(train), d["labeled_samples"], d["split_id_list"], cfg["seed"],
-                                    names=train.names, split_file=d.get("split_file"), dataset=name) if split \
-        else ([], [])
+    labeled, unlabeled = (listed.split() if listed else split_of(train, cfg, name)) if split else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),
                       ignore_label=ignore, mean_rgb=info.mean_rgb, channel_order=order, train_names=list(train.names))
+
+
+def split_of(train: Dataset, cfg: dict, name: str) -> tuple[list[int], list[int]]:
+    """(labeled, unlabeled) indices into `train`. The split rule (SPEC 6.4) chooses among the labeled items: the
+    first `num_pairs` of a folder dataset with unlabeled images (the others, images without labels, join the
+    unlabeled set), every item otherwise."""
+    d = cfg["training"]["data"]
+    if d.get("unlabeled_file"):
+        raise UserError("training.data.unlabeled_file goes with a training.data.split_file of `image mask` lines "
+                        "(Cityscapes, Pascal VOC); for \"dataset\": \"folder\" name the images without labels "
+                        "in folder.unlabeled_images.")
+    pairs = getattr(train, "num_pairs", len(train))
+    if pairs < len(train) and d["labeled_samples"] > pairs and not d.get("split_file"):
+        raise UserError(f"training.data.labeled_samples is {d['labeled_samples']} but the folder dataset has "
+                        f"{pairs} labeled pairs (folder.train_images / train_labels; folder.unlabeled_images adds "
+                        f"{len(train) - pairs} images without labels); use at most {pairs}: all of them, or fewer "
+                        f"chosen by the split rule.")
+    labeled, unlabeled = make_split(pairs, d["labeled_samples"], d["split_id_list"], cfg["seed"],
+                                    names=train.names[:pairs], split_file=d.get("split_file"), dataset=name)
+    return labeled, unlabeled + list(range(pairs, len(train)))
 
 
 def build_source(cfg: dict, gta5_root: str | None = None) -> Dataset:

@@ -12,11 +12,12 @@ import random
 import numpy as np
 
 from data.cityscapes_labels import CLASS_NAMES, IGNORE_LABEL, NUM_CLASSES, PALETTE, id_to_trainid_lut
-from data.common import SegmentationDataset, random_crop, read_pair, resize_image, resize_label
+from data.common import SegmentationDataset, random_crop, read_image, read_pair, resize_image, resize_label
 from utils.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SUFFIX = "_gtFine_labelIds.png"
+TRAIN_ID_SUFFIX = "_gtFine_labelTrainIds.png"  # cityscapesScripts' train-id masks (ignore 255), read unmapped
 
 
 def expected_tree(root: str) -> str:
@@ -91,8 +92,21 @@ def validation_input(image: np.ndarray, version: str) -> np.ndarray:
     return resize_image(image, (w // 2, h // 2)) if str(version) == "2" else image
 
 
+def train_id_lut(ignore_label: int) -> np.ndarray:
+    """[256] uint8 for *_gtFine_labelTrainIds.png masks: train ids kept, 255 -> `ignore_label` (other values pass
+    through, so that the label check names a file holding them)."""
+    lut = np.arange(256, dtype=np.uint8)
+    lut[255] = ignore_label
+    return lut
+
+
 class CityscapesDataset(SegmentationDataset):
-    """Cityscapes split `split` ("train" or "val"); `train` (default: split == "train") selects random crops."""
+    """Cityscapes split `split` ("train" or "val"); `train` (default: split == "train") selects random crops.
+
+    `items` = (names, image paths, label paths) replaces the listing of the split folder (split files of `image
+    mask` lines, data/pair_lists.py): a label path None is an unlabeled image (every pixel ignored), one ending in
+    _gtFine_labelTrainIds.png holds train ids, any other label ids (mapped as usual).
+    """
 
     name = "cityscapes"
     num_classes = NUM_CLASSES
@@ -100,26 +114,35 @@ class CityscapesDataset(SegmentationDataset):
     palette = PALETTE
 
     def __init__(self, root: str, split: str = "train", version: str = "2", crop_size: tuple[int, int] | None = None,
-                 channel_order: str = "BGR", ignore_label: int = IGNORE_LABEL, train: bool | None = None):
+                 channel_order: str = "BGR", ignore_label: int = IGNORE_LABEL, train: bool | None = None,
+                 items: tuple[list[str], list[str], list[str | None]] | None = None):
         train = split == "train" if train is None else train
         super().__init__(train, crop_size, channel_order, ignore_label)
         if version not in ("2", "3"):
             raise ValueError(f"version must be '2' or '3', got {version!r}")
         self.root, self.split, self.version = root, split, version
-        self.names, self.images, self.labels = list_cityscapes(root, split)
+        self.names, self.images, self.labels = [list(v) for v in items] if items else list_cityscapes(root, split)
         self.lut = id_to_trainid_lut(self.ignore_label)  # [256] uint8: label id -> train id
+        self.train_id_lut = train_id_lut(self.ignore_label)
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image_path, label_path = self.images[index], self.labels[index]
-        image, raw = read_pair(image_path, label_path, "Cityscapes")
+        lut = self.lut
+        if label_path is None:  # an unlabeled image: label id 0 ("unlabeled") everywhere, ignored once mapped
+            image = read_image(image_path)
+            raw, label_path = np.zeros(image.shape[:2], dtype=np.uint8), image_path
+        else:
+            image, raw = read_pair(image_path, label_path, "Cityscapes")
+            if label_path.endswith(TRAIN_ID_SUFFIX):
+                lut = self.train_id_lut
         h, w = raw.shape
         half = (w // 2, h // 2)  # Pillow sizes are (W, H); int(size / 2) as released
         if self.train:
             if self.version == "2":
                 image, raw = resize_image(image, half), resize_label(raw, half)
-            label = self.lut[raw]
+            label = lut[raw]
             image, label = random_crop(image, label, self.crop_size, rng, self.ignore_label, x_first=True)
         else:
             image = validation_input(image, self.version)
-            label = self.lut[raw]
+            label = lut[raw]
         return image, label, label_path

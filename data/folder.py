@@ -7,11 +7,16 @@ Configured in the JSON `folder` section (see docs/datasets.md, "Training on your
   `images/a/x.jpg` <-> `labels/a/x.png`. Two list files: line k of one pairs with line k of the other. One list
   file of two columns (`image label` per line) with `*_labels` null. Paths in list files are relative to the list
   file's folder unless absolute; blank lines and lines starting with # are skipped.
+- `unlabeled_images` (optional): a directory (searched recursively) or a list file (one image per line) of training
+  images without labels. They are appended to the training items after the labeled pairs and form the unlabeled
+  set, with the pairs the split leaves unlabeled; their items carry an all-ignore label (never used: the method
+  reads only the images of unlabeled batches). An image that is also a pair's image is left out (it is labeled).
 - `class_names` and/or `num_classes`, `palette` ([[r,g,b], ...], default: the VOC colour map), `mean` ([r,g,b],
   default 127.5 each); the top-level `ignore_label` marks unlabeled pixels.
 Labels hold class indices 0..C-1 or the ignore label (8-bit, mode L or P). The dataset is checked when it is built:
 a missing label, a size mismatch between an image and its label, or a label value out of range stops with the
-file named, before any training.
+file named, before any training. Unlabeled images are not read then (there may be many): --dry-run --check-files
+reads them, and an unreadable one met during training stops the run like a bad labeled file.
 
 Training items are random crops (padded with the ignore label when the image is smaller) drawn from the item's
 (index, seed) key, like Cityscapes; validation items are whole images with their names.
@@ -95,7 +100,8 @@ def list_pairs(images: str | None, labels: str | None, what: str) -> tuple[list[
         for rel, path in image_files.items():
             if rel not in label_files:
                 raise UserError(f"image {path} has no label: expected {os.path.join(labels, rel)}.png (same relative "
-                                f"path and name, extension {'/'.join(LABEL_EXTENSIONS)}) (folder.{lkey}).")
+                                f"path and name, extension {'/'.join(LABEL_EXTENSIONS)}) (folder.{lkey}). Images "
+                                f"without labels go in another folder, named by folder.unlabeled_images.")
             names.append(os.path.relpath(path, images).replace(os.sep, "/"))
             image_paths.append(path)
             label_paths.append(label_files[rel])
@@ -120,6 +126,33 @@ def list_pairs(images: str | None, labels: str | None, what: str) -> tuple[list[
     base = os.path.dirname(os.path.abspath(images))
     names = [os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") for p in image_paths]
     return names, image_paths, label_paths
+
+
+def list_images(images: str, setting: str = "folder.unlabeled_images") -> tuple[list[str], list[str]]:
+    """(names, paths) of the images under a directory (searched recursively, sorted) or listed in a list file (one
+    path per line, relative to the list file's folder; a second column, such as a mask, is ignored)."""
+    if not os.path.exists(images):
+        raise UserError(f"{setting}: {images} does not exist.")
+    if os.path.isdir(images):
+        paths = list(walk_files(images, IMAGE_EXTENSIONS).values())
+        names = [os.path.relpath(p, images).replace(os.sep, "/") for p in paths]
+        if not paths:
+            raise UserError(f"no image files ({' '.join(IMAGE_EXTENSIONS)}) under {images} ({setting}).")
+        return names, paths
+    base = os.path.dirname(os.path.abspath(images))
+    paths = []
+    with open(images) as f:
+        for line in f:
+            parts = line.split()
+            if parts and not parts[0].startswith("#"):
+                paths.append(parts[0] if os.path.isabs(parts[0]) else os.path.join(base, parts[0]))
+    if not paths:
+        raise UserError(f"{images} lists no images ({setting}).")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(paths)} images listed in {images} ({setting}) do not exist:\n  "
+                        + "\n  ".join(missing))
+    return [os.path.relpath(os.path.abspath(p), base).replace(os.sep, "/") for p in paths], paths
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -147,13 +180,15 @@ def check_pair(image_path: str, label_path: str, num_classes: int, ignore_label:
 
 
 class FolderDataset(SegmentationDataset):
-    """Image/label pairs listed by `list_pairs`; every pair checked at construction (`check=True`)."""
+    """Image/label pairs listed by `list_pairs`; every pair checked at construction (`check=True`). `unlabeled`
+    (folder.unlabeled_images) appends images without labels: items num_pairs.. of the dataset, label path None."""
 
     name = "folder"
 
     def __init__(self, images: str | None, labels: str | None, what: str, *, num_classes: int,
                  class_names: Sequence[str], palette: Sequence[Sequence[int]], train: bool,
-                 crop_size: tuple[int, int] | None, channel_order: str, ignore_label: int, check: bool = True):
+                 crop_size: tuple[int, int] | None, channel_order: str, ignore_label: int, check: bool = True,
+                 unlabeled: str | None = None):
         super().__init__(train, crop_size, channel_order, ignore_label)
         self.num_classes = int(num_classes)
         self.class_names = list(class_names)
@@ -176,6 +211,21 @@ class FolderDataset(SegmentationDataset):
             if problems:  # every bad pair at once, not one per attempt
                 raise UserError(f"{len(problems)} of {len(pairs)} {what} pairs cannot be used:\n  "
                                 + "\n  ".join(problems))
+        self.num_pairs = len(self.names)
+        if unlabeled:
+            self._add_unlabeled(unlabeled)
+
+    def _add_unlabeled(self, images: str) -> None:
+        """Append the images of folder.unlabeled_images (not read here) as items without a label."""
+        names, paths = list_images(images)
+        labeled = {os.path.realpath(p) for p in self.image_paths}
+        kept = [(n, p) for n, p in zip(names, paths) if os.path.realpath(p) not in labeled]
+        if not kept:
+            raise UserError(f"folder.unlabeled_images ({images}): all its {len(paths)} images are images of labeled "
+                            f"pairs; name a folder or list of images without labels.")
+        self.names += [n for n, _ in kept]
+        self.image_paths += [p for _, p in kept]
+        self.label_paths += [None] * len(kept)
 
     def check_item(self, index: int) -> None:
         """The construction's check of pair `index` (sizes, every label value, not only a crop's): --check-files."""
@@ -183,6 +233,11 @@ class FolderDataset(SegmentationDataset):
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.image_paths[index])
+        if self.label_paths[index] is None:  # an unlabeled image: every pixel ignored
+            label = np.full(image.shape[:2], self.ignore_label, dtype=np.uint8)
+            if self.train:
+                image, label = random_crop(image, label, self.crop_size, rng, self.ignore_label, x_first=True)
+            return image, label, self.image_paths[index]
         label = read_label(self.label_paths[index])
         if image.shape[:2] != label.shape:
             raise UserError(f"label {self.label_paths[index]} is {label.shape[1]}x{label.shape[0]} (WxH) but its "

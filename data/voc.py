@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from data.common import SegmentationDataset, random_crop, read_pair
+from data.common import SegmentationDataset, random_crop, read_image, read_pair
 from utils.errors import UserError
 
 NUM_CLASSES = 21
@@ -113,7 +113,9 @@ def list_voc(root: str, split: str, list_file: str | None = None) -> tuple[list[
 
 
 class VOCDataset(SegmentationDataset):
-    """Pascal VOC split `split` ("train" or "val"); `list_file` replaces the default train list."""
+    """Pascal VOC split `split` ("train" or "val"); `list_file` replaces the default train list. `items` = (names,
+    image paths, label paths) replaces both (split files of `image mask` lines, data/pair_lists.py); a label path
+    None is an unlabeled image (every pixel ignored)."""
 
     name = "pascal_voc"
     num_classes = NUM_CLASSES
@@ -122,15 +124,19 @@ class VOCDataset(SegmentationDataset):
 
     def __init__(self, root: str, split: str = "train", crop_size: tuple[int, int] | None = None,
                  channel_order: str = "BGR", ignore_label: int = IGNORE_LABEL, train: bool | None = None,
-                 list_file: str | None = None):
+                 list_file: str | None = None, items: tuple[list[str], list[str], list[str | None]] | None = None):
         train = split == "train" if train is None else train
         super().__init__(train, crop_size, channel_order, ignore_label)
         self.root, self.split = root, split
-        self.names, self.images, self.labels = list_voc(root, split, list_file)
+        self.names, self.images, self.labels = [list(v) for v in items] if items else list_voc(root, split, list_file)
 
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image_path, label_path = self.images[index], self.labels[index]
-        image, label = read_pair(image_path, label_path, "Pascal VOC")
+        if label_path is None:  # an unlabeled image: every pixel ignored
+            image = read_image(image_path)
+            label, label_path = np.full(image.shape[:2], IGNORE_LABEL, dtype=np.uint8), image_path
+        else:
+            image, label = read_pair(image_path, label_path, "Pascal VOC")
         if self.ignore_label != IGNORE_LABEL:
             label = np.where(label == IGNORE_LABEL, np.uint8(self.ignore_label), label)
         if self.train:

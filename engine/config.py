@@ -59,7 +59,12 @@ SCHEMA: dict[str, Any] = {
             "labeled_samples": ((int,), REQUIRED, "L, labeled training images"),
             "input_size": ((str,), REQUIRED, "\"H,W\" crop size"),
             "root": ((str, type(None)), None, "dataset folder (default ../data/CityScapes, ../data/VOC2012)"),
-            "split_file": ((str, type(None)), None, "text list of labeled image ids, or the release's .pkl split"),
+            "split_file": ((str, type(None)), None, "labeled images: a list of image ids, a list of `image mask` lines "
+                                                    "relative to the dataset root (Cityscapes, VOC), or the release's "
+                                                    ".pkl split"),
+            "unlabeled_file": ((str, type(None)), None, "with an `image mask` split_file: the unlabeled images, one "
+                                                        "per line (first column; default: the rest of the training "
+                                                        "list)"),
             "gta5_root": ((str, type(None)), None, "GTA5 folder for domain adaptation (default ../data/GTA5)"),
         },
     },
@@ -109,6 +114,8 @@ SCHEMA: dict[str, Any] = {
         "train_labels": ((str, type(None)), None, "directory (or list file) of training labels"),
         "val_images": ((str, type(None)), None, "directory (or list file) of validation images"),
         "val_labels": ((str, type(None)), None, "directory (or list file) of validation labels"),
+        "unlabeled_images": ((str, type(None)), None, "directory (searched recursively) or list file of training "
+                                                      "images without labels: the unlabeled set"),
         "class_names": ((list, type(None)), None, "class names, one per class"),
         "palette": ((list, type(None)), None, "[[r,g,b], ...] colours for predictions"),
         "num_classes": ((int, type(None)), None, "number of classes (default: len(class_names))"),

@@ -10,7 +10,9 @@ import trainSSL_domain_adaptation_targetCity
 import trainSSL_less_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "configSSL_*.json")))
+MODERN = ("configSSL_city_1_16_unimatch_v3.json", "configSSL_pascal_92_unimatch_v3.json")  # the peers' split files
+CONFIGS = [c for c in sorted(glob.glob(os.path.join(ROOT, "configs", "configSSL_*.json")))
+           if os.path.basename(c) not in MODERN]
 
 
 def touch(path: str) -> None:
@@ -78,6 +80,33 @@ def test_dry_run_other_scripts(roots, capsys):
     (line,) = [ln for ln in out.splitlines() if ln.startswith("script: trainSSL_domain_adaptation_targetCity; ")]
     method = __import__("json").loads(line.split("method constants: ", 1)[1])
     assert (method["contrastive_weight"], method["labeled_classmix_prob"]) == (0.2, 0.25)
+
+
+def test_dry_run_modern_protocols(roots, tmp_path, capsys):
+    """The two configs of today's protocols read the peers' `image mask` lists as they are: Cityscapes 1/16 (186
+    labeled lines naming gtFine_labelTrainIds masks, which this tree lacks: its labelIds files are read) and VOC 92
+    (labeled masks listed in SegmentationClass, which this tree lacks: SegmentationClassAug's are read); the
+    unlabeled lists give the rest of the training images; DeepLabv3+ ResNet-101."""
+    city = os.path.join(roots["cityscapes"], "leftImg8bit_trainvaltest", "leftImg8bit", "train", "aachen")
+    frames = sorted(f[: -len("_leftImg8bit.png")] for f in os.listdir(city))
+    lines = [f"leftImg8bit/train/aachen/{f}_leftImg8bit.png gtFine/train/aachen/{f}_gtFine_labelTrainIds.png\n"
+             for f in frames]
+    (tmp_path / "city_l.txt").write_text("".join(lines[:186]))
+    (tmp_path / "city_u.txt").write_text("".join(lines[186:]))
+    ids = sorted(os.path.splitext(f)[0] for f in os.listdir(os.path.join(roots["pascal"], "SegmentationClassAug")))
+    val = set(open(os.path.join(roots["pascal"], "ImageSets/Segmentation/val.txt")).read().split())
+    train = [i for i in ids if i not in val]
+    (tmp_path / "voc_l.txt").write_text("".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in train[:92]))
+    (tmp_path / "voc_u.txt").write_text("".join(f"JPEGImages/{i}.jpg SegmentationClass/{i}.png\n" for i in train[92:]))
+    for config, root, tag, labeled, total in ((MODERN[0], roots["cityscapes"], "city", 186, 2975),
+                                              (MODERN[1], roots["pascal"], "voc", 92, 10582)):
+        with pytest.warns(UserWarning, match="are read instead"):
+            trainSSL.main(["--config", os.path.join(ROOT, "configs", config), "--data-root", root, "--dry-run",
+                           "--device", "cpu", "--set", f"training.data.split_file={tmp_path / (tag + '_l.txt')}",
+                           "--set", f"training.data.unlabeled_file={tmp_path / (tag + '_u.txt')}"])
+        out = capsys.readouterr().out
+        assert "dry run: OK" in out and f"{total} train ({labeled} labeled, {total - labeled} unlabeled)" in out
+        assert "DeepLabv3+ ResNet-101" in out
 
 
 # The commands of the original release's README, word for word (its "Experiments" and "Evaluation" sections), run
