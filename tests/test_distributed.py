@@ -286,7 +286,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if line.startswith("[train] it 1/"):
+            if line.startswith("[train] iteration 0/"):  # the first log line
                 os.kill(p.pid, signal.SIGTERM)  # the launcher only
                 break
         lines.append(p.stdout.read())
@@ -296,7 +296,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     out = "".join(lines)
-    assert p.returncode != 0 and "[train] it 1/" in out, out[-4000:]
+    assert p.returncode != 0 and "[train] iteration 0/" in out, out[-4000:]
     assert out.count("SIGTERM received") == 1, out[-4000:]  # rank 0 says it once (not its loader workers)
     assert out.count("stopped by SIGTERM (rank 0)") == 1 and "(rank 1)" not in out, out[-4000:]
     assert "DataLoader worker" not in out, out[-4000:]
@@ -312,7 +312,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     capsys.readouterr()
     trainSSL.main(args + ["--resume", "auto"])
     out = capsys.readouterr().out
-    assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out
+    assert f"iterations from {k}" in out and f"[train] iteration {k}/{n}" in out, out
 
 
 @pytest.mark.cuda
