@@ -138,7 +138,7 @@ def code_folder(roots, tmp_path, monkeypatch):
 @pytest.mark.parametrize("command", RELEASE_TRAINING_COMMANDS, ids=lambda c: c.split()[-1].split("/")[-1])
 def test_the_release_training_commands_run_as_typed(command, code_folder, capsys):
     """Each training command of the release's README, as typed (dry run on the CPU): the default ../data folders,
-    the config relative to the code folder; and the same with the release's short flag -c."""
+    the config relative to the code folder; and (once per script) the same with the release's short flag -c."""
     import shlex
     words = shlex.split(command)
     script = SCRIPTS[words[1]]
@@ -147,8 +147,9 @@ def test_the_release_training_commands_run_as_typed(command, code_folder, capsys
     assert "dry run: OK" in out
     assert f"config: {words[3]}\n" in out  # the release's config, found from the code folder
     assert ("2975 train" if "_city_" in words[3] else "10582 train") in out  # in ../data/CityScapes or ../data/VOC2012
-    script.main(["-c"] + words[3:] + ["--dry-run", "--device", "cpu"])
-    assert "dry run: OK" in capsys.readouterr().out
+    if command == next(c for c in RELEASE_TRAINING_COMMANDS if c.split()[1] == words[1]):
+        script.main(["-c"] + words[3:] + ["--dry-run", "--device", "cpu"])
+        assert "dry run: OK" in capsys.readouterr().out
 
 
 def test_the_release_evaluation_command_runs_as_typed(code_folder, capsys):
