@@ -1,6 +1,6 @@
 """What every script starts and ends with (engine/cli.py, engine/entry.py, engine/rng.py): the flags and their help
-(held to docs/configuration.md's table), the choice of the device, the top-level exit codes and messages, and the RNG states a
-run state holds."""
+(held to docs/configuration.md's tables), the choice of the device, the top-level exit codes and messages, and the RNG
+states a run state holds."""
 from __future__ import annotations
 
 import argparse
