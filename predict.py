@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Segment your own images with a trained checkpoint: colour-coded masks, class-id maps and overlays.
 
-    python3 predict.py --model-path ../saved/DeepLab/best_model.pth --input photos/ --out predictions/ [--overlay]
+    python3 predict.py --model-path ../saved/DeepLab/<config name>/best_model.pth --input photos/ --out predictions/ [--overlay]
 
 --input is one image, a folder (searched recursively for .png .jpg .jpeg .bmp .tif .tiff .webp, as the folder
 dataset) or a text file listing image paths, one per line (relative to the list file). For every image, under
@@ -31,6 +31,7 @@ from utils.errors import UserError
 from engine.inference import TrainedModel, load_trained_model, predict_classes
 from engine.cli import choose_device
 from engine.entry import main_guard
+from engine.run_dir import check_writable
 from engine.visualize import palette_png, save_overlay
 
 
@@ -130,6 +131,11 @@ def write_outputs(out_dir: str, name: str, image: np.ndarray, classes: np.ndarra
 def main(argv=None) -> dict:
     """Predict every input; returns {"written": [paths], "failed": [(image, reason)], "out": folder}."""
     args = parse_args(argv)
+    if os.path.isdir(args.input) and os.path.realpath(args.input) == os.path.realpath(args.out):
+        raise UserError(f"--out {args.out} is the --input folder itself: the predictions would lie among the images "
+                        f"and be read as images by the next run. Give another folder, e.g. "
+                        f"{args.input.rstrip('/')}_predictions (a folder inside --input is fine: it is skipped).")
+    check_writable(args.out, "--out", "Give a folder you can write (it is created if missing).")
     items = list_inputs(args.input, args.out)
     device = choose_device(args.device)
     trained = load_trained_model(args.model_path, device, args.overrides)

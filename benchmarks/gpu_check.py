@@ -302,7 +302,7 @@ def step_demo(ctx: StepContext) -> None:
         run_dir = os.path.join(ctx.work, f"demo_{precision}")
         shutil.rmtree(run_dir, ignore_errors=True)
         sets = [f"training.num_iterations={p.demo_iterations}", f"precision={precision}",
-                f"utils.checkpoint_dir={run_dir}", "utils.tensorboard=false", *p.demo_sets]
+                f"utils.checkpoint_dir={run_dir}", "utils.run_name=", "utils.tensorboard=false", *p.demo_sets]
         try:
             t0 = time.monotonic()
             best = trainSSL.main(["--config", DEMO, "--device", ctx.device, *[a for s in sets for a in ("--set", s)]])
@@ -497,7 +497,8 @@ def torchrun_command(plan: Plan, work: str, backend: str) -> tuple[list[str], di
             "synthetic.num_val": 4, "synthetic.image_size": "40,60", "method.ramp_up_iterations": 1,
             "method.memory_start_offset": 1, "method.memory_confidence": 0.0, "method.bn_refresh_iterations": 1,
             "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2, "utils.save_latest_every": 2,
-            "utils.log_every": 1, "utils.tensorboard": False, "utils.checkpoint_dir": os.path.join(out, "run")}
+            "utils.log_every": 1, "utils.tensorboard": False, "utils.checkpoint_dir": os.path.join(out, "run"),
+            "utils.run_name": ""}
     args = ["--config", DEMO, "--device", plan.device]
     for k, v in sets.items():
         args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]

@@ -49,6 +49,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.ssl_diagnostics import summarize_run  # noqa: E402
+from engine.run_dir import run_files  # noqa: E402
 
 BASE_CONFIG = os.path.join(ROOT, "benchmarks", "configs", "ssl_synthetic.json")
 DEFAULT_OUT = os.path.join("benchmarks", "results", "ssl_synthetic")
@@ -163,7 +164,8 @@ def plan(mode: str | dict, out: str, arms: list[str] | None = None, extra: dict 
                 continue
             comparison = COMPARISONS[spec["comparison"]]
             run_dir = os.path.join(out, f"{arm}_seed{seed}")
-            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": run_dir}
+            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": run_dir,
+                    "utils.run_name": ""}  # the run directory is run_dir itself
             runs.append({"arm": arm, "comparison": spec["comparison"], "seed": seed, "script": comparison["script"],
                          "run_dir": run_dir, "sets": sets})
     return runs
@@ -243,10 +245,9 @@ def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints:
     if finished(run, config, diagnose):
         return {**run, "seconds": None, "cached": True}
     os.makedirs(run["run_dir"], exist_ok=True)
-    stale = [os.path.join(run["run_dir"], n)
-             for n in ("train_log.jsonl", "diagnostics.jsonl", "evaluation.json", RUN_TIME)]
-    for path in stale + glob.glob(os.path.join(run["run_dir"], "*.pth")):  # of another config or interrupted
-        if os.path.exists(path):
+    stale = [os.path.join(run["run_dir"], n) for n in run_files(run["run_dir"]) + ["diagnostics.jsonl", RUN_TIME]]
+    for path in stale:  # of another config or interrupted: a run starts only in a directory without them
+        if os.path.isfile(path):
             os.remove(path)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0, cpu0 = time.time(), time.process_time()

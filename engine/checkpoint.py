@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import stat
 from typing import Any
 
@@ -50,16 +51,41 @@ def save_atomic(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if _write_failure(e):
+            raise UserError(_write_failed(path, e)) from None
         raise
     finally:
         _partial.discard(tmp)
 
 
+def _write_failure(e: BaseException) -> bool:
+    """An OSError, or torch's zip writer failing on a full disk ("unexpected pos ...", "file write failed")."""
+    text = str(e)
+    return isinstance(e, OSError) or isinstance(e, RuntimeError) and (
+        "unexpected pos" in text or "write failed" in text or "PytorchStreamWriter" in text)
+
+
+def _write_failed(path: str, e: BaseException) -> str:
+    """The message of a checkpoint write that failed: which file, why, and that the previous file is intact."""
+    try:
+        free = f"; {shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free / 2 ** 20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}"
+    return (f"cannot write {path} ({reason}{free}); the disk is probably full or the folder became unwritable. "
+            f"Nothing was replaced: the previous {os.path.basename(path)}, if there was one, is intact. Free some "
+            f"space, then run the same command again: it continues from the last latest.pth.")
+
+
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint dict with weights_only=True; a clear error for a missing or unreadable file."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file; give a .pth file in it (e.g. "
+                        f"{os.path.join(path, 'best_model.pth')}, or its run state "
+                        f"{os.path.join(path, 'latest.pth')}).")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:

@@ -37,6 +37,10 @@ def build_arg_parser(description: str, gta5: bool = False, config_required: bool
                    help="with --dry-run: also read every image and label once (progress shown) and list every bad file")
     p.add_argument("-r", "--resume", metavar="CHECKPOINT|auto",
                    help="continue a run from its latest.pth (auto: the run directory's latest.pth)")
+    p.add_argument("--restart", action="store_true",
+                   help="start afresh in a run directory that holds an earlier run: its files move into "
+                        "replaced-<time>/ there (without this flag such a directory is resumed when it holds this run, "
+                        "interrupted, and refused otherwise)")
     p.add_argument("--recover", action="store_true",
                    help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's "
                         f"(after a divergence)")
@@ -51,13 +55,22 @@ def config_required_for(argv: list[str]) -> bool:
     return known.resume in (None, "auto")
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
 def choose_device(name: str) -> torch.device:
-    """One device for the whole run."""
+    """One device for the whole run: `auto`, `cpu`, `cuda` or `cuda:N` (anything else is refused by name)."""
+    kind, _, index = name.partition(":")
+    if kind not in ("auto", "cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit())):
+        raise UserError(f"--device {name} is not a device this project runs on; use {DEVICE_FORMS}.")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+        if index and 0 < torch.cuda.device_count() <= int(index):
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}.")
         if dist.launched_by_torchrun():
             name = f"cuda:{dist.local_rank()}"
     device = torch.device(name)

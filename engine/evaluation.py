@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine import distributed as dist
 from utils.augmentations import normalize
+from utils.errors import UserError
 from utils.metrics import ConfusionMatrix, class_iou, mean_iou
 
 
@@ -112,6 +113,11 @@ def evaluate(model: torch.nn.Module, dataset, *, num_classes: int, ignore_label:
     dist.all_reduce_sum(loss_sum)
     dist.all_reduce_sum(pixel_sum)
     model.train(was_training)
+    if float(pixel_sum) == 0:  # NaN mIoU otherwise, at every evaluation of a run (one host read per evaluation)
+        what = "has no image" if len(dataset) == 0 else \
+            f"({len(dataset)} images) has no pixel labeled other than the ignore label {ignore_label}"
+        raise UserError(f"the validation set {what}: there is nothing to score. Check the validation labels (or the "
+                        f"dataset folder) and ignore_label.")
     iou = class_iou(matrix)
     return {"iou": iou.tolist(), "miou": mean_iou(iou), "loss": float(loss_sum / pixel_sum.clamp_min(1)),
             "confusion": matrix.cpu()}

@@ -31,7 +31,8 @@ from engine.log_window import add_terms, window_means
 from engine.logger import TrainLogger
 from engine.networks import build_optimizer, build_student, student_forward
 from engine.plan import print_plan
-from engine.resume import load_config_and_checkpoint
+from engine.resume import claim, load_config_and_checkpoint
+from engine.run_dir import release, run_directory, write_run_files
 from engine.rng import seed_everything
 from engine.visualize import log_unlabeled_panels, validation_panel
 from model.checkpoint_io import load_state_strict
@@ -60,11 +61,12 @@ class Run:
             parser.error("--check-files goes with --dry-run, --recover with --resume")
         self.device = choose_device(self.args.device)
         dist.init_distributed(self.device)
-        self.cfg, self.cfg_source, resume_ckpt = load_config_and_checkpoint(self.args)
+        # the config, the run directory (checked, and held by this run) and the checkpoint to continue, if any
+        self.cfg, self.cfg_source, resume_ckpt, seen = load_config_and_checkpoint(self.args, variant, self.argv)
         cfg, t, dry_run = self.cfg, self.cfg["training"], self.args.dry_run
         self.fidelity = fidelity(cfg)
         self.method = resolve_method(cfg, variant)
-        self.run_dir = cfg["utils"]["checkpoint_dir"]
+        self.run_dir = run_directory(cfg, None)  # utils.run_name is resolved: one directory per config
         # steps of the loop: 2N in trainSSL_less_memory.py, where every schedule counts steps (utils/variants.py)
         self.num_iterations = t["num_iterations"] * variant.steps_per_iteration
         self.crop = parse_size(t["data"]["input_size"], "training.data.input_size")
@@ -114,12 +116,14 @@ class Run:
         common = dict(num_workers=t["num_workers"], device=self.device, rank=dist.rank(),
                       world_size=dist.world_size())
         self.labeled = InfiniteBatches(self.data.train, self.data.labeled_idx, self.batch_size, seed=seed, **common)
-        self.unlabeled = InfiniteBatches(self.data.train, self.data.unlabeled_idx, self.batch_size // 2,
-                                         seed=seed + 1, **common)
+        self.unlabeled = InfiniteBatches(self.data.train, self.data.unlabeled_idx, self.batch_size // 2, seed=seed + 1,
+                                         source=("unlabeled images", "the training set beyond the labeled ones"),
+                                         **common)
         self.gta5_batches = None
         if self.gta5 is not None:
             self.gta5_batches = InfiniteBatches(self.gta5, list(range(len(self.gta5))), self.batch_size,
-                                                seed=seed + 2, **common)
+                                                seed=seed + 2, source=("source images", "synthetic.num_source, or "
+                                                                       "the GTA5 folder"), **common)
 
         self.start_iteration = 0
         self.best_miou = -1.0
@@ -136,6 +140,7 @@ class Run:
                 extra = {"GTA5": self.gta5} if self.gta5 is not None else {}
                 check_files({"train": self.data.train, "val": self.data.val, **extra})  # lists every bad file
             return
+        claim(self.run_dir, self.args, seen)  # held by this run from now on (engine/run_dir.py)
         # Different augmentation draws on every process, identical networks (already broadcast); a resumed run
         # then restores each process's own RNG state (load_state_dict).
         seed_offset = dist.rank() * 1000003
@@ -146,7 +151,7 @@ class Run:
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
                                   tensorboard=cfg["utils"]["tensorboard"], curves=cfg["utils"]["curves"])
         if dist.is_main():
-            self._write_run_files()
+            write_run_files(self.run_dir, cfg, self.data.train_names, self.data.labeled_idx)
         self.logger.message(f"{variant.name}: {self.data.name} v{cfg['version']} ({t['pretraining']}), "
                             f"{labeled_samples} labeled / {len(self.data.unlabeled_idx)} unlabeled, "
                             f"{self.num_iterations} iterations from {self.start_iteration}, device {self.device}"
@@ -172,14 +177,6 @@ class Run:
                            ignore_label=self.ignore_label, drop_background=self.drop_background, crop=self.crop,
                            mean_rgb=d.mean_rgb, channel_order=d.channel_order, autocast=self.autocast,
                            gather_rows=self.gather_rows)
-
-    def _write_run_files(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(self.cfg, f, indent=2)
-        with open(os.path.join(self.run_dir, "train_split.txt"), "w") as f:
-            names = self.data.train_names
-            f.write("".join(names[k] + "\n" for k in self.data.labeled_idx))
 
     def iterations(self) -> range:
         self.stop.resume_pending_evaluation(self)  # an evaluation interrupted by a stop is done first
@@ -441,4 +438,5 @@ class Run:
             self.logger.message(format_iou_table(torch.tensor(best["iou"]), self.data.class_names))
             self.logger.message(f"best mIoU {100 * self.best_miou:.2f}; total time {time.time() - self.t_start:.1f} s")
         self.stop.end(self)  # closes the logger too
+        release(self.run_dir)
         return best

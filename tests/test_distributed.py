@@ -55,7 +55,7 @@ def tiny_args(run_dir: str) -> list[str]:
         "method.ramp_up_iterations": R, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1, "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2,
         "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False, "utils.curves": False,
-        "utils.checkpoint_dir": run_dir,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "",
     }
     args = ["--config", CONFIG, "--device", "cpu"]
     for k, v in sets.items():
@@ -135,6 +135,16 @@ def test_ranks_identical_after_every_step(two_rank_run):
     assert sorted(train_rows) == list(range(N))
     for i, row in train_rows.items():
         assert ("loss_contr_l" in row) == (i > R) and ("loss_contr_u" in row) == (i > R)
+
+
+def test_rank_0_holds_the_run_directory(two_rank_run):
+    """Under torchrun rank 0 alone holds the run directory (run.lock names its pid, not rank 1's); the finished run
+    gives it back (no run.lock left)."""
+    run_dir, rec0, rec1 = two_rank_run
+    (lock0,), (lock1,) = ([r for r in rec if r["kind"] == "lock"] for rec in (rec0, rec1))
+    assert lock0["holds"] and not lock1["holds"] and lock0["pid"] != lock1["pid"]
+    assert lock0["holder"] == lock1["holder"] == lock0["pid"]
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))
 
 
 def test_split_evaluation_equals_single_process(two_rank_run):

@@ -109,7 +109,7 @@ def test_flags_and_their_help_are_the_docs_tables():
     import predict
     from engine.cli import build_arg_parser
     rows = flag_table("Training scripts")
-    assert parser_flags(build_arg_parser("x", gta5=True)) == rows and len(rows) == 9
+    assert parser_flags(build_arg_parser("x", gta5=True)) == rows and len(rows) == 10
     rows.pop("--gta5-root PATH")
     assert parser_flags(build_arg_parser("x")) == rows
     assert parser_flags(evaluateSSL.build_parser()) == flag_table("evaluateSSL.py")
@@ -118,7 +118,7 @@ def test_flags_and_their_help_are_the_docs_tables():
     parser = build_arg_parser("x", gta5=True, config_required=False)
     assert vars(parser.parse_args([])) == {
         "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
-        "check_files": False, "resume": None, "recover": False}
+        "check_files": False, "resume": None, "restart": False, "recover": False}
     assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
     assert vars(evaluateSSL.parse_args(["-m", "x.pth"])) == {
         "model_path": "x.pth", "data_root": None, "device": "auto", "gpu": None, "overrides": [],

@@ -52,7 +52,7 @@ def overrides(run_dir: str, iterations: int, **extra) -> list[str]:
         "method.bn_refresh_iterations": 1,
         # the paper configs' split ids 0/1/2 are the release's splits of the full datasets: random ones here
         "training.data.split_id_list": -1,
-        "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 3, "utils.save_checkpoint_every": 4,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "", "utils.val_per_iter": 3, "utils.save_checkpoint_every": 4,
         "utils.save_latest_every": 6, "utils.log_every": 1, "utils.tensorboard": False, "utils.curves": False,
         **extra,
     }

@@ -48,7 +48,7 @@ def tiny_argv(run_dir: str, iterations: int = 2 * N, config: str = DEMO, **extra
         "synthetic.num_train": 24, "synthetic.num_val": 2, "synthetic.image_size": "40,60",
         "method.ramp_up_iterations": 1, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1,
-        "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 1, "utils.save_checkpoint_every": 1000,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "", "utils.val_per_iter": 1, "utils.save_checkpoint_every": 1000,
         "utils.save_latest_every": N, "utils.log_every": 3, "utils.log_images": 0,
         "utils.curves": False,  # tests/test_logging.py draws them
     }
@@ -551,7 +551,7 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     state = load_checkpoint(run_dir / "latest.pth")
     assert state["samplers"]["gta5"] is not None and state["log_window"]["count"] == 1
     state["samplers"]["gta5"] = {"epoch": 2, "consumed": 1}
-    del state["log_window"], state["world_size"]
+    del state["log_window"], state["world_size"], state["script"]  # as written before the three were recorded
     torch.save(state, run_dir / "latest.pth")
     run = Run(DOMAIN_ADAPTATION, argv + ["--resume", "auto"])
     run.logger.close()

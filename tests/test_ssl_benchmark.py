@@ -203,7 +203,7 @@ def _tiny_args(run_dir: str) -> list[str]:
             "training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.num_iterations": 4,
             "utils.val_per_iter": 2, "utils.log_every": 1, "utils.curves": False, "method.ramp_up_iterations": 1,
             "method.memory_start_offset": 1, "method.memory_confidence": 0.0, "method.bn_refresh_iterations": 1,
-            "utils.checkpoint_dir": run_dir}
+            "utils.checkpoint_dir": run_dir, "utils.run_name": ""}
     return ["--config", bench.BASE_CONFIG, "--device", "cpu"] + bench.set_args(sets)
 
 
