@@ -15,10 +15,11 @@ $(STAMP): requirements.txt requirements-test.txt
 install: $(STAMP)
 
 # Train on the embedded synthetic dataset on CPU, evaluate the best checkpoint, then segment a few scenes written
-# out as image files (at another size than in training) with predict.py.
+# out as image files (at another size than in training) with predict.py. The run directory runs/demo is demo.json's
+# utils.checkpoint_dir (runs) and the config's name (utils.run_name null); `rm -rf` starts it afresh each time.
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(PY) trainSSL.py --config configs/demo.json --device cpu --set utils.checkpoint_dir=$(DEMO_DIR)
+	$(PY) trainSSL.py --config configs/demo.json --device cpu
 	$(PY) evaluateSSL.py --model-path $(DEMO_DIR)/best_model.pth --device cpu
 	$(PY) -m data.synthetic --export $(DEMO_DIR)/scenes --num-train 0 --num-val 4 --image-size 120,200 > /dev/null
 	$(PY) predict.py --model-path $(DEMO_DIR)/best_model.pth --input $(DEMO_DIR)/scenes/val/images \

@@ -49,6 +49,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from benchmarks.ssl_diagnostics import summarize_run  # noqa: E402
+from engine.run_dir import run_files  # noqa: E402
 
 BASE_CONFIG = os.path.join(ROOT, "benchmarks", "configs", "ssl_synthetic.json")
 DEFAULT_OUT = os.path.join("benchmarks", "results", "ssl_synthetic")
@@ -163,7 +164,8 @@ def plan(mode: str | dict, out: str, arms: list[str] | None = None, extra: dict 
                 continue
             comparison = COMPARISONS[spec["comparison"]]
             run_dir = os.path.join(out, f"{arm}_seed{seed}")
-            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": run_dir}
+            sets = {**common, **comparison["sets"], "seed": seed, **spec["sets"], "utils.checkpoint_dir": run_dir,
+                    "utils.run_name": ""}  # the run directory is run_dir itself
             runs.append({"arm": arm, "comparison": spec["comparison"], "seed": seed, "script": comparison["script"],
                          "run_dir": run_dir, "sets": sets})
     return runs
@@ -243,10 +245,9 @@ def execute(run: dict, config: str, device: str, threads: int, keep_checkpoints:
     if finished(run, config, diagnose):
         return {**run, "seconds": None, "cached": True}
     os.makedirs(run["run_dir"], exist_ok=True)
-    stale = [os.path.join(run["run_dir"], n)
-             for n in ("train_log.jsonl", "diagnostics.jsonl", "evaluation.json", RUN_TIME)]
-    for path in stale + glob.glob(os.path.join(run["run_dir"], "*.pth")):  # of another config or interrupted
-        if os.path.exists(path):
+    stale = [os.path.join(run["run_dir"], n) for n in run_files(run["run_dir"]) + ["diagnostics.jsonl", RUN_TIME]]
+    for path in stale:  # of another config or interrupted: a run starts only in a directory without them
+        if os.path.isfile(path):
             os.remove(path)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t0, cpu0 = time.time(), time.process_time()
@@ -522,6 +523,32 @@ def training_session(previous_json: str, report: dict) -> dict | None:
     return None
 
 
+def with_session_times(report: dict) -> dict:
+    """The report with its top-level times those of the training: every invocation records its own under
+    "invocation"; one that trained nothing (--report) takes elapsed_seconds, runs_trained_now, jobs, threads,
+    machine and load_samples from the training session, so that the top level states how long the runs took."""
+    session = report.get("training_session")
+    own = ("elapsed_seconds", "runs_trained_now", "jobs", "threads", "load_samples", "load_average_at_end")
+    report = dict(report, invocation={k: report[k] for k in own})
+    if session and not report["runs_trained_now"]:
+        report.update({k: session[k] for k in SESSION_KEYS})
+        report.pop("load_average_at_end")  # this invocation's, not the training's: kept under "invocation"
+    return report
+
+
+def compact_json(obj, indent: int = 1, level: int = 0) -> str:
+    """JSON with one key per line, but every list of numbers (learning curves, load samples) and every object of
+    plain values (per-class values, config keys) on one line, instead of one number per line."""
+    pad, end = " " * (indent * (level + 1)), " " * (indent * level)
+    if isinstance(obj, dict) and obj and any(isinstance(v, (dict, list)) for v in obj.values()):
+        return "{\n" + ",\n".join(f"{pad}{json.dumps(k)}: {compact_json(v, indent, level + 1)}"
+                                   for k, v in obj.items()) + "\n" + end + "}"
+    if isinstance(obj, list) and (any(isinstance(v, dict) for v in obj) or  # objects, or long texts: one per line
+                                  any(isinstance(v, str) for v in obj) and len(json.dumps(obj)) > 120):
+        return "[\n" + ",\n".join(pad + compact_json(v, indent, level + 1) for v in obj) + "\n" + end + "]"
+    return json.dumps(obj)
+
+
 class LoadSampler:
     """The 1-minute load average every `every` seconds while the runs train ([elapsed seconds, load] pairs): how
     busy the machine was, to read the wall time by."""
@@ -674,8 +701,9 @@ def main(argv: list[str] | None = None) -> dict:
         "training_session": None,
     }
     report["training_session"] = training_session(os.path.join(out, "ssl_synthetic.json"), report)
+    report = with_session_times(report)
     with open(os.path.join(out, "ssl_synthetic.json"), "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(compact_json(report) + "\n")
     print(f"wrote {os.path.join(out, 'ssl_synthetic.json')}, {png} and {diag_png}")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed; their output is in <run dir>/stdout.txt: "

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.pixels import SWAPS_SIZE, exif_orientation, oriented, to_rgb8
 from utils.errors import UserError
 
 CHANNEL_ORDERS = ("BGR", "RGB")
@@ -68,10 +69,12 @@ def parse_key(key: Any) -> tuple[int, int]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """Image file -> [H,W,3] uint8 RGB (Pillow). Unreadable files raise UserError naming the file."""
+    """Image file -> [H,W,3] uint8 RGB as viewers show it: EXIF orientation applied, 16-bit, 32-bit and float modes
+    scaled by their value range, never clipped (data/pixels.py). Unreadable files raise UserError naming the file.
+    The one reader of training, evaluation and predict.py."""
     try:
         with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
+            arr = to_rgb8(oriented(img))
     except FileNotFoundError:
         raise UserError(f"image file not found: {path}") from None
     except READ_ERRORS as e:
@@ -85,7 +88,7 @@ def read_label(path: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             mode = img.mode
-            arr = np.asarray(img)
+            arr = np.asarray(oriented(img, count=False))  # oriented as its image; values kept, never rescaled
     except FileNotFoundError:
         raise UserError(f"label file not found: {path}") from None
     except READ_ERRORS as e:
@@ -107,8 +110,25 @@ def read_pair(image_path: str, label_path: str, dataset: str) -> tuple[np.ndarra
     image, label = read_image(image_path), read_label(label_path)
     if image.shape[:2] != label.shape:
         raise UserError(f"{dataset} image {image_path} is {image.shape[1]}x{image.shape[0]} but its label "
-                        f"{label_path} is {label.shape[1]}x{label.shape[0]}; the files do not belong together.")
+                        f"{label_path} is {label.shape[1]}x{label.shape[0]}; "
+                        + exif_note(image_path, label.shape[::-1], "the files do not belong together."))
     return image, label
+
+
+def exif_note(image_path: str, label_wh: tuple[int, int], otherwise: str) -> str:
+    """The reason an image and its label differ in size when it is the image's EXIF orientation (the label matches
+    the stored, unrotated pixels), else `otherwise`."""
+    try:
+        with Image.open(image_path) as img:
+            orientation, stored = exif_orientation(img), img.size
+    except READ_ERRORS:
+        return otherwise
+    if orientation in SWAPS_SIZE and tuple(stored) == tuple(label_wh):
+        return (f"the image's EXIF orientation ({orientation}: turned by 90 degrees) makes it {stored[1]}x{stored[0]} "
+                f"as every viewer shows it and as it is read here, while the label has the size of the unrotated "
+                f"pixels. Turn the label the same way (label it on the image as shown), or remove the image's EXIF "
+                f"orientation by saving its pixels upright.")
+    return otherwise
 
 
 def resize_image(image: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:

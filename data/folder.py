@@ -31,7 +31,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from data.common import READ_ERRORS, SegmentationDataset, random_crop, read_image, read_label
+from data.common import READ_ERRORS, SegmentationDataset, exif_note, random_crop, read_image, read_label
+from data.pixels import SWAPS_SIZE, exif_orientation
 from data.voc import voc_palette
 from utils.errors import UserError
 
@@ -47,7 +48,13 @@ def default_palette(n: int) -> list[tuple[int, int, int]]:
 def walk_files(directory: str, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> dict[str, str]:
     """{relative path without extension ('a/x'): path} of the files with `extensions` under `directory`."""
     found: dict[str, str] = {}
-    for dirpath, dirnames, files in os.walk(directory):
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked: symlinked folders are followed once
+    for dirpath, dirnames, files in os.walk(directory, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a second link to a folder already walked
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
         for name in sorted(files):
             stem, ext = os.path.splitext(name)
@@ -156,27 +163,30 @@ def list_images(images: str, setting: str = "folder.unlabeled_images") -> tuple[
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the file header."""
+    """(width, height) from the file header, as viewers show the image (its EXIF orientation applied)."""
     try:
         with Image.open(path) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if exif_orientation(img) in SWAPS_SIZE else (w, h)
     except READ_ERRORS as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); the file is corrupt or not an image.") from None
 
 
-def check_pair(image_path: str, label_path: str, num_classes: int, ignore_label: int) -> None:
+def check_pair(image_path: str, label_path: str, num_classes: int, ignore_label: int) -> int:
     """Refuse an image/label pair whose sizes differ or whose label holds values other than 0..C-1 and the ignore
-    label, naming the file."""
+    label, naming the file; returns the number of labeled (not ignored) pixels."""
     image_size, label_size = _image_size(image_path), _image_size(label_path)
     if image_size != label_size:
         raise UserError(f"label {label_path} is {label_size[0]}x{label_size[1]} (WxH) but its image {image_path} is "
-                        f"{image_size[0]}x{image_size[1]}; labels must have their image's size.")
+                        f"{image_size[0]}x{image_size[1]}; "
+                        + exif_note(image_path, label_size, "labels must have their image's size."))
     counts = np.bincount(read_label(label_path).ravel(), minlength=256)
     counts[ignore_label] = 0
     bad = np.flatnonzero(counts[num_classes:]) + num_classes
     if bad.size:
         raise UserError(f"label {label_path} holds values {bad[:10].tolist()} outside the classes 0..{num_classes - 1} "
                         f"and not the ignore label {ignore_label}; fix the file or folder.num_classes / ignore_label.")
+    return int(counts[:num_classes].sum())
 
 
 class FolderDataset(SegmentationDataset):
@@ -197,20 +207,23 @@ class FolderDataset(SegmentationDataset):
         if check:
             pairs = list(zip(self.image_paths, self.label_paths))
 
-            def problem(pair: tuple[str, str]) -> str | None:
+            def problem(pair: tuple[str, str]) -> str | int:
                 try:
-                    check_pair(pair[0], pair[1], self.num_classes, self.ignore_label)
+                    return check_pair(pair[0], pair[1], self.num_classes, self.ignore_label)
                 except UserError as e:
                     return str(e)
-                return None
 
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # decoding releases the GIL
-                problems = [p for p in pool.map(problem, pairs) if p is not None]
+                results = list(pool.map(problem, pairs))
+            problems = [p for p in results if isinstance(p, str)]
             if len(problems) == 1:
                 raise UserError(problems[0])
             if problems:  # every bad pair at once, not one per attempt
                 raise UserError(f"{len(problems)} of {len(pairs)} {what} pairs cannot be used:\n  "
                                 + "\n  ".join(problems))
+            if what == "val" and not sum(results):  # nothing to score: every evaluation would be NaN
+                raise UserError(f"every pixel of the {len(pairs)} validation labels (folder.val_labels) is the ignore "
+                                f"label {self.ignore_label}: there is nothing to score. Label the validation images.")
         self.num_pairs = len(self.names)
         if unlabeled:
             self._add_unlabeled(unlabeled)
@@ -227,6 +240,12 @@ class FolderDataset(SegmentationDataset):
         self.image_paths += [p for _, p in kept]
         self.label_paths += [None] * len(kept)
 
+    def check_item(self, index: int) -> None:
+        """The construction's check of pair `index` (sizes, every label value, not only a crop's): --check-files.
+        An image without a label has no pair to check (reading the item reads the image)."""
+        if self.label_paths[index] is not None:
+            check_pair(self.image_paths[index], self.label_paths[index], self.num_classes, self.ignore_label)
+
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.image_paths[index])
         if self.label_paths[index] is None:  # an unlabeled image: every pixel ignored
@@ -237,7 +256,8 @@ class FolderDataset(SegmentationDataset):
         label = read_label(self.label_paths[index])
         if image.shape[:2] != label.shape:
             raise UserError(f"label {self.label_paths[index]} is {label.shape[1]}x{label.shape[0]} (WxH) but its "
-                            f"image {self.image_paths[index]} is {image.shape[1]}x{image.shape[0]}.")
+                            f"image {self.image_paths[index]} is {image.shape[1]}x{image.shape[0]}; "
+                            + exif_note(self.image_paths[index], label.shape[::-1], "they do not belong together."))
         if self.train:
             image, label = random_crop(image, label, self.crop_size, rng, self.ignore_label, x_first=True)
         return image, label, self.label_paths[index]

@@ -102,7 +102,8 @@ class InfiniteBatches:
 
     def __init__(self, dataset: Dataset, indices: Sequence[int], batch_size: int, seed: int = 0,
                  device: torch.device | str = "cpu", num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True, pin_memory: bool | None = None):
+                 drop_last: bool = True, pin_memory: bool | None = None,
+                 source: tuple[str, str] = ("images", "training.data.labeled_samples")):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -110,10 +111,10 @@ class InfiniteBatches:
         self.device = torch.device(device)
         self.sampler = _EndlessBatchSampler(indices, batch_size, seed, rank, world_size, drop_last)
         n = len(self.sampler.indices)
-        if n and self.sampler.batches_per_epoch == 0:
-            raise UserError(f"{n} images cannot fill one batch of {batch_size}"
+        if n and self.sampler.batches_per_epoch == 0:  # `source`: (what the images are, the setting that counts them)
+            raise UserError(f"{n} {source[0]} cannot fill one batch of {batch_size}"
                             f"{f' on each of {world_size} processes' if world_size > 1 else ''}; use more images "
-                            f"(training.data.labeled_samples) or a smaller training.batch_size.")
+                            f"({source[1]}) or a smaller training.batch_size.")
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.loader = DataLoader(dataset, batch_sampler=self.sampler, num_workers=num_workers, pin_memory=pin,
                                  persistent_workers=num_workers > 0, generator=torch.Generator(),

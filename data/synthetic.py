@@ -420,6 +420,7 @@ def export_folder(directory: str, num_train: int, num_val: int, image_size: tupl
     t = cfg["training"]
     t["data"]["labeled_samples"] = min(num_train, max(t["batch_size"], num_train // 10))
     cfg["utils"]["checkpoint_dir"] = os.path.join(directory, "run")
+    cfg["utils"]["run_name"] = ""  # the run directory is <directory>/run itself (not run/config)
     path = os.path.join(directory, "config.json")
     text = json.dumps(cfg, indent=2)
     text = re.sub(r"\[\s*(\d+),\s*(\d+),\s*(\d+)\s*\]", r"[\1, \2, \3]", text)  # one line per colour

@@ -17,6 +17,7 @@
     graceful_stop.py  SIGTERM/SIGINT and bad files: latest.pth written, then a clean stop
     fault_guard.py    NaN/Inf: stop before anything is written; --recover
     logger.py         console, train_log.jsonl, TensorBoard; curves.py draws curves.png
+    log_window.py     the loss terms summed between log rows; each row's per-term means, in one fixed order
     evaluation.py     the evaluation loop (confusion matrix over the validation split); visualize.py its pictures
     inference.py      a trained checkpoint ready to predict (evaluateSSL.py, predict.py)
 

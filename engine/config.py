@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from data.common import parse_size
+from engine.config_checks import check_values
 from utils.errors import UserError
 from utils.fidelity import FIDELITY_PRESETS, Fidelity
 
@@ -91,7 +92,11 @@ SCHEMA: dict[str, Any] = {
     "ignore_label": ((int,), 250, "label value ignored by losses and metrics"),
     "utils": {
         "save_checkpoint_every": ((int,), 10000, "periodic checkpoint interval (replaces the previous one)"),
-        "checkpoint_dir": ((str,), "../saved/DeepLab", "run directory: checkpoints, logs, config.json"),
+        "checkpoint_dir": ((str,), "../saved/DeepLab",
+                           "folder of the runs: the run directory is checkpoint_dir/run_name"),
+        "run_name": ((str, type(None)), None,
+                     "run directory inside checkpoint_dir (checkpoints, logs, config.json); null: the config file's "
+                     "name without .json; \"\": checkpoint_dir itself"),
         "val_per_iter": ((int,), 1000, "evaluation interval"),
         "save_best_model": ((bool,), True, "write best_model.pth on a new best mIoU"),
         "save_latest_every": ((int,), 1000, "interval of latest.pth, the full run state for exact resume"),
@@ -100,7 +105,8 @@ SCHEMA: dict[str, Any] = {
         "curves": ((bool,), True, "draw curves.png in the run directory at evaluations (at most every 30 s) and at "
                                   "the end (about a second of matplotlib each time)"),
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
-        "eval_batch_size": ((int,), 1, "validation batch size (VOC images differ in size: keep 1)"),
+        "eval_batch_size": ((int,), 1, "accepted for older configs and ignored: evaluation goes one whole image at a "
+                                       "time (images differ in size)"),
         "deterministic": ((bool,), False, "true: deterministic kernels (torch.use_deterministic_algorithms, warnings "
                                           "where none exists) and no cuDNN benchmark; false: cuDNN benchmarks its "
                                           "convolutions, as released"),
@@ -228,6 +234,7 @@ def _check_semantics(cfg: dict, source: str) -> None:
     if width != 64 and pretrained is not None and pretrained.lower() != "none":
         from model import width_without_weights
         raise UserError(f"{source}: {width_without_weights(width, pretrained)}")
+    check_values(cfg, source)  # numeric ranges, NaN, the ignore label against the classes (engine/config_checks.py)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -136,7 +136,11 @@ def broadcast_object(obj: T) -> T:
 
 
 def cleanup() -> None:
+    """End the process group after a successful run: a barrier first, so that no rank tears it down while another
+    still has a collective or a write in flight (a rank leaving early made NCCL abort the job at teardown)."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 
 from engine import distributed as dist
+from engine.checkpoint import remove_partial_files
 from utils.errors import RunStopped, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -50,13 +51,13 @@ def resume_command(run, extra: tuple[str, ...] = (), replace: tuple[str, ...] = 
     args, kept, k = list(run.argv), [], 0
     while k < len(args):
         name, eq, value = args[k].partition("=")
-        takes_value = name in ("--resume", "--set")
+        takes_value = name in ("--resume", "-r", "--set")
         if takes_value and not eq:
             value = args[k + 1] if k + 1 < len(args) else ""
             k += 2
         else:
             k += 1
-        if name in ("--resume", "--recover") or (name == "--set" and value.split("=")[0] in replace):
+        if name in ("--resume", "-r", "--recover") or (name == "--set" and value.split("=")[0] in replace):
             continue
         kept += [name, value] if takes_value else [args[k - 1]]
     resume = "auto" if run.args.config else os.path.join(run.run_dir, "latest.pth")
@@ -111,6 +112,7 @@ class GracefulStop:
             return
         if self.signum:  # the second signal: stop now, by that signal's default action
             self._say(f"\n{name} again: stopping now; latest.pth is the one written before\n")
+            remove_partial_files()  # a save in progress leaves no .tmp-* file behind
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

@@ -10,8 +10,10 @@ import torch
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch; NumPy takes the seed modulo 2**32 (a rank's seed, the config seed plus a rank
+    offset, may pass NumPy's 32-bit range; every seed below 2**32 is used as it is)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
 
 

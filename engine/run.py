@@ -23,16 +23,18 @@ from engine import batchnorm, run_state
 from engine import distributed as dist
 from engine.batchnorm import BatchNormStatistics
 from engine.checkpoint import load_checkpoint, model_state_from, save_atomic
-from engine.cli import build_arg_parser, choose_device
+from engine.cli import build_arg_parser, choose_device, config_required_for
 from engine.config import fidelity
 from engine.ddp_step import GradientPass
 from engine.evaluation import evaluate
 from engine.fault_guard import NonFiniteGuard, all_finite
 from engine.graceful_stop import GracefulStop
+from engine.log_window import add_terms, window_means
 from engine.logger import TrainLogger
 from engine.networks import build_optimizer, build_student, student_forward
 from engine.plan import print_plan
-from engine.resume import load_config_and_checkpoint
+from engine.resume import claim, load_config_and_checkpoint
+from engine.run_dir import release, run_directory, write_run_files
 from engine.rng import seed_everything, set_determinism
 from engine.visualize import log_unlabeled_panels, validation_panel
 from model.checkpoint_io import load_state_strict
@@ -52,18 +54,20 @@ class Run:
     def __init__(self, variant: Variant, argv: list[str] | None = None, description: str = ""):
         self.t_start = time.time()
         self.variant = variant
-        parser = build_arg_parser(description or variant.name)
-        self.args = parser.parse_args(argv)
         self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command printed on a stop
+        parser = build_arg_parser(description or variant.name, gta5=variant.uses_gta5,
+                                  config_required=config_required_for(self.argv))
+        self.args = parser.parse_args(self.argv)
         if self.args.check_files and not self.args.dry_run or self.args.recover and not self.args.resume:
             parser.error("--check-files goes with --dry-run, --recover with --resume")
         self.device = choose_device(self.args.device)
         dist.init_distributed(self.device)
-        self.cfg, self.cfg_source, resume_ckpt = load_config_and_checkpoint(self.args)
+        # the config, the run directory (checked, and held by this run) and the checkpoint to continue, if any
+        self.cfg, self.cfg_source, resume_ckpt, seen = load_config_and_checkpoint(self.args, variant, self.argv)
         cfg, t, dry_run = self.cfg, self.cfg["training"], self.args.dry_run
         self.fidelity = fidelity(cfg)
         self.method = resolve_method(cfg, variant)
-        self.run_dir = cfg["utils"]["checkpoint_dir"]
+        self.run_dir = run_directory(cfg, None)  # utils.run_name is resolved: one directory per config
         # steps of the loop: 2N in trainSSL_less_memory.py, where every schedule counts steps (utils/variants.py)
         self.num_iterations = t["num_iterations"] * variant.steps_per_iteration
         self.crop = parse_size(t["data"]["input_size"], "training.data.input_size")
@@ -74,7 +78,8 @@ class Run:
         # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
         # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
         self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
-        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
+        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size,
+                               check_pairs=not self.args.check_files)  # --check-files lists both splits' bad files
         # the set evaluations use: the periodic one now, the final one in finish()
         self.val_set = self.data.val
         self.final_val_set = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
@@ -112,18 +117,21 @@ class Run:
         common = dict(num_workers=t["num_workers"], device=self.device, rank=dist.rank(),
                       world_size=dist.world_size())
         self.labeled = InfiniteBatches(self.data.train, self.data.labeled_idx, self.batch_size, seed=seed, **common)
-        self.unlabeled = InfiniteBatches(self.data.train, self.data.unlabeled_idx, self.batch_size // 2,
-                                         seed=seed + 1, **common)
+        self.unlabeled = InfiniteBatches(self.data.train, self.data.unlabeled_idx, self.batch_size // 2, seed=seed + 1,
+                                         source=("unlabeled images", "the training set beyond the labeled ones"),
+                                         **common)
         self.gta5_batches = None
         if self.gta5 is not None:
             self.gta5_batches = InfiniteBatches(self.gta5, list(range(len(self.gta5))), self.batch_size,
-                                                seed=seed + 2, **common)
+                                                seed=seed + 2, source=("source images", "synthetic.num_source, or "
+                                                                       "the GTA5 folder"), **common)
 
         self.start_iteration = 0
         self.best_miou = -1.0
         self.since_best = 0
         self.best_result: dict | None = None
         self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}  # iterations of the window in which each term was computed
         self._count = 0
         self.pending_evaluation: int | None = None  # an evaluation a stop interrupted (engine/graceful_stop.py)
         self.latest_saved: int | None = None  # iterations in the latest.pth this process wrote last
@@ -133,6 +141,7 @@ class Run:
                 extra = {"GTA5": self.gta5} if self.gta5 is not None else {}
                 check_files({"train": self.data.train, "val": self.data.val, **extra})  # lists every bad file
             return
+        claim(self.run_dir, self.args, seen)  # held by this run from now on (engine/run_dir.py)
         # Different augmentation draws on every process, identical networks (already broadcast); a resumed run
         # then restores each process's own RNG state (load_state_dict).
         seed_offset = dist.rank() * 1000003
@@ -146,7 +155,7 @@ class Run:
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
                                   tensorboard=cfg["utils"]["tensorboard"], curves=cfg["utils"]["curves"])
         if dist.is_main():
-            self._write_run_files()
+            write_run_files(self.run_dir, cfg, self.data.train_names, self.data.labeled_idx)
         self.logger.message(f"{variant.name}: {self.data.name} v{cfg['version']} ({t['pretraining']}), "
                             f"{labeled_samples} labeled / {len(self.data.unlabeled_idx)} unlabeled, "
                             f"{self.num_iterations} iterations from {self.start_iteration}, device {self.device}"
@@ -172,14 +181,6 @@ class Run:
                            ignore_label=self.ignore_label, drop_background=self.drop_background, crop=self.crop,
                            mean_rgb=d.mean_rgb, channel_order=d.channel_order, autocast=self.autocast,
                            gather_rows=self.gather_rows)
-
-    def _write_run_files(self) -> None:
-        os.makedirs(self.run_dir, exist_ok=True)
-        with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-            json.dump(self.cfg, f, indent=2)
-        with open(os.path.join(self.run_dir, "train_split.txt"), "w") as f:
-            names = self.data.train_names
-            f.write("".join(names[k] + "\n" for k in self.data.labeled_idx))
 
     def iterations(self) -> range:
         self.stop.before_loop(self)  # an evaluation interrupted by a stop is done first; batches loaded ahead
@@ -260,11 +261,9 @@ class Run:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights; then a stop
         (signal, bad file in the next batches) writes latest.pth and ends the run (engine/graceful_stop.py)."""
         u = self.cfg["utils"]
-        for k, v in terms.items():
-            v = v.detach().float()
-            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        add_terms(self._sums, self._counts, terms)  # each term counted where computed (engine/log_window.py)
         self._count += 1
-        self.logger.advance()
+        self.logger.advance(i)
         if (i + 1) % u["log_every"] == 0 or i == self.num_iterations - 1:
             self._log(i)
         if i > 0 and i % u["save_checkpoint_every"] == 0:
@@ -291,14 +290,10 @@ class Run:
 
     def _log(self, i: int) -> None:
         self.guard.check(self)
-        if dist.is_distributed() and self._sums:  # the mean over all processes' batches
-            keys = list(self._sums)
-            total = dist.all_reduce_sum(torch.stack([self._sums[k] for k in keys])) / dist.world_size()
-            self._sums = dict(zip(keys, total))
-        values = {k: float(v) / self._count for k, v in self._sums.items()}  # one sync per log interval
+        values = window_means(self._sums, self._counts)  # fixed order; over processes; one sync per row
         values.update(lr=self.lr, ema_alpha=getattr(self, "alpha", 0.0),
                       ema_momentum=ema_momentum(i, self.num_iterations))
-        self._sums, self._count = {}, 0
+        self._sums, self._counts, self._count = {}, {}, 0
         self.logger.scalars(i, values)
         self.logger.vector(i, "class_weights", self.class_weights.tolist(), self.data.class_names)
         self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)
@@ -319,7 +314,7 @@ class Run:
             poll()
 
         result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
-                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
+                          mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
                           autocast=self.autocast, on_prediction=keep_image,
                           num_workers=self.cfg["training"]["num_workers"])
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
@@ -443,4 +438,5 @@ class Run:
             self.logger.message(format_iou_table(torch.tensor(best["iou"]), self.data.class_names))
             self.logger.message(f"best mIoU {100 * self.best_miou:.2f}; total time {time.time() - self.t_start:.1f} s")
         self.stop.end(self)  # closes the logger too
+        release(self.run_dir)
         return best

@@ -5,7 +5,8 @@
 The probes wrap `Run` methods from the outside (production code has no test hooks). After every iteration each
 rank appends one JSON line to $DW_OUT/rank<r>.jsonl with digests of its student, teacher, optimiser, memory bank,
 class balancing and class weights, the dataset indices it drew and the memory rows it contributed/received;
-every evaluation appends the model digest, confusion matrix and the validation images this rank predicted.
+every evaluation appends the model digest, confusion matrix and the validation images this rank predicted; once
+the run is built, each rank records whether it holds the run directory's lock and whose pid run.lock names.
 $DW_FAIL_RANK / $DW_FAIL_ITER make that rank raise after that iteration (the failure test);
 $DW_STARVE_RANK / $DW_STARVE_ITER give that rank no valid pixel for the memory update and the contrastive terms in
 that iteration (all labels ignored there), as a rank with fewer than two selected pixels of every class has: its
@@ -81,6 +82,10 @@ def install_probes() -> None:
     def init(self, *args, **kwargs):
         run_init(self, *args, **kwargs)
         RUN_DIRS.append(self.run_dir)
+        from engine import run_dir
+        lock = os.path.join(self.run_dir, run_dir.LOCK_NAME)  # who holds the run directory (rank 0 only)
+        _write({"kind": "lock", "pid": os.getpid(), "holds": os.path.realpath(lock) in run_dir._held,
+                "holder": json.load(open(lock))["pid"] if os.path.isfile(lock) else None})
         self._probe = {"labeled": [], "unlabeled": [], "gathered": []}
         for name in ("labeled", "unlabeled"):
             batches = getattr(self, name)

@@ -34,7 +34,7 @@ def tiny_sets(run_dir: str, iterations: int, **extra) -> dict:
         "training.data.labeled_samples": 2, "training.data.input_size": "33,49",
         "synthetic.num_train": 4, "synthetic.num_val": 2, "synthetic.image_size": "40,60",
         "method.class_balancing": True, "method.bn_refresh_iterations": 0,
-        "utils.checkpoint_dir": run_dir, "utils.val_per_iter": 1000, "utils.save_checkpoint_every": 1000,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "", "utils.val_per_iter": 1000, "utils.save_checkpoint_every": 1000,
         "utils.save_latest_every": 1000, "utils.log_every": 1, "utils.tensorboard": False, "utils.log_images": 0,
         "utils.curves": False,  # about a second of matplotlib per run; tests/test_logging.py draws them
     }

@@ -174,6 +174,20 @@ def test_bench_step_refuses_fp16_on_cpu():
         bench_step.main(["--config", CITY, *TINY, "--precision", "fp16"])
 
 
+def test_release_memory_weights_measurement_small():
+    """benchmarks/release_memory_weights.py on a few small classes: the release's memory weights are 1 or 1 - 2^-24,
+    the memory selectors get gradients of rounding size, and SGD with the paper's schedule keeps ~0.924 of a weight
+    whose gradient is ~0 (worked out: weight decay through momentum at every step)."""
+    from benchmarks.release_memory_weights import measure, poly_sgd_factor
+    r = measure(classes=3, memory_size=16, features=60, seed=0)
+    assert set(r["weights"]["distinct_values_minus_1"]) <= {0.0, -2.0 ** -24}
+    assert 0 < r["memory_selector_gradients"]["max"] < 1e-6
+    assert r["feature_gradient_relative_change_with_exact_ones"] < 1e-6
+    assert r["sgd_factor_after_a_paper_run"] == pytest.approx(0.9241, abs=1e-4)
+    # by hand: lr 0.1 then 0.05 (poly, power 1); buf 0.5 then 0.9 * 0.5 + 0.5 * 0.95
+    assert poly_sgd_factor(2, 0.1, 1.0, 0.9, 0.5) == pytest.approx((1 - 0.1 * 0.5) - 0.05 * (0.9 * 0.5 + 0.5 * 0.95))
+
+
 def test_bench_eval_workers_small(tmp_path):
     """benchmarks/bench_eval_workers.py at toy size: the PNG pairs written and read back through the folder dataset,
     each case evaluated with 0 and 1 loader workers (equal results: checked inside), the JSON report."""

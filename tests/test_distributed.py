@@ -61,7 +61,7 @@ def tiny_args(run_dir: str) -> list[str]:
         "method.ramp_up_iterations": R, "method.memory_start_offset": 1, "method.memory_confidence": 0.0,
         "method.bn_refresh_iterations": 1, "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2,
         "utils.save_latest_every": 2, "utils.log_every": 1, "utils.tensorboard": False, "utils.curves": False,
-        "utils.checkpoint_dir": run_dir,
+        "utils.checkpoint_dir": run_dir, "utils.run_name": "",
     }
     args = ["--config", CONFIG, "--device", "cpu"]
     for k, v in sets.items():
@@ -146,6 +146,16 @@ def test_ranks_identical_after_every_step(two_rank_run):
     assert sorted(train_rows) == list(range(N))
     for i, row in train_rows.items():
         assert ("loss_contr_l" in row) == (i > R) and ("loss_contr_u" in row) == (i > R)
+
+
+def test_rank_0_holds_the_run_directory(two_rank_run):
+    """Under torchrun rank 0 alone holds the run directory (run.lock names its pid, not rank 1's); the finished run
+    gives it back (no run.lock left)."""
+    run_dir, rec0, rec1 = two_rank_run
+    (lock0,), (lock1,) = ([r for r in rec if r["kind"] == "lock"] for rec in (rec0, rec1))
+    assert lock0["holds"] and not lock1["holds"] and lock0["pid"] != lock1["pid"]
+    assert lock0["holder"] == lock1["holder"] == lock0["pid"]
+    assert not os.path.exists(os.path.join(run_dir, "run.lock"))
 
 
 def test_split_evaluation_equals_single_process(two_rank_run):
@@ -354,7 +364,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if line.startswith("[train] it 1/"):
+            if line.startswith("[train] iteration 0/"):  # the first log line
                 os.kill(p.pid, signal.SIGTERM)  # the launcher only
                 break
         lines.append(p.stdout.read())
@@ -364,7 +374,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     out = "".join(lines)
-    assert p.returncode != 0 and "[train] it 1/" in out, out[-4000:]
+    assert p.returncode != 0 and "[train] iteration 0/" in out, out[-4000:]
     assert out.count("SIGTERM received") == 1, out[-4000:]  # rank 0 says it once (not its loader workers)
     assert out.count("stopped by SIGTERM (rank 0)") == 1 and "(rank 1)" not in out, out[-4000:]
     assert "DataLoader worker" not in out, out[-4000:]
@@ -380,7 +390,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     capsys.readouterr()
     trainSSL.main(args + ["--resume", "auto"])
     out = capsys.readouterr().out
-    assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out
+    assert f"iterations from {k}" in out and f"[train] iteration {k}/{n}" in out, out
 
 
 def test_a_bad_file_on_one_rank_stops_both_after_the_same_iteration(tmp_path):

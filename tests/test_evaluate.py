@@ -151,6 +151,65 @@ def test_sliding_protocol(checkpoint, capsys):
     assert "protocol sliding" in capsys.readouterr().out
 
 
+def test_saved_predictions_are_unique_per_relative_path(checkpoint, tmp_path, capsys):
+    """Validation images a/img.png and b/img.png (one file name in two folders, two different scenes): both
+    predictions and overlays are written, under their folders, the overlay of each blending its own image (before:
+    one overwrote the other; "wrote ... of 2 images" with one written)."""
+    path, model = checkpoint
+    stored = torch.load(path, weights_only=True)["config"]["folder"]
+    images, labels = tmp_path / "val" / "images", tmp_path / "val" / "labels"
+    scenes = SyntheticStreets(2, SIZE, seed_offset=1, train=False)
+    for k, folder in enumerate(("a", "b")):
+        for src, dst in ((stored["val_images"], images), (stored["val_labels"], labels)):
+            (dst / folder).mkdir(parents=True, exist_ok=True)
+            Image.open(os.path.join(src, f"synthetic_1_{k:05d}.png")).save(dst / folder / "img.png")
+    out = tmp_path / "pred"
+    evaluateSSL.main(["--model-path", path, "--device", "cpu", "--save-output-images", str(out),
+                      "--set", f"folder.val_images={images}", "--set", f"folder.val_labels={labels}"])
+    assert f"wrote predictions and overlays of 2 images to {out}" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["a", "b", "summary.txt"]
+    expected, _ = reference_predictions(model)
+    for k, folder in enumerate(("a", "b")):
+        assert sorted(os.listdir(out / folder)) == ["img.png", "img_overlay.jpg"]
+        assert np.array_equal(np.asarray(Image.open(out / folder / "img.png")), expected[k])
+        blend = np.asarray(Image.open(out / folder / "img_overlay.jpg").convert("RGB")).astype(float)
+        colours = np.array(PALETTE, dtype=float)[expected[k]]
+        own, other = (np.abs(blend - (scenes.scene(j)[0].astype(float) + colours) / 2).mean() for j in (k, 1 - k))
+        assert own < 8 < other  # this overlay is of its own image, not of the other one
+
+
+def test_a_read_only_checkpoint_folder_puts_the_report_elsewhere(checkpoint, tmp_path, monkeypatch, capsys):
+    """The checkpoint's folder cannot be written (a read-only archive; simulated: the write test there fails with
+    EROFS): evaluateSSL.py says so before evaluating and writes the report in the current folder; when that fails
+    too, it prints the results and says the report was not written — no traceback after the mIoU."""
+    import errno
+    import tempfile
+    path, _ = checkpoint
+    folder = os.path.dirname(os.path.abspath(path))
+    real = tempfile.mkstemp
+    blocked = {folder}
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and os.path.abspath(dir) in blocked:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.chdir(tmp_path)
+    before = os.listdir(folder)
+    evaluateSSL.main(["--model-path", path, "--device", "cpu"])
+    out = capsys.readouterr().out
+    name = f"{os.path.basename(folder)}_best_model_evaluation.json"
+    note = f"note: cannot write the folder {folder}: Read-only file system; the report goes to {name} instead"
+    assert note in out and out.index(note) < out.index("mIoU") and f"wrote {name}" in out
+    assert json.load(open(tmp_path / name))["iteration"] == 5 and os.listdir(folder) == before
+    blocked.add(str(tmp_path))
+    report = evaluateSSL.main(["--model-path", path, "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "best_model_evaluation.json will not be written" in out and "not written (see the note above)" in out
+    assert report["iteration"] == 5
+
+
 class _Items(torch.utils.data.Dataset):
     """Validation items as the datasets return them: (image [3,h,w] 0..255, label [h,w] int64, name); sizes differ
     from item 2 on; item `bad` fails as an unreadable file does (a UserError naming it)."""

@@ -255,6 +255,31 @@ def test_check_files_lists_every_bad_file_in_one_pass(city, tmp_path, capsys):
         Run(trainSSL.TRAIN_SSL, argv[:-2] + ["--check-files"])
 
 
+def test_check_files_lists_the_bad_labels_of_both_splits_of_a_folder_dataset(tmp_path, capsys):
+    """A folder dataset with a bad label in each split (a class value out of range in train, another size than its
+    image in val): --dry-run --check-files lists both in one pass (the pair checks of the dataset's building wait
+    for it); without --check-files, building still stops at the first split's bad pairs."""
+    import numpy as np
+    from PIL import Image
+    from data.synthetic import export_folder
+    config = export_folder(str(tmp_path / "data"), num_train=4, num_val=2, image_size=(40, 60))
+    folder = json.load(open(config))["folder"]
+    train_label = os.path.join(folder["train_labels"], sorted(os.listdir(folder["train_labels"]))[2])
+    values = np.asarray(Image.open(train_label)).copy()
+    values[0, 0] = 9  # 8 classes: 0..7 and the ignore label
+    Image.fromarray(values).save(train_label)
+    val_label = os.path.join(folder["val_labels"], sorted(os.listdir(folder["val_labels"]))[1])
+    Image.fromarray(np.zeros((30, 50), np.uint8)).save(val_label)
+    argv = tiny_argv(str(tmp_path / "run"), 2, config, **{"training.data.labeled_samples": 2})
+    assert run_guarded(argv + ["--dry-run", "--check-files"]) == 2
+    err = capsys.readouterr().err
+    assert "--check-files: 2 of 6 items (4 train, 2 val) cannot be used" in err, err
+    assert train_label in err and val_label in err and "Traceback" not in err
+    assert run_guarded(argv + ["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert train_label in err and val_label not in err
+
+
 def test_prefetch_keeps_the_position(tmp_path):
     """A prefetched batch is the next one returned and is not counted in the position until then."""
     from data.synthetic import SyntheticStreets

@@ -46,10 +46,10 @@ def test_accumulator_and_table():
     table = format_iou_table(class_iou(acc.matrix), ["road", "sidewalk", "building"])
     lines = table.splitlines()
     assert len(lines) == 4
-    assert "road" in lines[0] and "0.4000" in lines[0]  # 2 / (4 + 3 - 2)
-    assert "sidewalk" in lines[1] and "0.5000" in lines[1]  # 3 / (4 + 5 - 3)
+    assert "road" in lines[0] and "IoU 40.00" in lines[0]  # 2 / (4 + 3 - 2), in percent as every printed mIoU
+    assert "sidewalk" in lines[1] and "IoU 50.00" in lines[1]  # 3 / (4 + 5 - 3)
     assert "building" in lines[2] and "n/a" in lines[2]
-    assert lines[3] == "mIoU 0.4500"
+    assert lines[3] == "mIoU 45.00"
     acc.reset()
     assert acc.matrix.sum().item() == 0
 

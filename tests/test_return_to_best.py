@@ -250,7 +250,10 @@ def test_finish_without_save_best_model_leaves_best_model_pth_alone(tmp_path):
     before = load_checkpoint(str(run_dir / "best_model.pth"))
     assert (before["iteration"], before["miou"]) == (1, 0.3)
     os.remove(run_dir / "train_log.jsonl")
-    with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.5}):
+    # the run-directory guard (engine/resume.py) refuses a directory holding another run's files; here it is told
+    # there is none, as when a best_model.pth is put into the directory by hand
+    with planted_miou({**FINISH_PLANTED, (FINISH_N, "val_bn_refresh"): 0.5}), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("engine.resume._earlier_run", lambda *args: None)
         result = trainSSL.main(argv_of({**sets, "utils.save_best_model": False}))
     after = load_checkpoint(str(run_dir / "best_model.pth"))
     assert (after["iteration"], after["miou"]) == (1, 0.3)

@@ -72,7 +72,8 @@ def balancing_by_hand(f: np.ndarray) -> np.ndarray:
 
 def contrastive_by_hand(x, labels, memory, mem_counts, feature_selectors, memory_selectors, weights: str):
     """SPEC 5.4 written out class by class: 1 - cosine distances, feature weights sigmoid(selector) rescaled to mean
-    1, memory weights 1 ("ones") or sigmoid(memory selector) rescaled to mean 1 ("mean"); sum over classes / C."""
+    1, memory weights 1 ("ones"), the release's sigmoid(memory selector) divided by itself, (1 / s) * s ("release"),
+    or sigmoid(memory selector) rescaled to mean 1 ("mean"); sum over classes / C."""
     total = 0.0
     for c in range(C):
         xc = x[labels == c]
@@ -87,6 +88,9 @@ def contrastive_by_hand(x, labels, memory, mem_counts, feature_selectors, memory
         if weights == "mean":
             v = torch.sigmoid(copy.deepcopy(memory_selectors[c])(mh))[:, 0]
             v = v * mc.shape[0] / v.sum()
+        elif weights == "release":
+            s = torch.sigmoid(copy.deepcopy(memory_selectors[c])(mh))[:, 0]
+            v = (1.0 / s) * s
         total += float((w[:, None] * v[None, :] * distance).mean())
     return total / C
 
@@ -106,6 +110,7 @@ class Recorder:
         self.contrastive: list[dict] = []
         self.classifier: tuple | None = None
         self.teacher = TeacherProbe(run, div=10, other_div=1)
+        self.memory_selectors_at_start = copy.deepcopy(run.student_module.memory_selectors())
         run.memory_quota = QUOTA  # per_class_quota has its own tests; here the selectors must rank
         self._planted: dict | None = None
         self._projected: list[torch.Tensor] = []
@@ -188,9 +193,12 @@ class Recorder:
             with torch.no_grad():
                 x = features.detach()
                 hand = {w: contrastive_by_hand(x, labels, memory.memory, memory.counts, feature_selectors,
-                                               memory_selectors, w) for w in ("ones", "mean")}
+                                               memory_selectors, w) for w in ("ones", "release", "mean")}
+                present = torch.bincount(labels, minlength=C)
+                qualifying = [c for c in range(C) if present[c] > 1 and memory.counts[c] > 1]
             out = contrastive_loss(features, labels, memory, feature_selectors, memory_selectors, num_classes, **kw)
-            self.contrastive.append({"i": run.iteration, "value": float(out.detach()), **hand})
+            self.contrastive.append({"i": run.iteration, "value": float(out.detach()), "qualifying": qualifying,
+                                     **hand})
             return out
         mp.setattr(ssl_steps, "contrastive_loss", contrastive)
 
@@ -337,10 +345,10 @@ def test_paper_memory_keeps_highest_scores(paper_run):
     check_memory_updates(paper_run, "highest")
 
 
-@pytest.mark.parametrize("fidelity, weights", [("code", "ones"), ("paper", "mean")])
+@pytest.mark.parametrize("fidelity, weights", [("code", "release"), ("paper", "mean")])
 def test_contrastive_memory_weights_of_the_preset(fidelity, weights, code_run, paper_run):
     rec = code_run if fidelity == "code" else paper_run
-    other = "mean" if weights == "ones" else "ones"
+    other = "mean" if weights == "release" else "ones"
     calls = rec.contrastive
     assert [c["i"] for c in calls] == [3, 3, 4, 4]  # labeled, then unlabeled term, after R
     assert any(c[weights] > 0 for c in calls)       # some class had vectors in the batch and in memory
@@ -348,6 +356,35 @@ def test_contrastive_memory_weights_of_the_preset(fidelity, weights, code_run, p
         assert c["value"] == pytest.approx(c[weights], rel=1e-5, abs=1e-8), c
     # the other form, where a class qualified, differs by far more than that tolerance
     assert all(abs(c[other] - c[weights]) > 1e-3 * c[weights] for c in calls if c[weights] > 0), calls
+
+
+def test_code_memory_selectors_get_the_release_gradient_and_its_weight_decay(code_run):
+    """Fidelity "code": the memory selector of every class that qualified for a contrastive term ran (train mode:
+    its BatchNorm running statistics moved) and every one of its parameters got a gradient, so SGD applied weight
+    decay and momentum to it from that iteration on, as the release's: the final values are the hand-worked SGD
+    of a (nearly) zero gradient, p <- p - lr_t * buf, buf <- 0.9 buf + 5e-4 p, at the recorded learning rates.
+    A class that never qualified keeps its selector untouched, with no gradient."""
+    rec = code_run
+    first: dict[int, int] = {}
+    for call in rec.contrastive:
+        for c in call["qualifying"]:
+            first.setdefault(c, call["i"])
+    assert first and len(first) < C  # some classes qualified, some never did
+    for c, (now, start) in enumerate(zip(rec.run.student_module.memory_selectors(), rec.memory_selectors_at_start)):
+        for (name, p), p0 in zip(now.named_parameters(), start.parameters()):
+            if c not in first:
+                assert p.grad is None and torch.equal(p, p0), (c, name)
+                continue
+            assert p.grad is not None, (c, name)
+            expected, buf = p0.detach().double(), None
+            for i in range(first[c], N):
+                d = 5e-4 * expected
+                buf = d if buf is None else 0.9 * buf + d
+                expected = expected - rec.lr[i][0] * buf
+            moved = (p.detach().double() - p0.detach().double()).abs()
+            assert float(moved.max()) > 0, (c, name)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=2e-7, atol=1e-9, msg=(c, name))
+        assert not torch.equal(now[1].running_mean, start[1].running_mean) or c not in first, c
 
 
 @pytest.mark.parametrize("fidelity, branches", [("code", 2), ("paper", 4)])
@@ -429,7 +466,7 @@ def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_bu
     periodic = []
     run = SimpleNamespace(
         cfg={"utils": {"log_every": 100, "save_checkpoint_every": 1, "save_latest_every": 100}}, num_iterations=4,
-        _sums={}, _count=0, logger=SimpleNamespace(advance=lambda: None), _log=lambda i: None,
+        _sums={}, _counts={}, _count=0, logger=SimpleNamespace(advance=lambda i: None), _log=lambda i: None,
         save_periodic=periodic.append, evaluate_if_due=lambda i: False, save_latest=lambda n: None,
         stop=SimpleNamespace(after_iteration=lambda r, i: None))
     for i in range(4):
@@ -724,7 +761,8 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
     monkeypatch.setattr(training.dist, "all_reduce_sum",
                         lambda t: t + torch.tensor([[other["loss"]], [other["loss_sup"]]]).reshape(t.shape))
     logger, checked = _RecordingLogger(), []
-    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2, lr=0.01,
+    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2,
+                          _counts={"loss": 2, "loss_sup": 2}, lr=0.01,
                           **({"alpha": 0.5} if processes > 1 else {}), num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
                           memory=SimpleNamespace(counts=torch.tensor([3, 0])),
                           data=SimpleNamespace(class_names=["a", "b"]), guard=SimpleNamespace(check=checked.append))
@@ -736,7 +774,7 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
                              {}),
                             ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
                             ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
-    assert checked == [run] and run._sums == {} and run._count == 0
+    assert checked == [run] and run._sums == {} and run._count == 0 and run._counts == {}
 
 
 def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):

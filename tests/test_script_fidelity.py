@@ -34,7 +34,8 @@ def make_run(variant, run_dir, **sets) -> Run:
               "training.data.labeled_samples": 6, "training.data.input_size": "32,48",
               "synthetic.num_train": 10, "synthetic.num_val": 2, "synthetic.image_size": "32,48",
               "method.ramp_up_iterations": 1000, "method.class_balancing": False, "method.bn_refresh_iterations": 0,
-              "utils.checkpoint_dir": str(run_dir), "utils.tensorboard": False, "utils.curves": False,
+              "utils.checkpoint_dir": str(run_dir), "utils.run_name": "", "utils.tensorboard": False,
+              "utils.curves": False,
               **sets}
     argv = ["--config", DEMO, "--device", "cpu"]
     for k, v in values.items():

@@ -62,7 +62,16 @@ def test_smoke_outputs(smoke):
     assert [(s["arm"], s["mean"]) for s in again["summary"]] == [(s["arm"], s["mean"]) for s in stored["summary"]]
     # ... and keeps the wall time of the invocation that trained them
     assert stored["training_session"]["runs_trained_now"] == len(stored["runs"]) == 5
-    assert again["runs_trained_now"] == 0 and again["training_session"] == stored["training_session"]
+    assert again["invocation"]["runs_trained_now"] == 0 and again["training_session"] == stored["training_session"]
+    # the top level states the training's times, not the report's
+    assert again["runs_trained_now"] == 5 and again["elapsed_seconds"] == stored["elapsed_seconds"] > 0
+    assert again["elapsed_seconds"] > again["invocation"]["elapsed_seconds"] and "load_average_at_end" not in again
+    with open(os.path.join(out, "ssl_synthetic.json")) as f:
+        text = f.read()
+    assert json.loads(text) == json.loads(json.dumps(again))
+    # compact: lists of numbers on one line (no line holds a number alone), one key per line
+    assert not [ln for ln in text.splitlines() if ln.strip().rstrip(",").replace(".", "").replace("-", "").isdigit()]
+    assert len(text.splitlines()) < 400
     for r in stored["runs"]:  # per class at the end: memory vectors and IoU (8 classes)
         assert len(r["memory_fill_final"]) == len(r["class_iou_final"]) == 8
 
@@ -194,7 +203,7 @@ def _tiny_args(run_dir: str) -> list[str]:
             "training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.num_iterations": 4,
             "utils.val_per_iter": 2, "utils.log_every": 1, "utils.curves": False, "method.ramp_up_iterations": 1,
             "method.memory_start_offset": 1, "method.memory_confidence": 0.0, "method.bn_refresh_iterations": 1,
-            "utils.checkpoint_dir": run_dir}
+            "utils.checkpoint_dir": run_dir, "utils.run_name": ""}
     return ["--config", bench.BASE_CONFIG, "--device", "cpu"] + bench.set_args(sets)
 
 

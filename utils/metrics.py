@@ -62,14 +62,15 @@ def mean_iou(iou: Tensor) -> float:
 
 
 def format_iou_table(iou: Tensor, class_names: Sequence[str]) -> str:
-    """One line per class ('class  i name  IoU x.xxxx', 'n/a' when absent) and a final mIoU line."""
+    """One line per class ('class  i name  IoU xx.xx', 'n/a' when absent) and a final mIoU line, in percent (the
+    unit of every mIoU the scripts print)."""
     values = iou.detach().to("cpu", torch.float64).tolist()
     if len(values) != len(class_names):
         raise ValueError(f"{len(values)} IoU values but {len(class_names)} class names")
     width = max((len(name) for name in class_names), default=0)
     lines = []
     for i, (name, value) in enumerate(zip(class_names, values)):
-        shown = "n/a" if math.isnan(value) else f"{value:.4f}"
+        shown = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
         lines.append(f"class {i:2d} {name:<{width}}  IoU {shown}")
-    lines.append(f"mIoU {mean_iou(iou):.4f}")
+    lines.append(f"mIoU {100 * mean_iou(iou):.2f}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def run(ctx: StepContext) -> None:
         run_dir = os.path.join(ctx.work, f"demo_{precision}")
         shutil.rmtree(run_dir, ignore_errors=True)
         sets = [f"training.num_iterations={p.demo_iterations}", f"precision={precision}",
-                f"utils.checkpoint_dir={run_dir}", "utils.tensorboard=false", *p.demo_sets]
+                f"utils.checkpoint_dir={run_dir}", "utils.run_name=", "utils.tensorboard=false", *p.demo_sets]
         try:
             t0 = time.monotonic()
             best = trainSSL.main(["--config", DEMO, "--device", ctx.device, *[a for s in sets for a in ("--set", s)]])

@@ -21,7 +21,8 @@ def command(plan: Plan, work: str, backend: str) -> tuple[list[str], dict]:
             "synthetic.num_val": 4, "synthetic.image_size": "40,60", "method.ramp_up_iterations": 1,
             "method.memory_start_offset": 1, "method.memory_confidence": 0.0, "method.bn_refresh_iterations": 1,
             "utils.val_per_iter": 2, "utils.save_checkpoint_every": 2, "utils.save_latest_every": 2,
-            "utils.log_every": 1, "utils.tensorboard": False, "utils.checkpoint_dir": os.path.join(out, "run")}
+            "utils.log_every": 1, "utils.tensorboard": False, "utils.checkpoint_dir": os.path.join(out, "run"),
+            "utils.run_name": ""}
     args = ["--config", DEMO, "--device", plan.device]
     for k, v in sets.items():
         args += ["--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}"]
