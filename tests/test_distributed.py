@@ -151,7 +151,7 @@ def test_ranks_identical_after_every_step(two_rank_run):
 def test_rank_0_holds_the_run_directory(two_rank_run):
     """Under torchrun rank 0 alone holds the run directory (run.lock names its pid, not rank 1's); the finished run
     gives it back (no run.lock left)."""
-    run_dir, rec0, rec1 = two_rank_run
+    run_dir, rec0, rec1, _ = two_rank_run
     (lock0,), (lock1,) = ([r for r in rec if r["kind"] == "lock"] for rec in (rec0, rec1))
     assert lock0["holds"] and not lock1["holds"] and lock0["pid"] != lock1["pid"]
     assert lock0["holder"] == lock1["holder"] == lock0["pid"]
