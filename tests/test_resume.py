@@ -223,16 +223,23 @@ trainSSL.main(sys.argv[1:])
 """
 
 
-def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
-    run_dir = str(tmp_path)
+def start_mid_save(run_dir: str) -> tuple[subprocess.Popen, float]:
+    """A 3-iteration run that stalls halfway through writing the latest.pth of iteration 2 (KILL_SCRIPT); returns
+    the process, once the partial temporary file is on disk, and a deadline for reading its output."""
     argv = tiny_argv(run_dir, iterations=3, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT] + argv, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if "MID-SAVE" in line or time.time() > deadline:
+            break
+    return proc, deadline
+
+
+def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
+    run_dir = str(tmp_path)
+    proc, _ = start_mid_save(run_dir)
     try:
-        deadline = time.time() + 120
-        for line in proc.stdout:
-            if "MID-SAVE" in line or time.time() > deadline:
-                break
         temp = [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
         assert temp, "the save of iteration 2 should be in progress"
         os.kill(proc.pid, signal.SIGKILL)
@@ -250,14 +257,8 @@ def test_second_sigterm_mid_save_leaves_no_temporary_file(tmp_path):
     """A first SIGTERM during a save of latest.pth asks for a stop after the iteration; a second one stops at once:
     the partial temporary file is removed, latest.pth is the one written before, the process ends by SIGTERM."""
     run_dir = str(tmp_path)
-    argv = tiny_argv(run_dir, iterations=3, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
-    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT] + argv, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc, deadline = start_mid_save(run_dir)
     try:
-        deadline = time.time() + 120
-        for line in proc.stdout:
-            if "MID-SAVE" in line or time.time() > deadline:
-                break
         assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
         os.kill(proc.pid, signal.SIGTERM)
         for line in proc.stdout:
