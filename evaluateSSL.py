@@ -24,6 +24,7 @@ import os
 from data import build_data
 from engine.evaluation import evaluate
 from engine.inference import load_trained_model
+from engine.rng import set_determinism
 from engine.cli import choose_device
 from engine.entry import main_guard
 from engine.run_dir import check_writable
@@ -31,18 +32,35 @@ from utils.errors import UserError
 from engine.visualize import palette_png, save_overlay
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, with the original release's -m/--model-path, --gpu N and --save-output-images."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
-    p.add_argument("--data-root", help="dataset folder (default: from the stored config)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    # The help texts are docs/configuration.md's table, word for word (tests/test_entry_points.py holds them).
+    p.add_argument("-m", "--model-path", required=True, metavar="CKPT",
+                   help="checkpoint (.pth) written by training, of this project or of the original release")
+    p.add_argument("--data-root", metavar="PATH", help="dataset folder (default: from the stored config)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the network runs (auto: CUDA when available)")
+    p.add_argument("--gpu", type=int, metavar="N", help="the original release's flag: the same as --device cuda:N")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the stored config (e.g. training.data.root=...)")
     p.add_argument("--save-output-images", nargs="?", const="", default=None, metavar="DIR",
                    help="write colour-coded predictions and overlays (default DIR: <checkpoint>_predictions/)")
-    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
+    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole", metavar="whole|sliding",
                    help="whole image (the paper's protocol, default) or crop-sized sliding windows")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.gpu is not None:  # the release's --gpu N: cuda:N
+        if args.gpu < 0:
+            p.error(f"--gpu {args.gpu}: give a GPU index 0, 1, ...")
+        if args.device not in ("auto", "cuda", f"cuda:{args.gpu}"):
+            p.error(f"--gpu {args.gpu} and --device {args.device} name two devices; give one of them")
+        args.device = f"cuda:{args.gpu}"
+    return args
 
 
 def worst_first(iou: list[float], class_names: list[str]) -> tuple[list[tuple[str, float]], list[str]]:
@@ -111,6 +129,7 @@ def main(argv=None) -> dict:
         check_writable(out_dir, "--save-output-images", "Give a folder you can write (it is created if missing).")
     trained = load_trained_model(args.model_path, device, args.overrides)
     cfg, ckpt = trained.cfg, trained.checkpoint
+    set_determinism(cfg["utils"]["deterministic"])  # cuDNN's benchmark, unless the run asked for determinism
     data = build_data(cfg, args.data_root, split=False)
     json_path = report_path(stem)
 
@@ -127,7 +146,8 @@ def main(argv=None) -> dict:
 
     result = evaluate(trained.model, data.val, num_classes=data.num_classes, ignore_label=data.ignore_label,
                       mean_rgb=data.mean_rgb, channel_order=data.channel_order, device=device,
-                      protocol=args.protocol, window=trained.window, on_prediction=on_prediction)
+                      protocol=args.protocol, window=trained.window, on_prediction=on_prediction,
+                      num_workers=cfg["training"]["num_workers"])
     summary = format_summary(result, data.class_names, len(data.val), args.protocol)
     print(summary)
     report = {"checkpoint": os.path.abspath(args.model_path), "protocol": args.protocol, "miou": result["miou"],

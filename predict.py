@@ -11,7 +11,7 @@ dataset) or a text file listing image paths, one per line (relative to the list 
   <name>_overlay.jpg   with --overlay: the colours blended over the image
 at the image's own size. The network, classes, palette and preprocessing (mean, channel order, the dataset's
 evaluation resize) come from the checkpoint's stored config, and the prediction is evaluateSSL.py's
-(engine/inference.py, utils/evaluation.segment). An image that cannot be read or predicted is named and skipped;
+(engine/inference.py, engine/evaluation.segment). An image that cannot be read or predicted is named and skipped;
 the exit status is 1 when any was.
 """
 from __future__ import annotations
@@ -35,19 +35,49 @@ from engine.run_dir import check_writable
 from engine.visualize import palette_png, save_overlay
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model-path", required=True, help="checkpoint (.pth) written by training")
+    # The help texts are docs/configuration.md's table, word for word (tests/test_entry_points.py holds them).
+    p.add_argument("-m", "--model-path", required=True, metavar="CKPT",
+                   help="checkpoint (.pth) written by training, of this project or of the original release")
     p.add_argument("--input", required=True, metavar="IMG|DIR|LIST",
-                   help="an image, a folder of images (recursive) or a text file of image paths")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg")
-    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole",
-                   help="whole image (default, as evaluateSSL.py) or windows of the training crop size")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+                   help="one image; a folder, searched recursively; or a text file of image paths, one per line "
+                        "(relative to the file)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder; the input's sub-folders are kept")
+    p.add_argument("--overlay", action="store_true",
+                   help="also write the prediction blended over the image (<name>_overlay.jpg)")
+    p.add_argument("--protocol", choices=("whole", "sliding"), default="whole", metavar="whole|sliding",
+                   help="one forward of the whole image (default, as evaluateSSL.py), or windows of the training "
+                        "crop size")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="where the network runs (auto: CUDA when available)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the stored config")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def is_image_file(path: str) -> bool:
+    """Whether Pillow recognises the file as an image (it reads the header only)."""
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, ValueError, SyntaxError):  # UnidentifiedImageError is an OSError
+        return False
+
+
+def is_text_file(path: str) -> bool:
+    """Whether the file is UTF-8 text without NUL bytes (a list of paths), not some other binary file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in data
 
 
 def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:
@@ -62,8 +92,11 @@ def list_inputs(spec: str, out_dir: str | None = None) -> list[tuple[str, str]]:
         return [(path, rel) for rel, path in found.items()]
     if not os.path.isfile(spec):
         raise UserError(f"--input {spec} does not exist; give an image, a folder of images or a list file.")
-    if os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS:
-        return [(spec, os.path.splitext(os.path.basename(spec))[0])]
+    if os.path.splitext(spec)[1].lower() in IMAGE_EXTENSIONS or is_image_file(spec):
+        return [(spec, os.path.splitext(os.path.basename(spec))[0])]  # e.g. x.gif: any image Pillow reads
+    if not is_text_file(spec):
+        raise UserError(f"--input {spec} is neither an image Pillow can read nor a text file of image paths; give "
+                        f"an image, a folder of images or a list file.")
     paths = [row[0] for row in read_list(spec, 1, "--input")]
     if not paths:
         raise UserError(f"{spec} lists no images (--input).")

@@ -67,14 +67,34 @@ def draw_labeled(run: Run, i: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     return images, labels, True
 
 
+def labeled_pass(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor,
+                 update_memory: bool = True) -> dict[str, torch.Tensor]:
+    """Steps 6, 8, 9, 10 for the augmented labeled batch alone (run by `run.gradient_pass`)."""
+    logits, features = step.forward_student(run.step_context(), images)
+    return labeled_terms(run, i, images, labels, logits, features, class_weights, update_memory)
+
+
+def student_pass(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, views: torch.Tensor,
+                 pseudo: torch.Tensor, confidence: torch.Tensor, class_weights: torch.Tensor, from_target: bool
+                 ) -> dict[str, torch.Tensor]:
+    """Steps 6, 8, 9, 10 for both batches (run by `run.gradient_pass`): everything of the iteration that needs
+    gradients, the one forward that DistributedDataParallel wraps under torchrun."""
+    ctx = run.step_context()
+    # 6. student forward: the unlabeled views first, then the labeled batch (this order sets the BatchNorm
+    #    running statistics that evaluation uses)
+    logits_u, features_u = step.forward_student(ctx, views)
+    logits_l, features_l = step.forward_student(ctx, images)
+    # 8, 9, 10. losses, memory update, contrastive terms
+    terms = labeled_terms(run, i, images, labels, logits_l, features_l, class_weights, update_memory=from_target)
+    return terms | unlabeled_terms(run, i, logits_u, features_u, pseudo, confidence, class_weights)
+
+
 def supervised_terms(run: Run, i: int, images: torch.Tensor, labels: torch.Tensor, from_target: bool
                      ) -> dict[str, torch.Tensor]:
     """The supervised-only ablation (method.use_unlabeled false): steps 3-10 on the labeled batch alone."""
     class_weights = run.update_class_weights(i, labels if from_target else None, None)
-    ctx = run.step_context()
-    images, labels = step.augment_labeled(ctx, images, labels)
-    logits, features = step.forward_student(ctx, images)
-    return labeled_terms(run, i, images, labels, logits, features, class_weights, update_memory=from_target)
+    images, labels = step.augment_labeled(run.step_context(), images, labels)
+    return run.gradient_pass(labeled_pass, run, i, images, labels, class_weights, from_target)
 
 
 def train(run: Run, draw_labeled=draw_labeled) -> dict:
@@ -99,15 +119,10 @@ def train(run: Run, draw_labeled=draw_labeled) -> dict:
             # 5. two strong views of the unlabeled batch, ClassMix with probability 0.75 each after the ramp-up
             views, mixed_pseudo, confidence = step.augment_unlabeled(ctx, unlabeled, pseudo, confidence, mix=i > R)
             run.remember_unlabeled(unlabeled, pseudo, views, mixed_pseudo)  # TensorBoard pictures at evaluations
-            pseudo = mixed_pseudo
-            # 6. student forward: the unlabeled views first, then the labeled batch (this order sets the BatchNorm
-            #    running statistics that evaluation uses)
-            logits_u, features_u = step.forward_student(ctx, views)
-            logits_l, features_l = step.forward_student(ctx, images)
-            # 8, 9, 10. losses, memory update, contrastive terms
-            terms = labeled_terms(run, i, images, labels, logits_l, features_l, class_weights,
-                                  update_memory=from_target)
-            terms |= unlabeled_terms(run, i, logits_u, features_u, pseudo, confidence, class_weights)
+            # 6, 8, 9, 10. student forward (unlabeled views, then labeled batch), losses, memory update, contrastive
+            #    terms: the part that needs gradients, one forward (DistributedDataParallel's under torchrun)
+            terms = run.gradient_pass(student_pass, run, i, images, labels, views, mixed_pseudo, confidence,
+                                      class_weights, from_target)
         loss = sum(terms.values())
         # 11. backward, SGD step, EMA teacher
         run.optimizer_step(i, loss)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from trainSSL import labeled_terms, unlabeled_terms
+from trainSSL import labeled_pass, unlabeled_terms
 from utils import ssl_steps as step
 from engine.entry import main_guard
 from engine.run import Run
@@ -30,10 +30,15 @@ def labeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
     images, labels = run.labeled.next()[:2]
     # 3 + 7. labeled statistics; class weights only after the ramp-up
     class_weights = run.update_class_weights(i, labels, None)
-    ctx = run.step_context()
-    images, labels = step.augment_labeled(ctx, images, labels)
-    logits, features = step.forward_student(ctx, images)
-    return labeled_terms(run, i, images, labels, logits, features, class_weights)
+    images, labels = step.augment_labeled(run.step_context(), images, labels)
+    return run.gradient_pass(labeled_pass, run, i, images, labels, class_weights)
+
+
+def unlabeled_pass(run: Run, i: int, views: torch.Tensor, pseudo: torch.Tensor, confidence: torch.Tensor,
+                   class_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Steps 6, 8, 10 of trainSSL.py for the strong views alone (run by `run.gradient_pass`)."""
+    logits, features = step.forward_student(run.step_context(), views)
+    return unlabeled_terms(run, i, logits, features, pseudo, confidence, class_weights)
 
 
 def unlabeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
@@ -47,8 +52,7 @@ def unlabeled_step(run: Run, i: int) -> dict[str, torch.Tensor]:
     class_weights = run.update_class_weights(i, None, pseudo, after_ramp_up=False)
     views, mixed_pseudo, confidence = step.augment_unlabeled(ctx, unlabeled, pseudo, confidence, mix=i > R)
     run.remember_unlabeled(unlabeled, pseudo, views, mixed_pseudo)  # TensorBoard pictures at evaluations
-    logits, features = step.forward_student(ctx, views)
-    return unlabeled_terms(run, i, logits, features, mixed_pseudo, confidence, class_weights)
+    return run.gradient_pass(unlabeled_pass, run, i, views, mixed_pseudo, confidence, class_weights)
 
 
 def train(run: Run) -> dict:

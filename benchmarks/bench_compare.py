@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from unittest import mock
 
+import numpy as np
 import torch
 
 import utils.class_balancing as class_balancing
@@ -69,9 +70,14 @@ def balancing_compare(s: Sizes, device: torch.device, g: torch.Generator) -> lis
 
 def argmax_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:
     scores = torch.randn(1, s.classes, *s.eval_size, generator=g).to(device)
-    return [Comparison("evaluation_argmax", f"predicted class of {s.classes}x{s.eval_size[0]}x{s.eval_size[1]} "
-                       "scores: max(dim=1).indices | argmax(dim=1)", lambda: predicted_class(scores),
-                       lambda: scores.argmax(dim=1))]
+    def release():  # the release's evaluateSSL.py: the scores to NumPy, np.argmax over the class axis, as int
+        return np.asarray(np.argmax(scores[0].cpu().numpy(), axis=0), dtype=np.int64)
+    size = f"{s.classes}x{s.eval_size[0]}x{s.eval_size[1]}"
+    return [Comparison("evaluation_argmax", f"predicted class of {size} scores: max(dim=1).indices | argmax(dim=1)",
+                       lambda: predicted_class(scores), lambda: scores.argmax(dim=1)),
+            Comparison("evaluation_argmax_release", f"predicted class of {size} scores: max(dim=1).indices | the "
+                       f"release's np.argmax(scores[0].cpu().numpy(), axis=0)", lambda: predicted_class(scores),
+                       release)]
 
 
 def contrastive_compare(s: Sizes, device: torch.device, g: torch.Generator) -> list[Comparison]:

@@ -45,6 +45,8 @@ it, interleaved in one run (each round calls every variant once, so load on a sh
   class_balancing      ClassBalancing.update, full histories | the same update counting pixels with the previous
                        per-class compare-and-sum (_class_counts_reference)
   evaluation_argmax    engine.evaluation.predicted_class (max(dim=1).indices) | argmax(dim=1), 19 x 1024 x 2048
+  evaluation_argmax_release  the same | the release's evaluateSSL.py path: np.argmax over the class axis of the
+                       scores as a NumPy array
   contrastive_{ones,mean}  contrastive_loss forward + backward | contrastive_loss_reference (per-class loop)
 
 Rows marked "(blocks)" / "(segments)" run the selector method that the device does not use by default, against

@@ -72,7 +72,9 @@ from model import build_model
 from utils.augmentations import mean_for_dataset
 from utils.class_balancing import ClassBalancing
 from data.common import parse_size
+from engine.batchnorm import BatchNormStatistics
 from engine.config import fidelity, load_config
+from engine.ddp_step import GradientPass
 from utils.ema import create_teacher
 from utils.errors import UserError
 from engine.entry import main_guard
@@ -210,6 +212,8 @@ def build_run(cfg: dict, device: torch.device, compile_student: bool = False, ch
         run.balancing = cb
     run.ones = torch.ones(run.num_classes, device=device)
     run.class_weights = run.ones
+    run.gradient_pass = GradientPass(student, device)  # steps 6-10 as one forward (one process: not wrapped)
+    run.statistics = BatchNormStatistics(lambda: (run.student_module, run.teacher))
 
     h, w = run.crop
     labeled_batches, unlabeled_batches = [], []

@@ -107,11 +107,12 @@ def default_root(dataset: str) -> str:
 
 
 def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
-               cityscapes_half_size: bool = False) -> DataBundle:
+               cityscapes_half_size: bool = False, check_pairs: bool = True) -> DataBundle:
     """Datasets, split and constants for the resolved config `cfg`; `data_root` overrides training.data.root.
     split=False (evaluation) skips the labeled/unlabeled split, which evaluation does not need.
     cityscapes_half_size: Cityscapes crops and validation images from half-size images (the v2 rule) whatever
-    the version (the domain-adaptation script); otherwise by version."""
+    the version (the domain-adaptation script); otherwise by version. check_pairs=False leaves the folder dataset's
+    pair checks to `--check-files`, which lists the bad files of both splits (instead of stopping at the first)."""
     info = dataset_info(cfg)
     name, order, ignore = info.name, info.channel_order, info.ignore_label
     d = cfg["training"]["data"]
@@ -152,9 +153,11 @@ def build_data(cfg: dict, data_root: str | None = None, split: bool = True,
         common = dict(num_classes=info.num_classes, class_names=info.class_names, palette=info.palette,
                       channel_order=order, ignore_label=ignore)
         # evaluation (split=False) lists the training pairs but does not read them
-        train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop, check=split,
-                              unlabeled=f.get("unlabeled_images") if split else None, **common)
-        val = FolderDataset(f["val_images"], f["val_labels"], "val", train=False, crop_size=None, **common)
+        train = FolderDataset(f["train_images"], f["train_labels"], "train", train=True, crop_size=crop,
+                              check=split and check_pairs, unlabeled=f.get("unlabeled_images") if split else None,
+                              **common)
+        val = FolderDataset(f["val_images"], f["val_labels"], "val", train=False, crop_size=None, check=check_pairs,
+                            **common)
     labeled, unlabeled = (listed.split() if listed else split_of(train, cfg, name)) if split else ([], [])
     return DataBundle(name=name, train=train, val=val, labeled_idx=labeled, unlabeled_idx=unlabeled,
                       num_classes=train.num_classes, class_names=list(train.class_names), palette=list(train.palette),

@@ -23,6 +23,8 @@ def _read(dataset: Dataset, index: int) -> str | None:
     """None if item `index` reads, else one line naming the file and the problem."""
     key = (index, 0) if getattr(dataset, "train", False) else index  # training items take (index, crop seed)
     try:
+        if hasattr(dataset, "check_item"):  # the whole label, where a training read sees only its crop
+            dataset.check_item(index)
         dataset[key]
     except UserError as e:
         return str(e)

@@ -240,6 +240,12 @@ class FolderDataset(SegmentationDataset):
         self.image_paths += [p for _, p in kept]
         self.label_paths += [None] * len(kept)
 
+    def check_item(self, index: int) -> None:
+        """The construction's check of pair `index` (sizes, every label value, not only a crop's): --check-files.
+        An image without a label has no pair to check (reading the item reads the image)."""
+        if self.label_paths[index] is not None:
+            check_pair(self.image_paths[index], self.label_paths[index], self.num_classes, self.ignore_label)
+
     def _load(self, index: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray, str]:
         image = read_image(self.image_paths[index])
         if self.label_paths[index] is None:  # an unlabeled image: every pixel ignored

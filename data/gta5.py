@@ -31,18 +31,21 @@ def expected_tree(root: str) -> str:
 
 
 def list_gta5(root: str, split: str) -> tuple[list[str], list[str], list[str]]:
-    """(names, image paths, label paths) of `<root>/images/<split>`, sorted by file name."""
+    """(names, image paths, label paths) of `<root>/images/<split>` and its sub-folders (searched recursively, as the
+    release's loader globs them), sorted by relative path; each label at the same relative path under
+    `<root>/labels/<split>`."""
     images_dir = os.path.join(root, "images", split)
     labels_dir = os.path.join(root, "labels", split)
     for d in (images_dir, labels_dir):
         if not os.path.isdir(d):
             raise UserError(f"GTA5 folder not found: looked for {os.path.abspath(d)}\n"
                             f"{expected_tree(os.path.abspath(root))}")
-    names = sorted(f for f in os.listdir(images_dir) if f.lower().endswith(".png"))
+    names = sorted(os.path.relpath(os.path.join(folder, f), images_dir).replace(os.sep, "/")
+                   for folder, _, files in os.walk(images_dir) for f in files if f.lower().endswith(".png"))
     if not names:
         raise UserError(f"no *.png images in {os.path.abspath(images_dir)}\n{expected_tree(os.path.abspath(root))}")
-    images = [os.path.join(images_dir, n) for n in names]
-    labels = [os.path.join(labels_dir, n) for n in names]
+    images = [os.path.join(images_dir, *n.split("/")) for n in names]
+    labels = [os.path.join(labels_dir, *n.split("/")) for n in names]
     for image, label in zip(images, labels):
         if not os.path.isfile(label):
             raise UserError(f"GTA5 image {image} has no label: expected {label}.")

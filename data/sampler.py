@@ -7,8 +7,8 @@ random crop from that seed alone — so the batches do not depend on the number 
 them, or on whether the run was interrupted. The position (epoch, batches consumed) is the whole state: a resumed
 run re-creates the iterator at that epoch and skips the consumed batches in the sampler, without loading them.
 
-`prefetch()` loads the next batch ahead (the training run calls it between iterations), so that an unreadable file
-surfaces between iterations, with the position still that of the last completed one. Loader worker processes run
+`prefetch(n)` loads the next n batches ahead (the training run calls it between iterations), so that an unreadable
+file surfaces between iterations, with the position still that of the last completed one. Loader worker processes run
 in their own process group: a Ctrl-C in the terminal or torchrun's SIGTERM to a rank's group reaches the main
 process alone, which finishes its iteration and saves (engine/graceful_stop.py) while its workers live on.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections import deque
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -121,7 +122,7 @@ class InfiniteBatches:
         self.epoch = 0
         self.consumed = 0
         self._iterator: Iterator | None = None
-        self._ready: tuple | None = None  # a batch loaded by prefetch(), not yet returned (not counted)
+        self._ready: deque[tuple] = deque()  # batches loaded by prefetch(), not yet returned (not counted)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -132,8 +133,7 @@ class InfiniteBatches:
         if self.batches_per_epoch == 0:
             raise UserError("no images to draw batches from (the index list is empty); check "
                             "training.data.labeled_samples against the size of the training set.")
-        batch = self._ready if self._ready is not None else self._load()
-        self._ready = None
+        batch = self._ready.popleft() if self._ready else self._load()
         self.consumed += 1
         if self.consumed == self.batches_per_epoch:
             self.epoch, self.consumed = self.epoch + 1, 0
@@ -141,10 +141,11 @@ class InfiniteBatches:
 
     __next__ = next
 
-    def prefetch(self) -> None:
-        """Load the next batch now (kept for `next()`); a data error is raised here. The position is unchanged."""
-        if self._ready is None and self.batches_per_epoch:
-            self._ready = self._load()
+    def prefetch(self, batches: int = 1) -> None:
+        """Load the next `batches` batches now (kept for `next()`); a data error is raised here. The position is
+        unchanged."""
+        while len(self._ready) < batches and self.batches_per_epoch:
+            self._ready.append(self._load())
 
     def _load(self) -> tuple:
         if self._iterator is None:
@@ -160,7 +161,8 @@ class InfiniteBatches:
         ended by multiprocessing's exit handler with SIGTERM, which torch then reports as a worker failure."""
         if self._iterator is not None and hasattr(self._iterator, "_shutdown_workers"):
             self._iterator._shutdown_workers()
-        self._iterator, self._ready = None, None
+        self._iterator = None
+        self._ready.clear()
 
     def __iter__(self) -> "InfiniteBatches":
         return self
@@ -177,5 +179,5 @@ class InfiniteBatches:
         if self.batches_per_epoch:
             epoch, consumed = epoch + consumed // self.batches_per_epoch, consumed % self.batches_per_epoch
         self.epoch, self.consumed = epoch, consumed
-        self._ready = None
+        self._ready.clear()
         self._iterator = None  # re-created lazily at the new position (persistent workers are reset, not respawned)

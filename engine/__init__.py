@@ -9,12 +9,15 @@
     run_state.py      latest.pth: capture and restore of the whole run state (exact resume)
     checkpoint.py     atomic writes, weights_only loads
     plan.py           --dry-run's plan
-    rng.py            seeding and RNG states
+    rng.py            seeding and RNG states; deterministic kernels or cuDNN's benchmark (utils.deterministic)
     entry.py          main_guard: the top level of every script (messages, exit codes)
     distributed.py    torchrun: process group, collectives
+    ddp_step.py       steps 6-10 of an iteration as one forward, DistributedDataParallel under torchrun; the stop vote
+    batchnorm.py      BatchNorm statistics averaged over processes where read; the refresh after the loop
     graceful_stop.py  SIGTERM/SIGINT and bad files: latest.pth written, then a clean stop
     fault_guard.py    NaN/Inf: stop before anything is written; --recover
     logger.py         console, train_log.jsonl, TensorBoard; curves.py draws curves.png
+    log_window.py     the loss terms summed between log rows; each row's per-term means, in one fixed order
     evaluation.py     the evaluation loop (confusion matrix over the validation split); visualize.py its pictures
     inference.py      a trained checkpoint ready to predict (evaluateSSL.py, predict.py)
 

@@ -1,14 +1,18 @@
 """Checkpoints: atomic writes, safe loads.
 
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over the target,
-so a run killed mid-save leaves the previous file intact. Loads use `weights_only=True`: a checkpoint is data,
-never code.
+so a run killed mid-save leaves the previous file intact. The file gets the permissions `torch.save(obj, path)`
+would give it: those of the file it replaces, else 0666 less the user's umask (a colleague on a shared cluster
+reads it as any other file the user writes). A second signal that stops the run at once during a save
+(engine/graceful_stop.py) first removes the partial temporary file (`remove_partial_files`). Loads use
+`weights_only=True`: a checkpoint is data, never code.
 """
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from typing import Any
 
 import torch
@@ -16,12 +20,32 @@ import torch
 from utils.errors import UserError
 
 
+_partial: set[str] = set()  # temporary files being written now (removed by a stop that cannot wait)
+
+
+def remove_partial_files() -> None:
+    """Remove the temporary file of a save in progress; for a process about to end at once (a second signal).
+    Only os calls: safe inside a signal handler."""
+    for tmp in list(_partial):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        _partial.discard(tmp)
+
+
 def save_atomic(obj: Any, path: str) -> None:
-    """torch.save to `path` atomically (temp file + fsync + os.replace)."""
+    """torch.save to `path` atomically (temp file + fsync + os.replace), with torch.save's permissions."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + ".", dir=folder)
+    tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}.{secrets.token_hex(4)}")
+    _partial.add(tmp)
     try:
+        # 0o666 less the umask, as open() gives; the mode of the file replaced when there is one (as torch.save,
+        # which truncates that file in place)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        if os.path.exists(path):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -33,6 +57,8 @@ def save_atomic(obj: Any, path: str) -> None:
         if _write_failure(e):
             raise UserError(_write_failed(path, e)) from None
         raise
+    finally:
+        _partial.discard(tmp)
 
 
 def _write_failure(e: BaseException) -> bool:

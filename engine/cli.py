@@ -10,14 +10,21 @@ from engine.fault_guard import RECOVERY_KEYS
 from utils.errors import UserError
 
 
-def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every training script takes (SPEC section 1)."""
+def build_arg_parser(description: str, gta5: bool = False, config_required: bool = True
+                     ) -> argparse.ArgumentParser:
+    """The flags every training script takes (SPEC section 1), with the original release's short forms -c and -r.
+    `gta5`: the domain-adaptation script's --gta5-root. `config_required`: --config is required unless --resume
+    names a checkpoint (its stored config is then used); `config_required_for` decides from the command line."""
     p = argparse.ArgumentParser(description=description)
     # The help texts are docs/configuration.md's flag table, word for word (tests/test_entry_points.py holds them).
-    p.add_argument("--config", metavar="FILE", help="JSON config (configs/)")
+    p.add_argument("-c", "--config", metavar="FILE", required=config_required,
+                   help="JSON config (configs/); required unless --resume names a checkpoint, whose stored config "
+                        "is then used")
     p.add_argument("--data-root", metavar="PATH",
                    help="dataset folder (default: training.data.root, else ../data/CityScapes, ../data/VOC2012)")
-    p.add_argument("--gta5-root", metavar="PATH", help="GTA5 folder for domain adaptation (default ../data/GTA5)")
+    if gta5:
+        p.add_argument("--gta5-root", metavar="PATH", help="GTA5 folder (default: training.data.gta5_root, else "
+                                                           "../data/GTA5); domain adaptation only")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set training.batch_size=2 (repeatable; JSON values)")
     p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
@@ -28,7 +35,7 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
                         "weights are cached or will be downloaded (downloads nothing), print the plan, exit")
     p.add_argument("--check-files", action="store_true",
                    help="with --dry-run: also read every image and label once (progress shown) and list every bad file")
-    p.add_argument("--resume", metavar="CHECKPOINT|auto",
+    p.add_argument("-r", "--resume", metavar="CHECKPOINT|auto",
                    help="continue a run from its latest.pth (auto: the run directory's latest.pth)")
     p.add_argument("--restart", action="store_true",
                    help="start afresh in a run directory that holds an earlier run: its files move into "
@@ -38,6 +45,14 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
                    help=f"with --resume: let {' and '.join(RECOVERY_KEYS)} differ from the checkpoint's "
                         f"(after a divergence)")
     return p
+
+
+def config_required_for(argv: list[str]) -> bool:
+    """Whether this command line needs --config: yes, unless --resume names a checkpoint file (not `auto`)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-r", "--resume")
+    known, _ = pre.parse_known_args(argv)
+    return known.resume in (None, "auto")
 
 
 DEVICE_FORMS = "auto, cpu, cuda or cuda:N"

@@ -46,7 +46,8 @@ SCHEMA: dict[str, Any] = {
     },
     "training": {
         "batch_size": ((int,), REQUIRED, "labeled batch B; the unlabeled batch is B/2, augmented twice"),
-        "num_workers": ((int,), 3, "data-loading worker processes"),
+        "num_workers": ((int,), 3, "data-loading worker processes (training batches, and the images of every "
+                                   "evaluation)"),
         "optimizer": ((str,), "SGD", "only \"SGD\""),
         "momentum": ((float,), 0.9, "SGD momentum"),
         "num_iterations": ((int,), REQUIRED, "N, training iterations (trainSSL_less_memory.py runs 2N alternating steps)"),
@@ -111,6 +112,9 @@ SCHEMA: dict[str, Any] = {
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
         "eval_batch_size": ((int,), 1, "accepted for older configs and ignored: evaluation goes one whole image at a "
                                        "time (images differ in size)"),
+        "deterministic": ((bool,), False, "true: deterministic kernels (torch.use_deterministic_algorithms, warnings "
+                                          "where none exists) and no cuDNN benchmark; false: cuDNN benchmarks its "
+                                          "convolutions, as released"),
     },
     "synthetic": {
         "num_train": ((int,), 300, "synthetic training images"),

@@ -3,9 +3,10 @@
 Without a launcher every function is the identity for one process. Under torchrun (env RANK/WORLD_SIZE set,
 WORLD_SIZE > 1) `init_distributed` starts the process group (NCCL on CUDA, gloo on CPU) and the collectives below
 keep every rank's run state identical:
-- gradients: averaged after backward (`average_gradients`), so every rank takes the same SGD step;
-- BatchNorm running statistics of student and teacher: averaged after every step, and their step counters
-  (num_batches_tracked) set to the largest over ranks (`average_buffers`);
+- gradients: averaged by DistributedDataParallel during the backward pass (engine/ddp_step.py), so every rank takes
+  the same SGD step;
+- BatchNorm running statistics of student and teacher: averaged where they are read (before an evaluation or a
+  checkpoint), and their step counters (num_batches_tracked) set to the largest over ranks (`average_buffers`);
 - memory bank: the vectors selected on every rank are gathered (`all_gather_rows`) before the update;
 - class-balancing counts, evaluation confusion matrix and loss sums: summed (`all_reduce_sum`);
 - start and the return to the best model: rank 0's weights broadcast (`broadcast_parameters`).
@@ -178,52 +179,17 @@ def _all_reduce_flat(tensors: list[torch.Tensor], bucket_numel: int, finish: Cal
                 offset += t.numel()
 
 
-def average_gradients(module: nn.Module, bucket_numel: int = 2 ** 24) -> None:
-    """Average the gradients of the trainable parameters over ranks (data-parallel SGD); call after backward.
-
-    Why not DistributedDataParallel: the projection/prediction heads and the 2C selectors are called outside the
-    model's `forward` (contrastive terms, memory ranking), the student runs two forwards (labeled and unlabeled
-    batch, each with its own BatchNorm statistics) before one backward, and some parameters get no gradient on
-    some steps (heads before the contrastive terms start; a rank with fewer than two valid pixels). DDP's reducer
-    expects one forward per backward and parameters reached from `forward`'s output.
-
-    A parameter with a gradient on at least one rank is averaged with zeros from the ranks without one (those
-    ranks get a zero gradient tensor); a parameter with no gradient on any rank keeps `grad None`, so SGD leaves
-    it alone (no weight decay, no momentum) exactly as a single process would. Since `Run.optimizer_step` zeroes
-    gradients instead of freeing them, a parameter averaged once holds a gradient tensor on every rank from then
-    on and takes part in every later step (weight decay and momentum, as in one process). Deciding this costs
-    one tiny all-reduce and one host read.
-    """
-    if not is_distributed():
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        return
-    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
-    dist.all_reduce(has_grad, op=dist.ReduceOp.SUM)
-    anywhere = has_grad.tolist()  # one host sync per step: which parameters take part
-    grads = []
-    for p, n in zip(params, anywhere):
-        if n == 0:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    n_ranks = world_size()
-    _all_reduce_flat(grads, bucket_numel, lambda flat: flat.div_(n_ranks))
-
-
 def average_buffers(*modules: nn.Module, bucket_numel: int = 2 ** 24) -> None:
     """Make the buffers of `modules` identical on all ranks, in place: floating-point ones (BatchNorm running
     mean/var) averaged, integer ones (BatchNorm's num_batches_tracked) set to their largest value over ranks.
 
-    Each rank's forwards update the running statistics from its own batch; their mean equals running statistics
+    Each rank's forwards update the running statistics from its own batches; their mean equals running statistics
     updated with the rank-averaged batch statistics (the update is linear), so all ranks evaluate, refresh and
     save the same model. The step counters can differ: the heads and the per-class selectors run on a rank's own
     selected pixels and are skipped on a rank with fewer than two of a class, so their BatchNorm counts a step on
-    one rank and not on another. The largest count is the number of steps in which the layer ran on some rank
-    (the counters agree before every step). With momentum set, as everywhere here, the counter changes no value;
-    it is part of every checkpoint, which must not depend on the rank that writes it.
+    one rank and not on another. The largest count is that of the rank on which the layer ran most often since
+    the counters last agreed. With momentum set, as everywhere here, the counter changes no value; it is part of
+    every checkpoint, which must not depend on the rank that writes it.
     """
     if not is_distributed():
         return

@@ -2,7 +2,9 @@
 
 Used by the training scripts (periodic evaluation) and by evaluateSSL.py; predict.py uses the same `segment`.
 Under torchrun each rank evaluates every world_size-th image and the confusion matrix and loss sums are
-all-reduced, so every rank gets the result of the whole split.
+all-reduced, so every rank gets the result of the whole split. The images are read and decoded by a DataLoader
+(`num_workers` processes; training.num_workers in a run) while the network predicts the previous ones, into pinned
+memory on CUDA and copied without blocking.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 
+from data.sampler import _own_process_group, _worker_user_error
 from engine import distributed as dist
 from utils.augmentations import normalize
 from utils.errors import UserError
@@ -22,7 +26,10 @@ def predicted_class(scores: torch.Tensor) -> torch.Tensor:
     """Class with the highest score per pixel: [B,C,H,W] -> [B,H,W] int64, the first one on ties (as argmax).
 
     max(dim=1).indices rather than argmax(dim=1): the same indices, but on CPU argmax over a dimension that is
-    not the innermost one is ~3-4x slower (19x1024x2048 scores, one thread).
+    not the innermost one is ~2.5x slower (19x1024x2048 scores, one thread). Against the release's path (the scores
+    as a NumPy array, np.argmax over the class axis): CPU time, medians of 15 interleaved calls in one process, one
+    thread, 137.9 against 140.7 ms on random scores and 103.0 against 117.9 ms on upsampled logits; the same
+    indices (`tests/test_fast_forms.py`; `benchmarks/bench_components.py --compare-reference --only argmax`).
     """
     return scores.max(dim=1).indices
 
@@ -74,38 +81,69 @@ def segment(model: torch.nn.Module, image: torch.Tensor, out_size: tuple[int, in
     return scores, predicted_class(scores)
 
 
+def rank_items(dataset, device: torch.device, num_workers: int = 0):
+    """This rank's items of `dataset` (every world_size-th from its rank, in order) as (image, label, name), loaded
+    by `num_workers` processes ahead of their use (in their own process group, as the training loader's: a signal
+    meant for the run does not kill them), pinned on CUDA."""
+    indices = list(range(dist.rank(), len(dataset), dist.world_size()))
+    loader = DataLoader(Subset(dataset, indices), batch_size=None, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", generator=torch.Generator(),  # the global RNG untouched
+                        worker_init_fn=_own_process_group if num_workers > 0 else None)
+    items = iter(loader)
+    try:
+        yield from items
+    except UserError as e:  # a bad validation file: its own message, not the worker's traceback
+        raise _worker_user_error(e) from None
+    finally:  # the workers end now (also after an error or an early stop), not whenever the iterator is collected
+        if hasattr(items, "_shutdown_workers"):
+            items._shutdown_workers()
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset, *, num_classes: int, ignore_label: int, mean_rgb, channel_order: str,
              device: torch.device, autocast=nullcontext, protocol: str = "whole",
-             window: tuple[int, int] | None = None, on_prediction: Callable | None = None) -> dict:
-    """Evaluate `model` (put in eval mode, restored after) on every image of `dataset`.
+             window: tuple[int, int] | None = None, on_prediction: Callable | None = None,
+             num_workers: int = 0) -> dict:
+    """Evaluate `model` (put in eval mode, restored after) on every image of `dataset`, read by `num_workers`
+    loader processes (0: in this process).
 
     Returns {"iou": [C] list (NaN for classes absent from both prediction and labels), "miou": float,
     "loss": mean CE over non-ignored pixels, "confusion": [C,C] tensor}. `on_prediction(name, image, label, pred)`
     is called per image (rank-local) for saving pictures.
+
+    With cuDNN's benchmark on (engine/rng.set_determinism), every new image size is timed anew: a split whose sizes
+    vary (Pascal VOC) turns the benchmark off for the rest of the evaluation at its second size.
     """
-    was_training = model.training
+    was_training, benchmark = model.training, torch.backends.cudnn.benchmark
     model.eval()
     cm = ConfusionMatrix(num_classes, device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     pixel_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for index in range(dist.rank(), len(dataset), dist.world_size()):
-        image, label, name = dataset[index]
-        image = image.unsqueeze(0).to(device, non_blocking=True)
-        label = label.unsqueeze(0).to(device, non_blocking=True)
-        scores, pred = segment(model, image, label.shape[1:], mean_rgb=mean_rgb, channel_order=channel_order,
-                               protocol=protocol, window=window, autocast=autocast)
-        if protocol == "sliding":
-            log_probs = torch.log(scores / scores.sum(1, keepdim=True).clamp_min(1e-12))
-        else:
-            log_probs = torch.log_softmax(scores, dim=1)
-        cm.update(pred, label)
-        target = label.clone()
-        target[(label < 0) | (label >= num_classes)] = -100
-        loss_sum += F.nll_loss(log_probs, target, ignore_index=-100, reduction="sum").double()
-        pixel_sum += (target != -100).sum()
-        if on_prediction is not None:
-            on_prediction(name, image[0], label[0], pred[0])
+    items = rank_items(dataset, device, num_workers)
+    first_size = None
+    try:
+        for image, label, name in items:
+            first_size = first_size or image.shape
+            if image.shape != first_size:
+                torch.backends.cudnn.benchmark = False
+            image = image.unsqueeze(0).to(device, non_blocking=True)
+            label = label.unsqueeze(0).to(device, non_blocking=True)
+            scores, pred = segment(model, image, label.shape[1:], mean_rgb=mean_rgb, channel_order=channel_order,
+                                   protocol=protocol, window=window, autocast=autocast)
+            if protocol == "sliding":
+                log_probs = torch.log(scores / scores.sum(1, keepdim=True).clamp_min(1e-12))
+            else:
+                log_probs = torch.log_softmax(scores, dim=1)
+            cm.update(pred, label)
+            target = label.clone()
+            target[(label < 0) | (label >= num_classes)] = -100
+            loss_sum += F.nll_loss(log_probs, target, ignore_index=-100, reduction="sum").double()
+            pixel_sum += (target != -100).sum()
+            if on_prediction is not None:
+                on_prediction(name, image[0], label[0], pred[0])
+    finally:
+        items.close()  # the loader's workers end now, also when a stop request ends the evaluation early
+        torch.backends.cudnn.benchmark = benchmark
     matrix = dist.all_reduce_sum(cm.matrix)
     dist.all_reduce_sum(loss_sum)
     dist.all_reduce_sum(pixel_sum)

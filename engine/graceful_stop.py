@@ -12,13 +12,15 @@ latest.pth written, a resume command printed and exit code 128 + signal (2 for a
   run does that evaluation first, so it continues exactly as an uninterrupted run. A bad validation file does
   the same in a single process. The evaluations and the BatchNorm refresh after the loop are interruptible too:
   latest.pth already holds the state after the last iteration, and the resumed run repeats them.
-- Under torchrun every rank stops at the same iteration: the flags are combined with one all-reduce of two
-  integers per iteration (the same one after each evaluated image and each refresh pass), and rank 0 writes
-  latest.pth (the others take part in gathering their RNG states). Why a collective of its own: a bad file can be
-  met on one rank only, and it must be known to all before the next iteration's first collective. Its cost is one
-  small round trip and one host read per iteration; the iteration already waits on the gradient all-reduce and
-  its host read (utils/distributed.average_gradients), so the device pipeline loses little (not measured on GPUs
-  here). A single process does no collective and no device sync for this.
+- Under torchrun every rank stops after the same iteration, and no collective of its own decides it: a rank with
+  a reason to stop (a signal, or a bad file among the batches it loads ahead) votes in its next gradient pass, and
+  DistributedDataParallel's gradient all-reduce delivers the vote to every rank in that same iteration
+  (engine/ddp_step.py: an iteration without a vote costs no device read either). So that a bad file is known before
+  its batch is needed, each rank loads two iterations ahead under torchrun (one in a single process): a file that
+  fails while loading the batch of iteration i + 2 stops every rank after iteration i + 1. Rank 0 writes latest.pth
+  (the others take part in gathering their RNG states). Outside the loop, where no gradient pass runs, the flags
+  are combined with one all-reduce of a few integers: before the first iteration (the batches loaded ahead), after
+  each evaluated image and each BatchNorm refresh pass. A single process does no collective and no device sync.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Callable
 import torch
 
 from engine import distributed as dist
+from engine.checkpoint import remove_partial_files
 from utils.errors import RunStopped, UserError
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -48,13 +51,13 @@ def resume_command(run, extra: tuple[str, ...] = (), replace: tuple[str, ...] = 
     args, kept, k = list(run.argv), [], 0
     while k < len(args):
         name, eq, value = args[k].partition("=")
-        takes_value = name in ("--resume", "--set")
+        takes_value = name in ("--resume", "-r", "--set")
         if takes_value and not eq:
             value = args[k + 1] if k + 1 < len(args) else ""
             k += 2
         else:
             k += 1
-        if name in ("--resume", "--recover") or (name == "--set" and value.split("=")[0] in replace):
+        if name in ("--resume", "-r", "--recover") or (name == "--set" and value.split("=")[0] in replace):
             continue
         kept += [name, value] if takes_value else [args[k - 1]]
     resume = "auto" if run.args.config else os.path.join(run.run_dir, "latest.pth")
@@ -91,11 +94,14 @@ class GracefulStop:
         self._previous = {}
 
     def end(self, run) -> None:
-        """The run is over (finished or stopped): signals go back to their handlers, the loader workers end."""
+        """The run is over (finished or stopped): signals go back to their handlers, the loader workers end,
+        DistributedDataParallel lets go of the process group (before it is destroyed or the process exits)."""
         self.uninstall()
         for batches in (run.labeled, run.unlabeled, run.gta5_batches):
             if batches is not None:
                 batches.close()
+        if getattr(run, "gradient_pass", None) is not None:
+            run.gradient_pass.close()
         run.logger.close()
 
     def _handle(self, signum: int, frame) -> None:
@@ -106,6 +112,7 @@ class GracefulStop:
             return
         if self.signum:  # the second signal: stop now, by that signal's default action
             self._say(f"\n{name} again: stopping now; latest.pth is the one written before\n")
+            remove_partial_files()  # a save in progress leaves no .tmp-* file behind
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -125,20 +132,61 @@ class GracefulStop:
         t = torch.tensor(values, dtype=torch.int64, device=self.device)
         return dist.all_reduce_max(t).tolist()
 
-    def after_iteration(self, run, i: int) -> None:
-        """End of iteration i: load the next batches ahead, then stop if a signal or a bad file was met on any
-        rank (latest.pth with the state after i + 1 iterations, then RunStopped)."""
-        if not self.signum and self.error is None and i + 1 < run.num_iterations:
-            try:
-                for batches in (run.labeled, run.unlabeled, run.gta5_batches):
-                    if batches is not None:
-                        batches.prefetch()
-            except UserError as e:
-                self.error = str(e)
-        signum, failed = self._agree(self.signum, int(self.error is not None))
+    def vote(self) -> tuple[float, ...]:
+        """This rank's reasons to stop, one per slot of engine/ddp_step.STOP_REASONS (SIGINT, SIGTERM, a bad file),
+        for the next gradient pass."""
+        signum = self.signum
+        return float(signum == signal.SIGINT), float(signum == signal.SIGTERM), float(self.error is not None)
+
+    def _load_ahead(self, run, i: int) -> None:
+        """After iteration i: the batches of the next iterations loaded (one ahead in one process, two under
+        torchrun, never past the last iteration); a data error is kept in `error`."""
+        ahead = min(2 if dist.is_distributed() else 1, run.num_iterations - 1 - i)
+        if self.signum or self.error is not None or ahead <= 0:
+            return
+        try:
+            for batches in (run.labeled, run.unlabeled, run.gta5_batches):
+                if batches is not None:
+                    batches.prefetch(ahead)
+        except UserError as e:
+            self.error = str(e)
+
+    def after_iteration(self, run, i: int, voted: bool = True) -> None:
+        """End of iteration i: stop if a signal or a bad file was met on any rank (latest.pth with the state after
+        i + 1 iterations, then RunStopped); else load the next batches ahead.
+
+        One process: the batches of iteration i + 1 are loaded first, so that a bad file among them stops the run
+        now. Under torchrun the ranks' votes came with the gradients of iteration i (`voted`; otherwise, outside
+        the loop, one all-reduce agrees), and a bad file met while loading ahead is voted on in iteration i + 1. An
+        evaluation after iteration i that a stop interrupted was interrupted on every rank at once (its polls
+        agree): the run stops now, before another iteration, so that the resumed run does it first."""
+        if dist.is_distributed() and voted:
+            sigint, sigterm, failed = run.gradient_pass.votes()
+            signum = signal.SIGTERM if sigterm else signal.SIGINT if sigint else 0
+            if run.pending_evaluation is not None:
+                signum = signum or self.signum  # agreed by the evaluation's last poll
+        else:
+            self._load_ahead(run, i)
+            signum, failed = self._agree(self.signum, int(self.error is not None))
         if signum or failed:
             self.signum = signum
             self._stop(run, i + 1, failed=bool(failed))
+        if dist.is_distributed() and voted:
+            self._load_ahead(run, i)  # a bad file met here is voted on in iteration i + 1
+
+    def before_loop(self, run) -> None:
+        """Before the first iteration: an evaluation that a stop interrupted is done first (the resumed run then
+        continues exactly), and under torchrun the first batches are loaded ahead and any rank's bad file or
+        signal is agreed on."""
+        i = run.pending_evaluation
+        if i is not None:
+            run.pending_evaluation = None
+            run.logger.message(f"the evaluation after iteration {i} was interrupted by the stop; evaluating now")
+            run.evaluate_if_due(i)
+            if run.pending_evaluation is None:
+                run.save_latest(i + 1)  # no longer pending on disk either
+        if i is not None or dist.is_distributed():
+            self.after_iteration(run, run.start_iteration - 1, voted=False)
 
     def _stop(self, run, completed: int, failed: bool) -> None:
         errors = dist.all_gather_object(self.error) if failed else []
@@ -208,15 +256,3 @@ class GracefulStop:
         raise RunStopped(f"during {where} after the last iteration; latest.pth in {run.run_dir} holds the state "
                          f"after all {run.num_iterations} iterations. Repeat the final evaluation and BatchNorm "
                          f"refresh with:\n  {resume_command(run)}", exit_code=128 + signum, label=f"stopped by {name}")
-
-    def resume_pending_evaluation(self, run) -> None:
-        """A run resumed from a state whose evaluation was interrupted does that evaluation first."""
-        i = run.pending_evaluation
-        if i is None:
-            return
-        run.pending_evaluation = None
-        run.logger.message(f"the evaluation after iteration {i} was interrupted by the stop; evaluating now")
-        run.evaluate_if_due(i)
-        if run.pending_evaluation is None:
-            run.save_latest(i + 1)  # no longer pending on disk either
-        self.after_iteration(run, i)

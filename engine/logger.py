@@ -1,6 +1,9 @@
 """Progress and logs of a training run: a tqdm bar on a terminal, plain lines elsewhere, `train_log.jsonl`,
 TensorBoard event files and `curves.png` (engine/curves.py), all in the run directory. Only the main process logs.
 
+Iterations are numbered as the release's loop numbers them, 0 .. N-1: every line, train_log.jsonl row and
+TensorBoard step written after iteration i carries i (docs/long-runs.md, "Iteration numbers").
+
 The ETA counts training time only: the time between `evaluation_started` and `evaluation_finished` is left out,
 so the estimate does not jump after each evaluation.
 """
@@ -51,7 +54,11 @@ class TrainLogger:
             self.tb = SummaryWriter(log_dir=run_dir, purge_step=start if start > 0 else None)
         if self.stream.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start, file=self.stream, dynamic_ncols=True, unit="it")
+            # the bar's description names the last iteration done, as the other lines do ("iteration i/N", i from
+            # 0, the release's loop index); its percentage and rate are those of the iterations done
+            self.bar = tqdm(total=total, initial=start, file=self.stream, dynamic_ncols=True, unit="it",
+                            desc=f"iteration {start - 1}/{total}: " if start else "",
+                            bar_format="{desc}{percentage:3.0f}%|{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
 
     def _eta(self, i: int) -> str:
         done = i + 1 - self.start
@@ -77,7 +84,7 @@ class TrainLogger:
         if self.bar is not None:
             self.bar.set_postfix_str(shown, refresh=False)
         else:
-            print(f"[{prefix}] it {i + 1}/{self.total} eta {self._eta(i)} {shown}", file=self.stream, flush=True)
+            print(f"[{prefix}] iteration {i}/{self.total} eta {self._eta(i)} {shown}", file=self.stream, flush=True)
 
     def vector(self, i: int, tag: str, values, names: list[str]) -> None:
         """A per-class quantity (class weights, memory fill, IoU) as one TensorBoard scalar per class, and one
@@ -135,9 +142,11 @@ class TrainLogger:
                 self._curves_warned = True
                 self.message(f"warning: could not draw curves.png ({type(e).__name__}: {e})")
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, i: int) -> None:
+        """Iteration i is done: the bar moves on and names it as every other line does."""
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar.set_description_str(f"iteration {i}/{self.total}: ", refresh=False)
+            self.bar.update(1)
 
     def close(self) -> None:
         if self.jsonl is not None and not self.jsonl.closed:

@@ -1,6 +1,8 @@
-"""Random number generators: seeding, and their states in a form a `weights_only` checkpoint holds (exact resume)."""
+"""Random number generators: seeding, and their states in a form a `weights_only` checkpoint holds (exact resume);
+deterministic kernels or cuDNN's benchmark."""
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -13,6 +15,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """utils.deterministic. false (default): the release's pair of cuDNN settings (its trainSSL.py sets both): cuDNN
+    times its deterministic convolution algorithms for each new input shape and keeps the fastest (`cudnn.benchmark`
+    and `cudnn.deterministic`; the choice may differ between runs, and so may the last bits). true: no benchmark,
+    cuDNN's deterministic algorithms, and torch.use_deterministic_algorithms with
+    warn_only — a kernel without a deterministic form (on CUDA, the backward of the bilinear upsampling every
+    iteration runs) warns once and runs anyway instead of stopping the run; cuBLAS gets the workspace setting
+    determinism needs (CUBLAS_WORKSPACE_CONFIG, unless already set). The same run then repeats bit for bit on the
+    same machine and software, up to those warned kernels."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = True  # as the release, whichever the setting
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def rng_state() -> dict:

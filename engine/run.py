@@ -19,23 +19,25 @@ from data import build_data, build_source
 from data.check_files import check_files
 from data.common import parse_size
 from data.sampler import InfiniteBatches
+from engine import batchnorm, run_state
 from engine import distributed as dist
-from engine import run_state
+from engine.batchnorm import BatchNormStatistics
 from engine.checkpoint import load_checkpoint, model_state_from, save_atomic
-from engine.cli import build_arg_parser, choose_device
+from engine.cli import build_arg_parser, choose_device, config_required_for
 from engine.config import fidelity
+from engine.ddp_step import GradientPass
 from engine.evaluation import evaluate
 from engine.fault_guard import NonFiniteGuard, all_finite
 from engine.graceful_stop import GracefulStop
+from engine.log_window import add_terms, window_means
 from engine.logger import TrainLogger
 from engine.networks import build_optimizer, build_student, student_forward
 from engine.plan import print_plan
 from engine.resume import claim, load_config_and_checkpoint
 from engine.run_dir import release, run_directory, write_run_files
-from engine.rng import seed_everything
+from engine.rng import seed_everything, set_determinism
 from engine.visualize import log_unlabeled_panels, validation_panel
 from model.checkpoint_io import load_state_strict
-from utils.augmentations import normalize
 from utils.class_balancing import ClassBalancing
 from utils.ema import create_teacher, ema_alpha, ema_momentum, update_teacher
 from utils.memory_bank import MemoryBank, format_fill, per_class_quota
@@ -52,9 +54,10 @@ class Run:
     def __init__(self, variant: Variant, argv: list[str] | None = None, description: str = ""):
         self.t_start = time.time()
         self.variant = variant
-        parser = build_arg_parser(description or variant.name)
-        self.args = parser.parse_args(argv)
         self.argv = list(sys.argv[1:] if argv is None else argv)  # for the resume command printed on a stop
+        parser = build_arg_parser(description or variant.name, gta5=variant.uses_gta5,
+                                  config_required=config_required_for(self.argv))
+        self.args = parser.parse_args(self.argv)
         if self.args.check_files and not self.args.dry_run or self.args.recover and not self.args.resume:
             parser.error("--check-files goes with --dry-run, --recover with --resume")
         self.device = choose_device(self.args.device)
@@ -70,20 +73,21 @@ class Run:
         self.crop = parse_size(t["data"]["input_size"], "training.data.input_size")
         self.batch_size = t["batch_size"]
         seed_everything(cfg["seed"])
+        set_determinism(cfg["utils"]["deterministic"])
 
         # Data: labeled subset, unlabeled rest, validation (and GTA5 for domain adaptation). The domain-adaptation
         # script reads Cityscapes at half size with v3 too, and then evaluates at full size only after training.
         self.half_size = variant.cityscapes_half_size and cfg["version"] != "2" and cfg["dataset"] == "cityscapes"
-        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size)
+        self.data = build_data(cfg, self.args.data_root, cityscapes_half_size=self.half_size,
+                               check_pairs=not self.args.check_files)  # --check-files lists both splits' bad files
         # the set evaluations use: the periodic one now, the final one in finish()
         self.val_set = self.data.val
         self.final_val_set = build_data(cfg, self.args.data_root, split=False).val if self.half_size else self.data.val
         self.num_classes = self.data.num_classes
         self.ignore_label = self.data.ignore_label
         self.drop_background = self.data.name == "pascal_voc"
-        self.gta5 = None
-        if variant.uses_gta5:  # the labeled source: GTA5 for Cityscapes, the other style for synthetic scenes
-            self.gta5 = build_source(cfg, self.args.gta5_root or t["data"]["gta5_root"])
+        # the labeled source of domain adaptation: GTA5 for Cityscapes, the other style for synthetic scenes
+        self.gta5 = build_source(cfg, self.args.gta5_root or t["data"]["gta5_root"]) if variant.uses_gta5 else None
 
         # Networks: student, EMA teacher (the pseudo-labeler: the teacher or the student in eval mode), optimiser.
         self.student_module = build_student(cfg, variant, self.num_classes, self.device, self.fidelity, dry_run)
@@ -127,6 +131,7 @@ class Run:
         self.since_best = 0
         self.best_result: dict | None = None
         self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}  # iterations of the window in which each term was computed
         self._count = 0
         self.pending_evaluation: int | None = None  # an evaluation a stop interrupted (engine/graceful_stop.py)
         self.latest_saved: int | None = None  # iterations in the latest.pth this process wrote last
@@ -144,6 +149,9 @@ class Run:
             seed_everything(seed + seed_offset)
         if resume_ckpt is not None:
             self.load_state_dict(resume_ckpt)
+        # run.gradient_pass(steps, *args): steps 6-10 as one forward, DDP's under torchrun (engine/ddp_step.py)
+        self.gradient_pass = GradientPass(self.student_module, self.device, vote=lambda: self.stop.vote())
+        self.statistics = BatchNormStatistics(lambda: (self.student_module, self.teacher))  # averaged where read
         self.logger = TrainLogger(self.run_dir, self.num_iterations, self.start_iteration, enabled=dist.is_main(),
                                   tensorboard=cfg["utils"]["tensorboard"], curves=cfg["utils"]["curves"])
         if dist.is_main():
@@ -175,7 +183,7 @@ class Run:
                            gather_rows=self.gather_rows)
 
     def iterations(self) -> range:
-        self.stop.resume_pending_evaluation(self)  # an evaluation interrupted by a stop is done first
+        self.stop.before_loop(self)  # an evaluation interrupted by a stop is done first; batches loaded ahead
         return range(self.start_iteration, self.num_iterations)
 
     def autocast(self):
@@ -192,6 +200,8 @@ class Run:
         set_lr(self.optimizer, lr)
         self.lr = lr
         self.iteration = i
+        if self.labeler is self.student_module:  # its eval-mode pseudo-labels read the BatchNorm statistics
+            self.statistics.agree()
         return lr
 
     def periodic_evaluation_after(self, i: int) -> bool:
@@ -234,28 +244,26 @@ class Run:
         return self.method["use_contrastive"] and i > self.method["ramp_up_iterations"]
 
     def optimizer_step(self, i: int, loss: torch.Tensor) -> None:
-        """Step 11: one backward, one SGD step (gradients averaged over processes), then the teacher's EMA.
+        """Step 11: one backward (DDP averages the gradients over processes as it goes), one SGD step, then the
+        teacher's EMA.
 
         Gradients are zeroed, not freed (torch 1.6's `zero_grad()`, as released): a parameter that ever had a
         gradient keeps getting weight decay and momentum on steps whose loss does not reach it."""
         self.optimizer.zero_grad(set_to_none=False)
         self.scaler.scale(loss).backward()
-        dist.average_gradients(self.student_module)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
         update_teacher(self.teacher, self.student_module, self.alpha)
-        dist.average_buffers(self.student_module, self.teacher)  # BatchNorm running statistics: the same on every rank
+        self.statistics.changed()  # BatchNorm statistics of this rank's batches: averaged when next read
 
     def end_iteration(self, i: int, terms: dict[str, torch.Tensor]) -> None:
         """Step 12: logging at intervals, checkpoints, evaluation and the return to the best weights; then a stop
         (signal, bad file in the next batches) writes latest.pth and ends the run (engine/graceful_stop.py)."""
         u = self.cfg["utils"]
-        for k, v in terms.items():
-            v = v.detach().float()
-            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        add_terms(self._sums, self._counts, terms)  # each term counted where computed (engine/log_window.py)
         self._count += 1
-        self.logger.advance()
+        self.logger.advance(i)
         if (i + 1) % u["log_every"] == 0 or i == self.num_iterations - 1:
             self._log(i)
         if i > 0 and i % u["save_checkpoint_every"] == 0:
@@ -282,14 +290,10 @@ class Run:
 
     def _log(self, i: int) -> None:
         self.guard.check(self)
-        if dist.is_distributed() and self._sums:  # the mean over all processes' batches
-            keys = list(self._sums)
-            total = dist.all_reduce_sum(torch.stack([self._sums[k] for k in keys])) / dist.world_size()
-            self._sums = dict(zip(keys, total))
-        values = {k: float(v) / self._count for k, v in self._sums.items()}  # one sync per log interval
+        values = window_means(self._sums, self._counts)  # fixed order; over processes; one sync per row
         values.update(lr=self.lr, ema_alpha=getattr(self, "alpha", 0.0),
                       ema_momentum=ema_momentum(i, self.num_iterations))
-        self._sums, self._count = {}, 0
+        self._sums, self._counts, self._count = {}, {}, 0
         self.logger.scalars(i, values)
         self.logger.vector(i, "class_weights", self.class_weights.tolist(), self.data.class_names)
         self.logger.vector(i, "memory_fill", self.memory.counts.tolist(), self.data.class_names)
@@ -297,6 +301,7 @@ class Run:
     # ------------------------------------------------------------------------------ evaluation, checkpoints
     def evaluate(self, model: torch.nn.Module, i: int, tag: str = "val") -> dict:
         """Evaluate on `self.val_set` (the final validation set once finish() has begun) and log the result."""
+        self.statistics.agree()
         self.logger.evaluation_started()
         d = self.data
         n_images = self.cfg["utils"]["log_images"] if self.logger.tb is not None else 0
@@ -310,7 +315,8 @@ class Run:
 
         result = evaluate(model, self.val_set, num_classes=self.num_classes, ignore_label=self.ignore_label,
                           mean_rgb=d.mean_rgb, channel_order=d.channel_order, device=self.device,
-                          autocast=self.autocast, on_prediction=keep_image)
+                          autocast=self.autocast, on_prediction=keep_image,
+                          num_workers=self.cfg["training"]["num_workers"])
         self.logger.scalars(i, {"miou": result["miou"], "loss": result["loss"]}, prefix=tag, print_line=False)
         self.logger.vector(i, f"{tag}_iou", result["iou"], d.class_names)
         for k, picture in enumerate(shown):  # image | ground truth | prediction
@@ -339,6 +345,7 @@ class Run:
         return {**ckpt, "iteration": i, **extra}
 
     def save_periodic(self, i: int) -> None:
+        self.statistics.agree()
         self.guard.check(self, weights=True)
         if not dist.is_main():
             return
@@ -350,6 +357,7 @@ class Run:
 
     def evaluate_and_keep_best(self, i: int, final: bool = False) -> dict:
         """Evaluate the student; a new best is saved as best_model.pth (after the loop, `final`: the student)."""
+        self.statistics.agree()
         self.guard.check(self, weights=True)  # before best_model.pth (and, at the end, the final checkpoint)
         result = self.evaluate(self.student_module, i)
         if result["miou"] > self.best_miou:
@@ -395,6 +403,7 @@ class Run:
 
     def save_latest(self, next_iteration: int) -> None:
         """latest.pth: the whole run state after `next_iteration` iterations, written atomically."""
+        self.statistics.agree()
         self.guard.check(self, weights=True)
         state = self.state_dict(next_iteration)
         if dist.is_main():
@@ -402,22 +411,6 @@ class Run:
         self.latest_saved = next_iteration
 
     # ------------------------------------------------------------------------------------------ after loop
-    @torch.no_grad()
-    def refresh_batchnorm(self, model: torch.nn.Module, passes: int) -> None:
-        """Forward passes in train mode over unlabeled batches to re-estimate BatchNorm statistics (over labeled ones
-        when every training image is labeled: the fully supervised upper bound)."""
-        model.train()
-        batches = self.unlabeled if self.unlabeled.batches_per_epoch else self.labeled
-        if batches is self.labeled:
-            self.logger.message("BatchNorm refresh: no unlabeled images (every training image is labeled), so it "
-                                "draws labeled batches")
-        for _ in range(passes):
-            self.stop.poll(self, "the BatchNorm refresh")
-            images = batches.next()[0]
-            with self.autocast():
-                model(normalize(images, self.data.mean_rgb, self.data.channel_order))
-        dist.average_buffers(model)  # every process refreshed on its own batches
-
     def finish(self) -> dict:
         """Final checkpoint and evaluation, best model, BatchNorm refresh, evaluation again; returns the best."""
         N = self.num_iterations
@@ -427,7 +420,7 @@ class Run:
             save_atomic(self._checkpoint(N, "final", miou=result["miou"]),
                         os.path.join(self.run_dir, f"checkpoint-iter{N}.pth"))
         if self._load_best_into_student() and self.method["bn_refresh_iterations"] > 0:
-            self.refresh_batchnorm(self.student_module, self.method["bn_refresh_iterations"])
+            batchnorm.refresh(self, self.student_module, self.method["bn_refresh_iterations"])
             refreshed = self.evaluate(self.student_module, N, tag="val_bn_refresh")
             if refreshed["miou"] > self.best_miou and all_finite(self.student_module.state_dict().values()):
                 self.best_miou, self.best_result = refreshed["miou"], refreshed

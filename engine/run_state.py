@@ -28,7 +28,7 @@ def capture(run, iteration: int) -> dict:
         "samplers": {"labeled": run.labeled.state_dict(), "unlabeled": run.unlabeled.state_dict(),
                      "gta5": run.gta5_batches.state_dict() if run.gta5_batches is not None else None},
         # the loss sums of the current log interval, so that a resumed run logs the same averages
-        "log_window": {"sums": dict(run._sums), "count": run._count},
+        "log_window": {"sums": dict(run._sums), "count": run._count, "counts": dict(run._counts)},
         "pending_evaluation": run.pending_evaluation,
         "script": run.variant.name,  # the training script that wrote it: another one refuses to continue it
         "format": FORMAT,
@@ -75,6 +75,8 @@ def restore(run, ckpt: dict) -> None:
     window = ckpt.get("log_window") or {"sums": {}, "count": 0}
     run._sums = {k: v.to(run.device) for k, v in window["sums"].items()}
     run._count = int(window["count"])
+    # a state written before the per-term counts: every term was averaged over the whole window then
+    run._counts = {k: int(n) for k, n in (window.get("counts") or dict.fromkeys(window["sums"], run._count)).items()}
     run.pending_evaluation = ckpt.get("pending_evaluation")
     states = ckpt.get("rng_ranks") or [ckpt["rng"]]  # one per process of the run that saved it
     saved_world = int(ckpt.get("world_size", len(states)))

@@ -11,7 +11,16 @@ $DW_FAIL_RANK / $DW_FAIL_ITER make that rank raise after that iteration (the fai
 $DW_STARVE_RANK / $DW_STARVE_ITER give that rank no valid pixel for the memory update and the contrastive terms in
 that iteration (all labels ignored there), as a rank with fewer than two selected pixels of every class has: its
 heads and selectors then skip a step the other rank's take;
+$DW_BAD_RANK / $DW_BAD_LOAD make that rank's labeled loader fail (a UserError naming a planted file, as a bad
+image gives) when it loads its labeled batch number $DW_BAD_LOAD (counted from 0: the batch of that iteration).
 $DW_CHECK_COLLECTIVES runs `check_collectives` on the torchrun group before training.
+$DW_COUNT_COLLECTIVES=1 records the collectives of every iteration, by operation (torch's profiler sees every c10d
+operation, DistributedDataParallel's own all-reduces included): those of the iteration's training steps (from
+the learning rate to the end of the optimiser step) and those of the stop decision after it.
+$DW_REFERENCE=1 trains a second time after the first run, in the same processes, with the gradient averaging of
+before DistributedDataParallel (`reference_average_gradients`, a copy kept here as the oracle, and BatchNorm
+buffers averaged after every step), into <run dir>_reference, its records under the prefix "reference_"; both
+runs save the student's parameters after their last iteration in $DW_OUT/final_<prefix>rank<r>.pt.
 $DW_SHARE_DEVICE=1 puts every rank on the first GPU (LOCAL_RANK 0: two processes on a one-GPU machine);
 $DW_BACKEND=gloo starts the process group with that backend before Run does (gloo on CUDA tensors, where NCCL
 refuses two ranks on one GPU). benchmarks/gpu_check.py uses both, and `rank_differences` to check the records.
@@ -24,6 +33,9 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if os.environ.get("DW_COUNT_COLLECTIVES"):
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler that counts them: fewer log lines
 
 import torch  # noqa: E402
 
@@ -53,18 +65,23 @@ def digest(obj) -> str:
     return h.hexdigest()
 
 
+PREFIX = [""]  # "reference_" while the reference run trains
+RUN_DIRS: list[str] = []  # of the runs this process started
+
+
 def _write(record: dict) -> None:
-    with open(os.path.join(os.environ["DW_OUT"], f"rank{dist.rank()}.jsonl"), "a") as f:
+    with open(os.path.join(os.environ["DW_OUT"], f"{PREFIX[0]}rank{dist.rank()}.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def install_probes() -> None:
     from engine import run as training
     run_init, end_iteration, gather_rows = training.Run.__init__, training.Run.end_iteration, training.Run.gather_rows
-    evaluate = training.evaluate
+    evaluate, finish = training.evaluate, training.Run.finish
 
     def init(self, *args, **kwargs):
         run_init(self, *args, **kwargs)
+        RUN_DIRS.append(self.run_dir)
         from engine import run_dir
         lock = os.path.join(self.run_dir, run_dir.LOCK_NAME)  # who holds the run directory (rank 0 only)
         _write({"kind": "lock", "pid": os.getpid(), "holds": os.path.realpath(lock) in run_dir._held,
@@ -80,6 +97,8 @@ def install_probes() -> None:
                 return batch
 
             batches.next = next_batch
+        if os.environ.get("DW_BAD_RANK") == str(dist.rank()):
+            plant_bad_file(self.labeled, int(os.environ["DW_BAD_LOAD"]))
 
     def gather(self, *tensors):
         out = gather_rows(self, *tensors)
@@ -96,6 +115,10 @@ def install_probes() -> None:
 
     def write_step(self, i):
         record = {"kind": "step", "i": i, "lr": self.lr,
+                  # BatchNorm statistics averaged over the ranks since this iteration's step (a save or an
+                  # evaluation read them): only then are the buffers ("student", "teacher" and the *_buffers
+                  # digests) the same on every rank
+                  "statistics_agreed": not self.statistics.pending,
                   "optimizer_lr": [g["lr"] for g in self.optimizer.param_groups],
                   "student": digest(self.student_module.state_dict()),
                   "student_params": digest([p for p in self.student_module.parameters()]),
@@ -130,6 +153,11 @@ def install_probes() -> None:
                 "confusion": result["confusion"].tolist(), "miou": result["miou"], "loss": result["loss"]})
         return result
 
+    def finish_probe(self):
+        params = {name: p.detach().clone() for name, p in self.student_module.named_parameters()}
+        torch.save(params, os.path.join(os.environ["DW_OUT"], f"final_{PREFIX[0]}rank{dist.rank()}.pt"))
+        return finish(self)
+
     from utils import ssl_steps
     update_memory, contrastive_term = ssl_steps.update_memory, ssl_steps.contrastive_term
     set_learning_rate, current = training.Run.set_learning_rate, {}
@@ -147,7 +175,108 @@ def install_probes() -> None:
     training.Run.__init__ = init
     training.Run.gather_rows = gather
     training.Run.end_iteration = end
+    training.Run.finish = finish_probe
     training.evaluate = evaluate_probe
+    if os.environ.get("DW_COUNT_COLLECTIVES"):
+        count_collectives()
+
+
+def count_collectives() -> None:
+    """Each iteration's collectives by c10d operation, in two windows: its training steps (set_learning_rate to
+    the end of optimizer_step) and the stop decision after it (GracefulStop.after_iteration)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import run as training
+    from engine.graceful_stop import GracefulStop
+    set_lr, optimizer_step, after_iteration = (training.Run.set_learning_rate, training.Run.optimizer_step,
+                                               GracefulStop.after_iteration)
+    state = {}
+
+    def ops(prof) -> dict[str, int]:
+        return dict(Counter(e.name for e in prof.events() if e.name.startswith("c10d::")))
+
+    def start():
+        state["prof"] = profile(activities=[ProfilerActivity.CPU])
+        state["prof"].__enter__()
+
+    def stop() -> dict[str, int]:
+        prof = state.pop("prof")
+        prof.__exit__(None, None, None)
+        return ops(prof)
+
+    def set_lr_probe(self, i):
+        start()
+        return set_lr(self, i)
+
+    def step_probe(self, i, loss):
+        optimizer_step(self, i, loss)
+        state["train"] = stop()
+
+    def after_probe(self, run, i, voted=True):
+        start()
+        try:
+            after_iteration(self, run, i, voted)
+        finally:
+            _write({"kind": "collectives_count", "i": i, "voted": voted, "train": state.pop("train", {}),
+                    "stop": stop()})
+
+    training.Run.set_learning_rate = set_lr_probe
+    training.Run.optimizer_step = step_probe
+    GracefulStop.after_iteration = after_probe
+
+
+def reference_average_gradients(module: torch.nn.Module) -> None:
+    """The gradient averaging the project had before DistributedDataParallel (engine/distributed.average_gradients
+    until then), kept as the oracle of tests/test_distributed.py: a parameter with a gradient on some rank is
+    averaged with zeros from the ranks without one (which get a zero gradient tensor); a parameter with a gradient
+    on no rank keeps `grad None`. One all-reduce per parameter (the original bucketed them: the same sums)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    torch.distributed.all_reduce(has_grad)
+    for p, n in zip(params, has_grad.tolist()):
+        if n == 0:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+        p.grad.div_(dist.world_size())
+
+
+def use_reference_averaging() -> None:
+    """Train as the project did before DistributedDataParallel: the script's steps called directly (no gradient
+    pass module), the gradients averaged after backward by `reference_average_gradients`, BatchNorm buffers
+    averaged after every step."""
+    from engine import ddp_step
+    from engine import run as training
+    from utils.ema import ema_alpha, update_teacher
+
+    def optimizer_step(self, i, loss):  # Run.optimizer_step as it was, with the averaging of then
+        self.optimizer.zero_grad(set_to_none=False)
+        self.scaler.scale(loss).backward()
+        reference_average_gradients(self.student_module)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.alpha = ema_alpha(i, self.num_iterations, self.variant.ema_warmup_div)
+        update_teacher(self.teacher, self.student_module, self.alpha)
+        dist.average_buffers(self.student_module, self.teacher)
+
+    ddp_step.GradientPass.__call__ = lambda self, steps, *args: steps(*args)
+    training.Run.optimizer_step = optimizer_step
+
+
+def plant_bad_file(batches, bad: int) -> None:
+    """Loading labeled batch number `bad` (from 0) fails as an unreadable image does, the batches before it load."""
+    from utils.errors import UserError
+    load, loaded = batches._load, [0]
+
+    def failing_load():
+        if loaded[0] == bad:
+            raise UserError(f"cannot read image /data/planted_bad_{bad}.png: planted")
+        loaded[0] += 1
+        return load()
+    batches._load = failing_load
 
 
 def starving(i: int) -> bool:
@@ -185,7 +314,8 @@ def check_collectives() -> None:
     gx, gy = dist.all_gather_rows(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert gx.shape == (0, 4) and gy.shape == (0,)
 
-    # average_gradients: a on both ranks, b on rank 1 only, c nowhere, frozen f untouched; tiny buckets
+    # reference_average_gradients (the oracle of the DDP comparison): a on both ranks, b on rank 1 only, c nowhere,
+    # frozen f untouched
     m = nn.Module()
     m.a = nn.Parameter(torch.zeros(2, 2))
     m.b = nn.Parameter(torch.ones(3))
@@ -194,7 +324,7 @@ def check_collectives() -> None:
     m.a.grad = torch.full((2, 2), 1.0 + 2 * rank)          # 1 and 3 -> 2
     if rank == 1:
         m.b.grad = torch.tensor([2.0, 4.0, 6.0])            # -> [1, 2, 3]
-    dist.average_gradients(m, bucket_numel=3)
+    reference_average_gradients(m)
     assert m.a.grad.tolist() == [[2.0, 2.0], [2.0, 2.0]], m.a.grad
     assert m.b.grad.tolist() == [1.0, 2.0, 3.0], m.b.grad
     assert m.c.grad is None and m.f.grad is None  # so SGD skips c (no weight decay, no momentum), as 1 process
@@ -203,7 +333,7 @@ def check_collectives() -> None:
     for p in (m.a, m.b):
         p.grad.zero_()
     m.a.grad += 2.0 * rank                                  # 0 and 2 -> 1
-    dist.average_gradients(m, bucket_numel=3)
+    reference_average_gradients(m)
     assert m.a.grad.tolist() == [[1.0, 1.0], [1.0, 1.0]] and m.b.grad.tolist() == [0.0, 0.0, 0.0], m.b.grad
     assert m.c.grad is None
 
@@ -239,13 +369,23 @@ def check_collectives() -> None:
 
 STATE_KEYS = ("student", "teacher", "student_buffers", "teacher_buffers", "student_all_params", "teacher_all_params",
               "optimizer", "memory", "balancing", "class_weights", "lr", "optimizer_lr")
+# the keys that hold BatchNorm buffers: per rank between two reads, the same on every rank where they are read
+BUFFER_KEYS = ("student", "teacher", "student_buffers", "teacher_buffers")
+
+
+def compared_keys(per_rank: list[dict]) -> tuple[str, ...]:
+    """The STATE_KEYS to compare across the ranks' records of one iteration: all of them once the BatchNorm
+    statistics were agreed in that iteration (records without the flag: always), else those without buffers."""
+    agreed = all(r.get("statistics_agreed", True) for r in per_rank)
+    return STATE_KEYS if agreed else tuple(k for k in STATE_KEYS if k not in BUFFER_KEYS)
 
 
 def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
     """What breaks the rank-identical state in the per-rank records (one list per rank, read from
     $DW_OUT/rank<r>.jsonl): every rank must have a step record for iterations 0..iterations-1, the same
-    digests of student, teacher, optimiser, memory bank, class balancing, class weights and learning rate after
-    every step, disjoint labeled batches, and memory updates that received every rank's rows. [] when all holds."""
+    digests of student and teacher parameters, optimiser, memory bank, class balancing, class weights and learning
+    rate after every step (and of the BatchNorm buffers after the steps that averaged them: `compared_keys`),
+    disjoint labeled batches, and memory updates that received every rank's rows. [] when all holds."""
     problems = []
     steps = [[r for r in rank if r["kind"] == "step"] for rank in records]
     for r, rank_steps in enumerate(steps):
@@ -256,7 +396,7 @@ def rank_differences(records: list[list[dict]], iterations: int) -> list[str]:
         return problems or [f"{len(steps)} rank(s) recorded, expected at least 2"]
     for per_rank in zip(*steps):
         i = per_rank[0]["i"]
-        for key in STATE_KEYS:
+        for key in compared_keys(per_rank):
             if len({json.dumps(s[key]) for s in per_rank}) > 1:
                 names = ""
                 if key.endswith("_buffers"):  # which buffers, by name
@@ -289,4 +429,13 @@ if __name__ == "__main__":
         check_collectives()
         _write({"kind": "collectives", "ok": True})
     install_probes()
-    main_guard(lambda: trainSSL.main(sys.argv[1:]))
+
+    def main():
+        result = trainSSL.main(sys.argv[1:])
+        if os.environ.get("DW_REFERENCE"):
+            run_dir = RUN_DIRS[-1]
+            PREFIX[0] = "reference_"
+            use_reference_averaging()
+            result = trainSSL.main(sys.argv[1:] + ["--set", f"utils.checkpoint_dir={run_dir}_reference"])
+        return result
+    main_guard(main)

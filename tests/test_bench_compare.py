@@ -21,7 +21,8 @@ def test_compare_reference_quick_writes_json(tmp_path):
     assert stored == json.loads(json.dumps(report))
     assert stored["benchmark"] == "components" and stored["mode"] == "quick+compare"
     assert [r["name"] for r in stored["results"]] == [
-        "memory_update", "memory_update (blocks)", "class_balancing", "evaluation_argmax", "contrastive_ones",
+        "memory_update", "memory_update (blocks)", "class_balancing", "evaluation_argmax",
+        "evaluation_argmax_release", "contrastive_ones",
         "contrastive_ones (blocks)", "contrastive_mean", "contrastive_mean (blocks)"]
     for r in stored["results"]:
         assert set(r) == {"name", "what", "ms_median", "ms_min", "ms_all", "repeats", "syncs_per_call", "reference",
@@ -43,7 +44,8 @@ def test_compare_reference_parts():
     with cpu_threads(1):
         report = bench_components.main(["--compare-reference", "--quick", "--only", "argmax,balancing",
                                         "--repeats", "1", "--warmup", "0"])
-    assert [r["name"] for r in report["results"]] == ["evaluation_argmax", "class_balancing"]
+    assert [r["name"] for r in report["results"]] == ["evaluation_argmax", "evaluation_argmax_release",
+                                                      "class_balancing"]
 
 
 def test_time_interleaved_calls_in_rounds():

@@ -172,3 +172,33 @@ def test_bench_step_restores_what_it_instrumented(step_report):
 def test_bench_step_refuses_fp16_on_cpu():
     with pytest.raises(UserError, match="fp16 needs CUDA"):
         bench_step.main(["--config", CITY, *TINY, "--precision", "fp16"])
+
+
+def test_release_memory_weights_measurement_small():
+    """benchmarks/release_memory_weights.py on a few small classes: the release's memory weights are 1 or 1 - 2^-24,
+    the memory selectors get gradients of rounding size, and SGD with the paper's schedule keeps ~0.924 of a weight
+    whose gradient is ~0 (worked out: weight decay through momentum at every step)."""
+    from benchmarks.release_memory_weights import measure, poly_sgd_factor
+    r = measure(classes=3, memory_size=16, features=60, seed=0)
+    assert set(r["weights"]["distinct_values_minus_1"]) <= {0.0, -2.0 ** -24}
+    assert 0 < r["memory_selector_gradients"]["max"] < 1e-6
+    assert r["feature_gradient_relative_change_with_exact_ones"] < 1e-6
+    assert r["sgd_factor_after_a_paper_run"] == pytest.approx(0.9241, abs=1e-4)
+    # by hand: lr 0.1 then 0.05 (poly, power 1); buf 0.5 then 0.9 * 0.5 + 0.5 * 0.95
+    assert poly_sgd_factor(2, 0.1, 1.0, 0.9, 0.5) == pytest.approx((1 - 0.1 * 0.5) - 0.05 * (0.9 * 0.5 + 0.5 * 0.95))
+
+
+def test_bench_eval_workers_small(tmp_path):
+    """benchmarks/bench_eval_workers.py at toy size: the PNG pairs written and read back through the folder dataset,
+    each case evaluated with 0 and 1 loader workers (equal results: checked inside), the JSON report."""
+    from benchmarks import bench_eval_workers
+    path = str(tmp_path / "report.json")
+    report = bench_eval_workers.main(["--files", "3", "--size", "48,64", "--workers", "0", "1", "--rounds", "1",
+                                      "--width", "8", "--dir", str(tmp_path / "files"), "--json", path])
+    assert sorted(os.listdir(tmp_path / "files" / "images")) == ["000.png", "001.png", "002.png"]
+    rows = {(r["case"], r["workers"]): r for r in report["results"]}
+    assert set(rows) == {("decode", 0), ("decode", 1), ("network", 0), ("network", 1)}
+    assert all(r["seconds_median"] > 0 and r["images_per_second"] == pytest.approx(3 / r["seconds_median"])
+               for r in rows.values())
+    assert rows[("decode", 0)]["ratio_to_first"] == 1.0 and report["size"] == [48, 64]
+    assert json.load(open(path))["files"] == 3

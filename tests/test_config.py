@@ -34,7 +34,7 @@ def test_released_config_loads_with_defaults(tmp_path):
     # the release's behaviours (SPEC section 8) by default, the paper's on request, written out by hand
     f = fidelity(cfg)
     assert (f.v2_branches, f.memory_keep, f.memory_weights, f.da_source_schedule, f.entropy_mask_broadcast) == \
-        (2, "lowest", "ones", "last100_odd", True)
+        (2, "lowest", "release", "last100_odd", True)
     f = fidelity(resolve_config(RELEASED, overrides=["fidelity=paper"]))
     assert (f.v2_branches, f.memory_keep, f.memory_weights, f.da_source_schedule, f.entropy_mask_broadcast) == \
         (4, "highest", "mean", "alternate", False)

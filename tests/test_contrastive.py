@@ -85,7 +85,7 @@ def hand_expected(mode: str, feature_omega: float = 5.0) -> float:
     sa, sb = sig(feature_omega * 1 + 1), sig(feature_omega * -0.2 + 1)
     wa, wb = 2 * sa / (sa + sb), 2 * sb / (sa + sb)
     # distances: x_a = e0 vs (e0, e1, e1) -> (0, 1, 1); x_b = e1 -> (1, 0, 0)
-    if mode == "ones":
+    if mode in ("ones", "release"):  # "release": (1/s)·s, 1 up to a rounding of 2^-24
         loss0 = (wa * 2 + wb * 1) / 6
     else:
         # memory selector on coordinate 0 of (1, 0, 0): mean 1/3, biased var 2/9 -> (sqrt2, -1/sqrt2, -1/sqrt2)
@@ -97,7 +97,7 @@ def hand_expected(mode: str, feature_omega: float = 5.0) -> float:
     return (loss0 + loss1) / C_HAND
 
 
-@pytest.mark.parametrize("mode", ["ones", "mean"])
+@pytest.mark.parametrize("mode", ["ones", "release", "mean"])
 @pytest.mark.parametrize("impl", [contrastive_loss, contrastive_loss_reference])
 def test_hand_worked_value(mode, impl):
     x, y, bank, feat, mem_sel = hand_case()
@@ -134,6 +134,78 @@ def test_the_selector_method_reaches_both_selector_calls(method, monkeypatch):
     loss = contrastive_loss(x, y, bank, feat, mem_sel, C_HAND, memory_weights="mean", selector_method=method)
     assert loss.item() == pytest.approx(hand_expected("mean"), abs=1e-6)
     assert sorted(seen) == [("grouped_selector_scores", method), ("padded_selector_scores", method)]
+
+
+def test_release_memory_weights_values_and_rounding_gradient():
+    """The release's memory weight (1 / s) · s in float32, worked by hand: 1 or 1 - 2^-24 (never more than one
+    rounding from 1) and, for an upstream gradient g, the gradient g·r - (g·s)·r² (r = 1/s rounded: its two paths,
+    which cancel in exact arithmetic), a rounding residue: zero for powers of two, nonzero for most other s. Where
+    that backward would overflow (s below ~5e-20; the release's gradient is then inf or NaN) the weight is 1 with
+    no gradient, and no NaN reaches s."""
+    from utils.contrastive import release_memory_weights
+    s = torch.sigmoid(torch.linspace(-12, 12, 2001)).requires_grad_(True)   # float32
+    v = release_memory_weights(s)
+    r = s.detach().reciprocal()
+    assert torch.equal(v.detach(), (r * 1) * s.detach())                    # the hand computation, bit for bit
+    assert set((v.detach().double() - 1).unique().tolist()) <= {0.0, -2.0 ** -24, 2.0 ** -23}
+    assert (v.detach() != 1).any()
+    g = torch.rand(s.shape, generator=torch.Generator().manual_seed(0))
+    (grad,) = torch.autograd.grad(v, s, g)
+    assert torch.equal(grad, g * r + (-(g * s.detach()) * (r * r)))
+    # a residue of a few ulps of g·r: through sigmoid' = s(1 - s) a score gets at most ~2.4e-7 of g
+    assert (grad != 0).float().mean() > 0.3 and bool(((grad * s.detach()).abs() <= 4 * 2.0 ** -24 * g).all())
+    halves = torch.tensor([0.5, 0.25], requires_grad=True)                  # exact reciprocals: exact cancelling
+    (g_exact,) = torch.autograd.grad(release_memory_weights(halves).sum(), halves)
+    assert g_exact.tolist() == [0.0, 0.0]
+    tiny = torch.tensor([0.0, 1e-30, 1e-21, 0.3], requires_grad=True)
+    v = release_memory_weights(tiny)
+    (g_tiny,) = torch.autograd.grad(v.sum(), tiny)
+    assert v.tolist()[:3] == [1.0, 1.0, 1.0] and g_tiny.tolist()[:3] == [0.0, 0.0, 0.0]
+    assert torch.isfinite(g_tiny).all()
+
+
+def test_release_weights_give_every_qualifying_memory_selector_a_rounding_gradient():
+    """memory_weights="release" (fidelity code): the loss and the feature-side gradients are those of weights 1
+    (the per-class reference with the release's own operations agrees to float tolerance); each memory selector of
+    a qualifying class runs in train mode (its running statistics those of the reference, bit for bit on the CPU)
+    and every one of its parameters gets a gradient, of rounding size (1e-13 to 1e-7 here; the first Linear's bias,
+    zero in exact arithmetic since BatchNorm follows it, ~1e-16), as in the reference;
+    the other classes' memory selectors get none."""
+    torch.manual_seed(0)
+    C, D, S = 6, 256, 16
+    counts = torch.tensor([S, 9, 1, 0, S, 3])
+    bank = MemoryBank(C, size=S, dim=D)
+    bank.load_state_dict({"memory": torch.randn(C, S, D), "counts": counts})
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate([12, 7, 5, 4, 1, 6])])
+    x0 = torch.randn(len(y), D) * 2
+    feat, mem = random_selectors(C, D, D), random_selectors(C, D, D)
+    out = {}
+    for name, fn, kw in (("release", contrastive_loss, {}), ("reference", contrastive_loss_reference, {}),
+                         ("ones", contrastive_loss, {})):
+        fs, ms = copy.deepcopy(feat), copy.deepcopy(mem)
+        x = x0.clone().requires_grad_(True)
+        loss = fn(x, y, bank, fs, ms, C, memory_weights="ones" if name == "ones" else "release")
+        loss.backward()
+        out[name] = (loss, x.grad, fs, ms)
+    loss, gx, fs, ms = out["release"]
+    assert loss.item() == pytest.approx(out["reference"][0].item(), rel=1e-6)
+    assert loss.item() == pytest.approx(out["ones"][0].item(), rel=1e-6)
+    torch.testing.assert_close(gx, out["reference"][1], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(gx, out["ones"][1], rtol=1e-4, atol=1e-9)
+    qualifying = {0, 1, 5}  # > 1 vector and > 1 memory entry
+    for c in range(C):
+        for (name, p), p_ref in zip(ms[c].named_parameters(), out["reference"][3][c].parameters()):
+            if c not in qualifying:
+                assert p.grad is None and p_ref.grad is None, (c, name)
+                continue
+            assert p.grad is not None and p_ref.grad is not None, (c, name)
+            for grad in (p.grad, p_ref.grad):  # the first Linear's bias: zero in exact arithmetic (BatchNorm follows)
+                assert (1e-17 if name == "0.bias" else 1e-13) < float(grad.abs().max()) < 1e-7, (c, name)
+        for b, b_ref in zip(ms[c].buffers(), out["reference"][3][c].buffers()):
+            assert torch.equal(b, b_ref), c
+        moved = int(ms[c][1].num_batches_tracked)
+        assert moved == (1 if c in qualifying else 0), c
+    assert all(p.grad is None for m in out["ones"][3] for p in m.parameters())  # "ones": never evaluated
 
 
 def test_ones_mode_is_unweighted_mean_and_never_runs_memory_selectors():
@@ -182,7 +254,7 @@ def test_bad_mode_is_user_error():
 
 
 # ---------------------------------------------------------------- vectorised == reference
-@pytest.mark.parametrize("mode", ["ones", "mean"])
+@pytest.mark.parametrize("mode", ["ones", "release", "mean"])
 def test_vectorised_matches_reference_c19(mode):
     torch.manual_seed(0)
     C, D, S = 19, 256, 24

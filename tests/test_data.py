@@ -555,6 +555,26 @@ def test_build_gta5(tmp_path):
     assert all(os.sep + os.path.join("images", "train") + os.sep in path for path in ds.images)
 
 
+def test_gta5_images_in_sub_folders_of_the_split_are_found(tmp_path):
+    """images/train is searched recursively, as the release's loader globs it: frames in sub-folders (one per
+    downloaded part) are found, each with the label at the same relative path under labels/train, in one order
+    (by relative path); a frame whose label is missing there is named."""
+    files = make_gta5_tree(str(tmp_path), 2, 1, size=(32, 64))
+    rng = np.random.default_rng(1)
+    for part, name in (("part2", "00101.png"), ("part2/deeper", "00102.png")):
+        save_png(str(tmp_path / "images" / "train" / part / name), rng.integers(0, 256, (32, 64, 3)))
+        save_png(str(tmp_path / "labels" / "train" / part / name), rng.integers(0, 19, (32, 64)))
+    ds = build_gta5(_resolved_cfg("cityscapes", pretraining="COCO", input_size="8,16"), str(tmp_path))
+    assert ds.names == ["00001.png", "00002.png", "part2/00101.png", "part2/deeper/00102.png"]
+    assert ds.images[:2] == [f[0] for f in files["train"]] and ds.labels[:2] == [f[1] for f in files["train"]]
+    assert ds.images[3] == str(tmp_path / "images" / "train" / "part2" / "deeper" / "00102.png")
+    assert ds.labels[3] == str(tmp_path / "labels" / "train" / "part2" / "deeper" / "00102.png")
+    assert ds[(3, 0)][0].shape == (3, 8, 16)
+    os.remove(tmp_path / "labels" / "train" / "part2" / "00101.png")
+    with pytest.raises(UserError, match=r"GTA5 image .*part2.00101\.png has no label: expected .*labels.train.part2"):
+        build_gta5(_resolved_cfg("cityscapes", pretraining="COCO", input_size="8,16"), str(tmp_path))
+
+
 def test_check_labels_accepts_train_ids_and_ignore():
     check_labels(torch.tensor([[0, 18, 250]]), 19, 250, "a.png")
 

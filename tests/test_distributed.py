@@ -2,11 +2,17 @@
 
 tests/dist_worker.py is the program torchrun starts: trainSSL.py with probes that write, after every iteration,
 digests of each rank's student, teacher, optimiser, memory bank and class balancing, the dataset indices it
-drew, the memory rows it contributed and received, and every evaluation's confusion matrix. The checks:
-- after every step both ranks hold bit-identical student and teacher (every parameter and every buffer, by name:
-  running statistics and step counters), optimiser, memory bank, class-balancing histories and weights, while
-  drawing disjoint batches; in iteration 2 rank 1 has no valid pixel for the memory and the contrastive terms
-  ($DW_STARVE_RANK), so its heads and selectors skip a step that rank 0's take;
+drew, the memory rows it contributed and received, the collectives it ran, and every evaluation's confusion
+matrix. The checks:
+- after every step both ranks hold bit-identical student and teacher parameters, optimiser, memory bank,
+  class-balancing histories and weights, while drawing disjoint batches; after every step that saved or evaluated
+  (and so averaged the BatchNorm statistics) every buffer too, by name (running statistics and step counters); in
+  iteration 2 rank 1 has no valid pixel for the memory and the contrastive terms ($DW_STARVE_RANK), so its heads
+  and selectors skip a step that rank 0's take;
+- DistributedDataParallel ends with the parameters of the gradient averaging it replaced (a copy of that kept in
+  tests/dist_worker.py trains the same run a second time in the same job);
+- the collectives of an iteration: DDP's gradient buckets and its "used" flags, the memory gather and the
+  class-balancing counts; none for the stop decision;
 - the memory bank received the selected rows of both ranks (gathered count = sum of the ranks' counts);
 - the split evaluation equals evaluateSSL.py's single-process evaluation of the saved checkpoint;
 - the 2-rank latest.pth loads into a 1-process run (weights, memory, RNG of rank 0);
@@ -31,7 +37,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.dist_worker import STATE_KEYS, digest, rank_differences
+from tests.dist_worker import compared_keys, digest, rank_differences
 from tests.run_helpers import TINY_WIDTH
 from engine import distributed as dist
 from utils.errors import UserError
@@ -89,8 +95,8 @@ def torchrun(args: list[str], out_dir: str, timeout: float, **env_extra: str) ->
     return p.returncode, out, time.time() - t0
 
 
-def records(out_dir: str, rank: int) -> list[dict]:
-    path = os.path.join(out_dir, f"rank{rank}.jsonl")
+def records(out_dir: str, rank: int, prefix: str = "") -> list[dict]:
+    path = os.path.join(out_dir, f"{prefix}rank{rank}.jsonl")
     return [json.loads(line) for line in open(path)] if os.path.isfile(path) else []
 
 
@@ -99,19 +105,24 @@ def two_rank_run(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     out_dir = str(tmp_path_factory.mktemp("probes"))
     code, out, _ = torchrun(tiny_args(run_dir), out_dir, timeout=400, DW_CHECK_COLLECTIVES="1",
-                            DW_STARVE_RANK="1", DW_STARVE_ITER="2")
+                            DW_STARVE_RANK="1", DW_STARVE_ITER="2", DW_COUNT_COLLECTIVES="1", DW_REFERENCE="1")
     assert code == 0, out[-6000:]
-    return run_dir, records(out_dir, 0), records(out_dir, 1)
+    return run_dir, records(out_dir, 0), records(out_dir, 1), out_dir
 
 
 def test_ranks_identical_after_every_step(two_rank_run):
-    run_dir, rec0, rec1 = two_rank_run
+    run_dir, rec0, rec1, _ = two_rank_run
     steps0 = [r for r in rec0 if r["kind"] == "step"]
     steps1 = [r for r in rec1 if r["kind"] == "step"]
     assert [r["i"] for r in steps0] == [r["i"] for r in steps1] == list(range(N))
     assert rank_differences([rec0, rec1], N) == []
+    # the BatchNorm statistics are averaged where read: after iteration 1 (latest.pth), 2 (evaluation, periodic
+    # checkpoint) and 3 (latest.pth, final evaluation), not after iteration 0, where each rank still has its own
+    assert [(a["statistics_agreed"], b["statistics_agreed"]) for a, b in zip(steps0, steps1)] == \
+        [(False, False)] + [(True, True)] * (N - 1)
+    assert steps0[0]["student_buffers"] != steps1[0]["student_buffers"]
     for a, b in zip(steps0, steps1):
-        for key in STATE_KEYS:
+        for key in compared_keys([a, b]):
             assert a[key] == b[key], f"{key} differs between the ranks after iteration {a['i']}"
         assert len(a["student_buffers"]) > 100 and len(a["teacher_buffers"]) == len(a["student_buffers"])
         assert not a["starved"] and b["starved"] == (a["i"] == 2)
@@ -142,7 +153,7 @@ def test_ranks_identical_after_every_step(two_rank_run):
 def test_rank_0_holds_the_run_directory(two_rank_run):
     """Under torchrun rank 0 alone holds the run directory (run.lock names its pid, not rank 1's); the finished run
     gives it back (no run.lock left)."""
-    run_dir, rec0, rec1 = two_rank_run
+    run_dir, rec0, rec1, _ = two_rank_run
     (lock0,), (lock1,) = ([r for r in rec if r["kind"] == "lock"] for rec in (rec0, rec1))
     assert lock0["holds"] and not lock1["holds"] and lock0["pid"] != lock1["pid"]
     assert lock0["holder"] == lock1["holder"] == lock0["pid"]
@@ -154,7 +165,7 @@ def test_split_evaluation_equals_single_process(two_rank_run):
     from engine.checkpoint import load_checkpoint
     from utils.metrics import class_iou
 
-    run_dir, rec0, rec1 = two_rank_run
+    run_dir, rec0, rec1, _ = two_rank_run
     evals0 = [r for r in rec0 if r["kind"] == "eval"]
     evals1 = [r for r in rec1 if r["kind"] == "eval"]
     assert len(evals0) == len(evals1) >= 3  # iteration 2, the final one, the BN-refreshed one
@@ -188,7 +199,7 @@ def test_two_rank_checkpoint_resumes_in_one_process(two_rank_run, capsys):
     from engine.checkpoint import load_checkpoint
     from utils.variants import TRAIN_SSL
 
-    run_dir, rec0, _ = two_rank_run
+    run_dir, rec0, _, _ = two_rank_run
     latest_path = os.path.join(run_dir, "latest.pth")
     latest = load_checkpoint(latest_path)
     assert latest["iteration"] == N and latest["world_size"] == 2
@@ -232,10 +243,62 @@ def test_failing_rank_ends_the_job(tmp_path):
 
 
 def test_collectives_by_hand(two_rank_run):
-    """all_gather_rows, average_gradients, average_buffers, broadcasts and the all-reduced class balancing on
-    2 gloo processes (the assertions run in tests/dist_worker.py:check_collectives; a failure fails the job)."""
-    _, rec0, rec1 = two_rank_run
+    """all_gather_rows, the reference gradient averaging, average_buffers, broadcasts and the all-reduced class
+    balancing on 2 gloo processes (the assertions run in tests/dist_worker.py:check_collectives; a failure fails
+    the job)."""
+    _, rec0, rec1, _ = two_rank_run
     assert rec0[0] == rec1[0] == {"kind": "collectives", "ok": True}
+
+
+def test_ddp_ends_where_the_averaging_it_replaced_ends(two_rank_run):
+    """The same 2-rank run trained twice in one job: with DistributedDataParallel (the code), and with the gradient
+    averaging it replaced (all-reduce after backward, zeros from a rank without a gradient, None kept where no rank
+    has one; BatchNorm buffers averaged after every step: tests/dist_worker.py). Over the N iterations — memory from
+    iteration 1, contrastive terms from 2, rank 1 starved in 2 — both hold the same student and teacher parameters,
+    optimiser state (momentum buffers exist for the same parameters) and memory bank after every step, bit for bit:
+    with 2 ranks DDP's (a/2 + b/2) equals (a + b)/2 exactly and gloo adds two numbers alike in either order. (A
+    float32 tolerance would not do here: giving every unused parameter a zero gradient, so that SGD decays it,
+    moves it by lr x weight decay = 1e-6 of itself per step.)"""
+    _, rec0, rec1, out_dir = two_rank_run
+    ddp, reference = ({rank: torch.load(os.path.join(out_dir, f"final_{prefix}rank{rank}.pt")) for rank in (0, 1)}
+                      for prefix in ("", "reference_"))
+    assert set(ddp[0]) == set(reference[0]) and len(ddp[0]) > 100
+    for name, value in ddp[0].items():
+        assert torch.equal(value, reference[0][name]), name
+        assert torch.equal(value, ddp[1][name]) and torch.equal(reference[0][name], reference[1][name])
+    for rank, rec in enumerate((rec0, rec1)):
+        steps = [r for r in rec if r["kind"] == "step"]
+        ref_steps = [r for r in records(out_dir, rank, "reference_") if r["kind"] == "step"]
+        assert [r["i"] for r in ref_steps] == list(range(N)) and len({r["student_params"] for r in ref_steps}) == N
+        for a, b in zip(steps, ref_steps):
+            for key in ("student_all_params", "teacher_all_params", "optimizer", "memory", "balancing"):
+                assert a[key] == b[key], f"{key} after iteration {a['i']} (rank {rank})"
+
+
+def test_collectives_of_an_iteration(two_rank_run):
+    """The collectives of each iteration on 2 gloo ranks, counted by torch's profiler (every c10d operation,
+    DistributedDataParallel's own included; tests/dist_worker.py:count_collectives), in the training steps and in
+    the stop decision after them:
+    - all-reduce: DDP's gradient buckets (2 for this tiny network) + DDP's "used parameters" flags (1) + the
+      class-balancing counts (synthetic scenes with class balancing: the unlabeled batch's every iteration, the
+      labeled batch's while its history fills, iterations 0 and 1 here);
+    - all-gather: the memory gather from iteration 1 on (row counts, vectors, labels: 3);
+    - none for the stop decision in the loop (the votes travel with the gradients); one all-reduce before the first
+      iteration agrees on the batches loaded ahead. No BatchNorm averaging, no per-iteration agreement on which
+      parameters have gradients."""
+    _, rec0, rec1, _ = two_rank_run
+    for rec in (rec0, rec1):
+        counts = {r["i"]: r for r in rec if r["kind"] == "collectives_count"}
+        assert sorted(counts) == [-1] + list(range(N))
+        assert counts[-1]["stop"] == {"c10d::allreduce_": 1} and not counts[-1]["voted"]
+        buckets, used, balancing = 2, 1, [2, 2, 1, 1]
+        memory = [0, 3, 3, 3]
+        for i in range(N):
+            expected = {"c10d::allreduce_": buckets + used + balancing[i]}
+            if memory[i]:
+                expected["c10d::allgather_"] = memory[i]
+            assert counts[i]["train"] == expected, (i, counts[i])
+            assert counts[i]["stop"] == {} and counts[i]["voted"], (i, counts[i])
 
 
 def test_one_process_identity(monkeypatch):
@@ -246,10 +309,15 @@ def test_one_process_identity(monkeypatch):
     x, y = torch.randn(3, 2), torch.arange(3)
     gx, gy = dist.all_gather_rows(x, y)
     assert gx is x and gy is y and dist.all_gather_object(5) == [5] and dist.broadcast_object(7) == 7
+    from engine.ddp_step import GradientPass
     lin = nn.Linear(2, 1)
-    lin.weight.grad = torch.ones(1, 2)
-    dist.average_gradients(lin)
-    assert lin.weight.grad.tolist() == [[1.0, 1.0]] and lin.bias.grad is None
+    passes = GradientPass(lin, torch.device("cpu"), vote=lambda: (0.0, 1.0, 0.0))
+    assert passes.forward is passes.module and passes.module.student is lin  # not wrapped: called as it is
+    x = torch.ones(1, 2)
+    terms = passes(lambda k: {"a": (lin(x) * k).sum()}, 3.0)  # no vote in one process
+    terms["a"].backward()
+    assert terms["a"].item() == pytest.approx(3 * (lin.weight.sum() + lin.bias).item())
+    assert passes.module.stop_vote.grad is None and passes.votes() == (False, False, False)
     assert dist.run_recording_errors(lambda: 3) == 3
 
 
@@ -298,7 +366,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         lines = []
         for line in p.stdout:
             lines.append(line)
-            if line.startswith("[train] it 1/"):
+            if line.startswith("[train] iteration 0/"):  # the first log line
                 os.kill(p.pid, signal.SIGTERM)  # the launcher only
                 break
         lines.append(p.stdout.read())
@@ -308,7 +376,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
     out = "".join(lines)
-    assert p.returncode != 0 and "[train] it 1/" in out, out[-4000:]
+    assert p.returncode != 0 and "[train] iteration 0/" in out, out[-4000:]
     assert out.count("SIGTERM received") == 1, out[-4000:]  # rank 0 says it once (not its loader workers)
     assert out.count("stopped by SIGTERM (rank 0)") == 1 and "(rank 1)" not in out, out[-4000:]
     assert "DataLoader worker" not in out, out[-4000:]
@@ -324,7 +392,32 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_iteration(tmp_path, monkeyp
     capsys.readouterr()
     trainSSL.main(args + ["--resume", "auto"])
     out = capsys.readouterr().out
-    assert f"iterations from {k}" in out and f"[train] it {k + 1}/{n}" in out, out
+    assert f"iterations from {k}" in out and f"[train] iteration {k}/{n}" in out, out
+
+
+def test_a_bad_file_on_one_rank_stops_both_after_the_same_iteration(tmp_path):
+    """Rank 1 alone cannot read its labeled batch of iteration 3: under torchrun each rank loads two iterations
+    ahead, so it meets the file after iteration 1, votes in iteration 2's gradient pass, and both ranks stop after
+    iteration 2 (nothing agreed outside the gradient all-reduce); rank 0 writes latest.pth with the state after 3
+    iterations (samplers at 3 batches: the failed batch is loaded again on resume) and the message names the file
+    and the rank; both ranks exit with code 2."""
+    from engine.checkpoint import load_checkpoint
+
+    out_dir, run_dir = str(tmp_path / "probes"), str(tmp_path / "run")
+    os.makedirs(out_dir)
+    code, out, _ = torchrun(tiny_args(run_dir), out_dir, timeout=300, DW_BAD_RANK="1", DW_BAD_LOAD="3",
+                            DW_COUNT_COLLECTIVES="1")
+    assert code != 0 and out.count("exitcode  : 2") == 2, out[-4000:]  # torchrun: 1; both ranks: 2
+    assert "cannot read image /data/planted_bad_3.png: planted (rank 1)" in out, out[-4000:]
+    assert "latest.pth" in out and "--resume auto" in out
+    steps = [[r["i"] for r in records(out_dir, rank) if r["kind"] == "step"] for rank in (0, 1)]
+    assert steps == [[0, 1, 2], [0, 1, 2]]
+    stops = [[r["stop"] for r in records(out_dir, rank) if r["kind"] == "collectives_count" and r["i"] >= 0]
+             for rank in (0, 1)]
+    assert stops[0][:2] == stops[1][:2] == [{}, {}]  # deciding not to stop took no collective
+    latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
+    # one labeled batch per epoch and rank (4 images, 2 ranks, batch 2): 3 batches drawn = epoch 3, none of it
+    assert latest["iteration"] == 3 and latest["samplers"]["labeled"] == {"epoch": 3, "consumed": 0}
 
 
 @pytest.mark.cuda

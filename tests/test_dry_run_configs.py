@@ -3,6 +3,7 @@ import glob
 import os
 
 import pytest
+import torch
 
 import trainSSL
 import trainSSL_domain_adaptation_targetCity
@@ -106,3 +107,93 @@ def test_dry_run_modern_protocols(roots, tmp_path, capsys):
         out = capsys.readouterr().out
         assert "dry run: OK" in out and f"{total} train ({labeled} labeled, {total - labeled} unlabeled)" in out
         assert "DeepLabv3+ ResNet-101" in out
+
+
+# The commands of the original release's README, word for word (its "Experiments" and "Evaluation" sections), run
+# from a code folder next to ../data, as its README lays them out; the training ones with --dry-run.
+RELEASE_TRAINING_COMMANDS = [
+    "python3 trainSSL.py --config ./configs/configSSL_city_1_30_split0_COCO.json",
+    "python3 trainSSL.py --config ./configs/configSSL_city_1_30_split0_v3.json",
+    "python3 trainSSL.py --config ./configs/configSSL_pascal_1_50_split0_COCO.json",
+    "python3 trainSSL_less_memory.py --config ./configs/configSSL_pascal_1_50_split2_COCO_reduced.json",
+    "python3 trainSSL_domain_adaptation_targetCity.py --config ./configs/configSSL_city_1_30_split0_imagenet.json",
+]
+RELEASE_EVALUATION_COMMAND = "python3 evaluateSSL.py --model-path ../saved/DeepLab/best.pth"
+SCRIPTS = {"trainSSL.py": trainSSL, "trainSSL_less_memory.py": trainSSL_less_memory,
+           "trainSSL_domain_adaptation_targetCity.py": trainSSL_domain_adaptation_targetCity}
+
+
+@pytest.fixture
+def code_folder(roots, tmp_path, monkeypatch):
+    """<tmp>/code (the working directory, with ./configs) next to <tmp>/data (the datasets: CityScapes, VOC2012,
+    GTA5) and <tmp>/saved: the release README's layout."""
+    os.symlink(os.path.dirname(roots["cityscapes"]), tmp_path / "data")
+    (tmp_path / "code").mkdir()
+    os.symlink(os.path.join(ROOT, "configs"), tmp_path / "code" / "configs")
+    monkeypatch.chdir(tmp_path / "code")
+    return tmp_path
+
+
+@pytest.mark.filterwarnings("ignore:the VOC training list")
+@pytest.mark.parametrize("command", RELEASE_TRAINING_COMMANDS, ids=lambda c: c.split()[-1].split("/")[-1])
+def test_the_release_training_commands_run_as_typed(command, code_folder, capsys):
+    """Each training command of the release's README, as typed (dry run on the CPU): the default ../data folders,
+    the config relative to the code folder; and (once per script) the same with the release's short flag -c."""
+    import shlex
+    words = shlex.split(command)
+    script = SCRIPTS[words[1]]
+    script.main(words[2:] + ["--dry-run", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dry run: OK" in out
+    assert f"config: {words[3]}\n" in out  # the release's config, found from the code folder
+    assert ("2975 train" if "_city_" in words[3] else "10582 train") in out  # in ../data/CityScapes or ../data/VOC2012
+    if command == next(c for c in RELEASE_TRAINING_COMMANDS if c.split()[1] == words[1]):
+        script.main(["-c"] + words[3:] + ["--dry-run", "--device", "cpu"])
+        assert "dry run: OK" in capsys.readouterr().out
+
+
+def test_the_release_evaluation_command_runs_as_typed(code_folder, capsys):
+    """`python3 evaluateSSL.py --model-path ../saved/DeepLab/best.pth` as typed, on a checkpoint of a synthetic-scenes
+    run; the release's -m and --save-output-images (no folder: next to the checkpoint) give the same result."""
+    import shlex
+
+    import evaluateSSL
+    from engine.config import load_config
+    from model import build_model
+    from tests.run_helpers import DEMO
+    cfg = load_config(DEMO, ["version=2", "backbone.depth=18", "synthetic.num_val=2", "synthetic.image_size=40,60"])
+    torch.manual_seed(0)
+    model = build_model("2", 8, cfg["training"]["pretraining"], 18, None, verbose=False)
+    os.makedirs(code_folder / "saved" / "DeepLab")
+    torch.save({"model": model.state_dict(), "config": cfg, "iteration": 7},
+               str(code_folder / "saved" / "DeepLab" / "best.pth"))
+    typed = evaluateSSL.main(shlex.split(RELEASE_EVALUATION_COMMAND)[2:])
+    assert typed["iteration"] == 7 and 0 <= typed["miou"] <= 1
+    assert os.path.isfile("../saved/DeepLab/best_evaluation.json")
+    short = evaluateSSL.main(["-m", "../saved/DeepLab/best.pth", "--save-output-images"])
+    assert short["miou"] == typed["miou"] and short["iou"] == typed["iou"]
+    written = sorted(os.listdir("../saved/DeepLab/best_predictions"))
+    assert written == ["summary.txt", "synthetic_1_00000.png", "synthetic_1_00000_overlay.jpg",
+                       "synthetic_1_00001.png", "synthetic_1_00001_overlay.jpg"]
+    capsys.readouterr()
+
+
+def test_the_release_gpu_flag_means_cuda_n(monkeypatch, capsys):
+    """evaluateSSL.py --gpu N (the release's flag) runs on cuda:N: the device passed on is cuda:N (with or without
+    --device cuda); a second, other device or a negative index is refused by the parser; on a machine without CUDA
+    it stops with the usual message."""
+    import evaluateSSL
+    from utils.errors import UserError
+    for argv, device in ((["-m", "x.pth", "--gpu", "1"], "cuda:1"), (["-m", "x.pth", "--gpu", "0"], "cuda:0"),
+                         (["-m", "x.pth", "--gpu", "2", "--device", "cuda"], "cuda:2"),
+                         (["-m", "x.pth", "--gpu", "2", "--device", "cuda:2"], "cuda:2"),
+                         (["-m", "x.pth"], "auto")):
+        assert evaluateSSL.parse_args(argv).device == device
+    for argv, message in ((["-m", "x.pth", "--gpu", "1", "--device", "cpu"], "--gpu 1 and --device cpu name two"),
+                          (["-m", "x.pth", "--gpu", "-1"], "--gpu -1: give a GPU index")):
+        with pytest.raises(SystemExit) as e:
+            evaluateSSL.parse_args(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no CUDA device is available"):
+        evaluateSSL.main(["-m", "x.pth", "--gpu", "0"])

@@ -1,6 +1,6 @@
 """What every script starts and ends with (engine/cli.py, engine/entry.py, engine/rng.py): the flags and their help
-(held to docs/configuration.md's table), the choice of the device, the top-level exit codes and messages, and the RNG states a
-run state holds."""
+(held to docs/configuration.md's tables), the choice of the device, the top-level exit codes and messages, and the RNG
+states a run state holds."""
 from __future__ import annotations
 
 import argparse
@@ -72,36 +72,57 @@ def test_command_line_help_argv_and_flag_pairs(tmp_path, capsys, monkeypatch):
         Run(TRAIN_SSL, argv + ["--recover", "--resume", str(tmp_path / "missing.pth")])
 
 
-def test_flags_and_their_help_are_the_readme_table():
-    """docs/configuration.md's flag table and --help say the same: each row's flag and argument name is a flag of the parser
-    (with its metavar), its meaning is that flag's help text (backticks aside), and no flag is missing from either;
-    and the defaults."""
+def flag_table(heading: str) -> dict[str, str]:
+    """The `| flag | meaning |` table under `## heading` of docs/configuration.md: {flag cell: meaning, backticks
+    and escapes removed}."""
     import re
-    from engine.cli import build_arg_parser
-    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                               "configuration.md")).read()
-    table = readme[readme.index("| flag | meaning |"):]
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "configuration.md")).read()
+    text = text[text.index(f"\n## {heading}\n"):]
+    table = text[text.index("| flag | meaning |"):]
     table = table[:table.index("\n\n")].splitlines()[2:]
     rows = {}
     for line in table:
         cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]]
         assert len(cells) == 2, line
         rows[cells[0].strip("`")] = cells[1].replace("`", "")
-    parser = build_arg_parser("x")
+    return rows
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """{"-c, --config FILE": help} for every flag but --help, as the docs' tables write them."""
     flags = {}
     for action in parser._actions:
         if action.help == argparse.SUPPRESS or "-h" in action.option_strings:
             continue
-        assert len(action.option_strings) == 1, action.option_strings
-        usage = action.option_strings[0] + ("" if action.nargs == 0 else f" {action.metavar}")
-        flags[usage] = action.help
-    assert flags == rows
-    assert len(rows) == 10
+        value = "" if action.nargs == 0 else f" [{action.metavar}]" if action.nargs == "?" else f" {action.metavar}"
+        flags[", ".join(action.option_strings) + value] = action.help
+    return flags
+
+
+def test_flags_and_their_help_are_the_docs_tables():
+    """docs/configuration.md's flag tables and --help say the same, for the training scripts (the domain-adaptation
+    script's parser, the only one with --gta5-root), evaluateSSL.py and predict.py: each row's flag, short form and
+    argument name is a flag of the parser, its meaning is that flag's help text (backticks aside), and no flag is
+    missing from either; and the defaults."""
+    import evaluateSSL
+    import predict
+    from engine.cli import build_arg_parser
+    rows = flag_table("Training scripts")
+    assert parser_flags(build_arg_parser("x", gta5=True)) == rows and len(rows) == 10
+    rows.pop("--gta5-root PATH")
+    assert parser_flags(build_arg_parser("x")) == rows
+    assert parser_flags(evaluateSSL.build_parser()) == flag_table("evaluateSSL.py")
+    assert parser_flags(predict.build_parser()) == flag_table("predict.py")
     # what a flag left out means: no file or folder given, no override, the device chosen for you, switches off
+    parser = build_arg_parser("x", gta5=True, config_required=False)
     assert vars(parser.parse_args([])) == {
         "config": None, "data_root": None, "gta5_root": None, "overrides": [], "device": "auto", "dry_run": False,
         "check_files": False, "resume": None, "restart": False, "recover": False}
     assert parser.parse_args(["--set", "a=1", "--set", "b=2"]).overrides == ["a=1", "b=2"]
+    assert vars(evaluateSSL.parse_args(["-m", "x.pth"])) == {
+        "model_path": "x.pth", "data_root": None, "device": "auto", "gpu": None, "overrides": [],
+        "save_output_images": None, "protocol": "whole"}
 
 
 def test_choose_device(monkeypatch):
@@ -151,3 +172,69 @@ def test_seed_everything_and_rng_state_round_trip(tmp_path):
     seed_everything(123)
     set_rng_state(load_checkpoint(str(tmp_path / "s.pth"))["rng"])
     assert draws() == expected
+
+
+def test_release_short_flags_required_config_and_gta5_root_where_it_belongs(tmp_path, capsys):
+    """The release's -c/-r: --config is required (shown as such by --help, refused with argparse's message when
+    missing), unless -r names a checkpoint, whose stored config is then used (dry run); `-r auto` needs the config
+    to find the run directory. --gta5-root is a flag of the domain-adaptation script only. A stop's resume command
+    drops an earlier -r as it drops --resume."""
+    import trainSSL_domain_adaptation_targetCity as da
+    from engine.config import load_config
+    from engine.graceful_stop import resume_command
+    from tests.run_helpers import DEMO
+    with pytest.raises(SystemExit):
+        trainSSL.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert " -c FILE " in usage and "[-c FILE]" not in usage and "--gta5-root" not in usage
+    for argv in (["--dry-run"], ["-r", "auto", "--dry-run"], ["--resume", "auto"]):
+        with pytest.raises(SystemExit) as e:
+            trainSSL.main(argv)
+        assert e.value.code == 2 and "the following arguments are required: -c/--config" in capsys.readouterr().err
+    sets = tiny_sets(str(tmp_path / "run"), 3)
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"config": load_config(DEMO, [f"{k}={v}" if isinstance(v, str) else f"{k}={__import__('json').dumps(v)}"
+                                             for k, v in sets.items()])}, path)
+    run = Run(TRAIN_SSL, ["-r", path, "--dry-run", "--device", "cpu"])
+    assert run.args.resume == path and run.args.config is None and run.cfg_source == path
+    assert "dry run: OK" in capsys.readouterr().out
+    run = Run(TRAIN_SSL, ["-c", DEMO, "-r", "auto", "--dry-run", "--device", "cpu"] + argv_of(sets)[4:])
+    assert run.args.config == DEMO and run.args.resume == "auto"
+    with pytest.raises(SystemExit) as e:
+        trainSSL.main(argv_of(sets) + ["--gta5-root", "x", "--dry-run"])
+    assert e.value.code == 2 and "unrecognized arguments: --gta5-root x" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        da.main(["--help"])
+    assert "--gta5-root PATH" in capsys.readouterr().out
+    run.argv = ["-c", "c.json", "-r", "old.pth", "--set", "utils.log_every=5"]
+    assert resume_command(run) == "python3 trainSSL.py -c c.json --set utils.log_every=5 --resume auto"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_or_cudnn_benchmark(tmp_path, monkeypatch, deterministic):
+    """utils.deterministic, set when a run starts (the flags are global and readable on the CPU): false (the
+    default) turns cuDNN's benchmark and its deterministic algorithms on, the pair the release's trainSSL.py sets,
+    and leaves torch's deterministic algorithms off; true turns the benchmark off, cuDNN's deterministic algorithms
+    and torch.use_deterministic_algorithms on (warn_only:
+    a kernel without a deterministic form warns instead of stopping the run), with the cuBLAS workspace setting
+    that determinism needs (a value already set is kept)."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = deterministic, not deterministic
+    torch.use_deterministic_algorithms(not deterministic)
+    sets = tiny_sets(str(tmp_path / "run"), 2) | ({"utils.deterministic": True} if deterministic else {})
+    try:
+        Run(TRAIN_SSL, argv_of(sets) + ["--dry-run"])
+        assert torch.backends.cudnn.benchmark is not deterministic
+        assert torch.backends.cudnn.deterministic is True
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == (":4096:8" if deterministic else None)
+        if deterministic:
+            assert torch.is_deterministic_algorithms_warn_only_enabled()
+            monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+            Run(TRAIN_SSL, argv_of(sets) + ["--dry-run"])
+            assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])

@@ -209,3 +209,75 @@ def test_a_read_only_checkpoint_folder_puts_the_report_elsewhere(checkpoint, tmp
     out = capsys.readouterr().out
     assert "best_model_evaluation.json will not be written" in out and "not written (see the note above)" in out
     assert report["iteration"] == 5
+
+
+class _Items(torch.utils.data.Dataset):
+    """Validation items as the datasets return them: (image [3,h,w] 0..255, label [h,w] int64, name); sizes differ
+    from item 2 on; item `bad` fails as an unreadable file does (a UserError naming it)."""
+
+    def __init__(self, n: int = 5, bad: int | None = None):
+        self.n, self.bad = n, bad
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, k):
+        from utils.errors import UserError
+        if k == self.bad:
+            raise UserError(f"cannot read image item{k}.png: planted")
+        h, w = (6, 8) if k < 2 else (5, 9)
+        g = torch.Generator().manual_seed(k)
+        label = torch.randint(0, 4, (h, w), generator=g)
+        label[0, 0] = 250  # ignored
+        return torch.rand(3, h, w, generator=g) * 255, label, f"item{k}"
+
+
+class _Constant(torch.nn.Module):
+    """Logits (0, 2, 0, 0) everywhere: class 1 predicted at every pixel, whatever the image."""
+
+    def forward(self, x):
+        return torch.tensor([0.0, 2.0, 0.0, 0.0]).view(1, 4, 1, 1).expand(x.shape[0], 4, *x.shape[2:])
+
+
+def test_evaluation_loads_through_workers_alike():
+    """engine.evaluation.evaluate reads its items through a DataLoader: with 2 worker processes the result equals
+    that with none and the values worked out by hand (class 1 everywhere: confusion column 1 holds each class's
+    pixel count; loss -log softmax(logits)[label] = log(3 + e^2) - 2 [label 1] or log(3 + e^2) [else]); the items
+    come in order; the global RNG is untouched (a run's augmentation draws must not depend on evaluations); cuDNN's
+    benchmark is off from the first item of a second size on and restored after."""
+    from engine.evaluation import evaluate
+    items = _Items()
+    labels = torch.cat([items[k][1].flatten() for k in range(len(items))])
+    valid = labels[labels < 4]
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[:, 1] = torch.bincount(valid, minlength=4)
+    z = math.log(3 + math.e ** 2)
+    expected_loss = float(sum(z - 2 if c == 1 else z for c in valid.tolist())) / len(valid)
+    before, saved = torch.get_rng_state(), torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        results = {}
+        for workers in (0, 2):
+            seen = []
+            results[workers] = evaluate(_Constant(), items, num_classes=4, ignore_label=250, mean_rgb=(0, 0, 0),
+                                        channel_order="RGB", device=torch.device("cpu"), num_workers=workers,
+                                        on_prediction=lambda name, *_: seen.append(
+                                            (name, torch.backends.cudnn.benchmark)))
+            assert seen == [("item0", True), ("item1", True), ("item2", False), ("item3", False), ("item4", False)]
+            assert torch.backends.cudnn.benchmark
+        assert torch.equal(torch.get_rng_state(), before)
+    finally:
+        torch.backends.cudnn.benchmark = saved
+    for result in results.values():
+        assert torch.equal(result["confusion"], expected)
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+    assert results[0]["loss"] == results[2]["loss"] and results[0]["miou"] == results[2]["miou"]
+
+
+def test_a_bad_validation_file_in_a_worker_names_the_file():
+    from engine.evaluation import evaluate
+    from utils.errors import UserError
+    with pytest.raises(UserError) as caught:
+        evaluate(_Constant(), _Items(bad=3), num_classes=4, ignore_label=250, mean_rgb=(0, 0, 0),
+                 channel_order="RGB", device=torch.device("cpu"), num_workers=2)
+    assert str(caught.value) == "cannot read image item3.png: planted"

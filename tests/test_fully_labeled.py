@@ -5,21 +5,21 @@ import json
 import os
 
 import trainSSL
-from engine import run as training
+from engine import batchnorm
 from tests.run_helpers import argv_of, single_thread, tiny_sets
 
 
 def test_every_image_labeled_run_finishes_with_its_evaluation(tmp_path, capsys, monkeypatch):
     drawn = []
-    refresh = training.Run.refresh_batchnorm
+    refresh = batchnorm.refresh
 
-    def counting_refresh(self, model, passes):  # which sampler the refresh draws from, and how often
+    def counting_refresh(run, model, passes):  # which sampler the refresh draws from, and how often
         for name in ("labeled", "unlabeled"):
-            sampler = getattr(self, name)
+            sampler = getattr(run, name)
             sampler.next = (lambda nxt, n: lambda: drawn.append(n) or nxt())(sampler.next, name)
-        return refresh(self, model, passes)
+        return refresh(run, model, passes)
 
-    monkeypatch.setattr(training.Run, "refresh_batchnorm", counting_refresh)
+    monkeypatch.setattr(batchnorm, "refresh", counting_refresh)
     sets = tiny_sets(str(tmp_path), 2, **{"training.data.labeled_samples": 4,  # all 4 training images
                                           "method.use_unlabeled": False, "method.use_contrastive": False,
                                           "method.bn_refresh_iterations": 3, "utils.log_every": 1})

@@ -26,13 +26,13 @@ CLASSES = ["road", "sidewalk", "building", "pole", "vegetation", "sky", "person"
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory):
     """4 iterations on the synthetic scenes written out as a folder dataset (a user's own data), evaluations after
-    iteration 2 and after the loop, 2 images per evaluation; output captured as a file (not a terminal), as under
-    nohup or CI."""
+    iteration 2 and after the loop, 2 images per evaluation, a periodic checkpoint after iteration 2; output
+    captured as a file (not a terminal), as under nohup or CI."""
     run_dir = str(tmp_path_factory.mktemp("logged"))
     config = export_folder(str(tmp_path_factory.mktemp("data")), num_train=24, num_val=2, image_size=(40, 60))
     argv = tiny_argv(run_dir, ITERATIONS, config, **{"utils.val_per_iter": 2, "utils.log_every": 1,
                                                      "utils.log_images": 2, "utils.save_latest_every": 100,
-                                                     "utils.curves": True})
+                                                     "utils.curves": True, "utils.save_checkpoint_every": 2})
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdout", out)
@@ -47,7 +47,8 @@ def test_plain_lines_off_a_terminal(logged_run):
     run_dir, text, _ = logged_run
     assert "\r" not in text and "\x1b" not in text
     lines = [ln for ln in text.splitlines() if ln.startswith("[train]")]
-    assert [re.match(r"\[train\] it (\d+)/4 eta \d\d:\d\d:\d\d ", ln).group(1) for ln in lines] == ["1", "2", "3", "4"]
+    assert [re.match(r"\[train\] iteration (\d+)/4 eta \d\d:\d\d:\d\d ", ln).group(1) for ln in lines] == [
+        "0", "1", "2", "3"]
     rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
     train = [r for r in rows if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == [0, 1, 2, 3]
@@ -71,6 +72,49 @@ def test_plain_lines_off_a_terminal(logged_run):
     assert {k: (v if v == v else None) for k, v in report["iou"].items()} in (per_class["val_iou"][4],
                                                                               per_class["val_iou"][2],
                                                                               per_class["val_bn_refresh_iou"][4])
+
+
+def test_one_iteration_number_everywhere(logged_run):
+    """The console's train and val lines, train_log.jsonl, TensorBoard and the checkpoint names number an iteration
+    alike (the release's loop index, from 0): the train rows of iterations 0..3 carry 0..3 everywhere with the same
+    values; the evaluation after iteration 2 is "[val] iteration 2" on the console, iteration 2 in the log and step 2
+    in TensorBoard, and it scored the network checkpoint-iter2.pth holds (evaluateSSL.py gives the same mIoU); the
+    evaluation and checkpoint after the loop carry N = 4 (the release's checkpoint-iter<N>.pth)."""
+    import evaluateSSL
+    run_dir, text, ea = logged_run
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
+    train = {r["iteration"]: r for r in rows if r["kind"] == "train"}
+    val = {r["iteration"]: r for r in rows if r["kind"] == "val"}
+    printed = [int(m) for m in re.findall(r"^\[train\] iteration (\d+)/4 ", text, re.M)]
+    assert printed == sorted(train) == [e.step for e in ea.Scalars("train/loss")] == [0, 1, 2, 3]
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([train[i]["loss"] for i in range(4)])
+    assert [int(m) for m in re.findall(r"^\[val\] iteration (\d+): mIoU", text, re.M)] == sorted(val) == [2, 4]
+    assert [e.step for e in ea.Scalars("val/miou")] == [2, 4]
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint-iter"))
+    assert names == ["checkpoint-iter2.pth", "checkpoint-iter4.pth"]
+    periodic = os.path.join(run_dir, "checkpoint-iter2.pth")
+    assert load_checkpoint(periodic)["iteration"] == 2
+    assert load_checkpoint(os.path.join(run_dir, "checkpoint-iter4.pth"))["iteration"] == 4
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdout", io.StringIO())
+        scored = evaluateSSL.main(["-m", periodic, "--device", "cpu"])
+    assert scored["miou"] == pytest.approx(val[2]["miou"], abs=1e-12)
+
+
+def test_loss_columns_in_one_order_on_every_row(logged_run):
+    """Every train row, printed and in train_log.jsonl, lists its loss terms in one order (total, supervised,
+    pseudo-label, entropy, labeled and unlabeled contrastive), also when the contrastive terms join after the
+    ramp-up."""
+    from engine.log_window import TERM_ORDER
+    run_dir, text, _ = logged_run
+    rows = [json.loads(ln) for ln in open(os.path.join(run_dir, "train_log.jsonl"))]
+    train = [r for r in rows if r["kind"] == "train"]
+    lines = [ln for ln in text.splitlines() if ln.startswith("[train]")]
+    assert {len([k for k in r if k.startswith("loss")]) for r in train} == {4, 6}  # before and after the ramp-up
+    for row, line in zip(train, lines):
+        keys = [k for k in row if k.startswith("loss")]
+        assert keys == [k for k in TERM_ORDER if k in row]
+        assert [k.split("=")[0] for k in line.split() if k.startswith("loss")] == keys
 
 
 def test_tensorboard_scalars(logged_run):
@@ -135,15 +179,16 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere(tmp_path):
     for stream in (FakeTerminal(), io.StringIO()):
         log = TrainLogger(str(tmp_path), total=10, start=2, tensorboard=False, stream=stream)
         for i in range(2, 5):
-            log.advance()
+            log.advance(i)
             log.scalars(i, {"loss_sup": 0.5 + i, "loss": 1.25})
         log.close()
         text = stream.getvalue()
-        if isinstance(stream, FakeTerminal):  # tqdm: iteration count, ETA and the running terms
-            assert "\r" in text and "5/10" in text and "loss_sup=4.5" in text and "<" in text
+        if isinstance(stream, FakeTerminal):  # tqdm: the last iteration done, ETA and the running terms
+            assert "\r" in text and "iteration 4/10: " in text and "5/10" not in text and "loss_sup=4.5" in text
+            assert "<" in text and " 50%|" in text  # 5 of 10 iterations done
         else:
             assert "\r" not in text and "\x1b" not in text
-            assert text.splitlines()[-1].startswith("[train] it 5/10 eta ") and "loss_sup=4.5 loss=1.25" in text
+            assert text.splitlines()[-1].startswith("[train] iteration 4/10 eta ") and "loss_sup=4.5 loss=1.25" in text
 
 
 def test_resumed_logger_supersedes_events_after_the_checkpoint(tmp_path, monkeypatch):
@@ -234,7 +279,7 @@ def test_eta_leaves_out_evaluation_time(tmp_path, monkeypatch):
             log.bar.mininterval, log.bar.miniters = 0, 1
         for i in range(4):
             clock[0] += 1.0
-            log.advance()
+            log.advance(i)
             if i == 1:  # an evaluation after iteration 1
                 log.evaluation_started()
                 clock[0] += 100.0

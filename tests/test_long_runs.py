@@ -255,6 +255,31 @@ def test_check_files_lists_every_bad_file_in_one_pass(city, tmp_path, capsys):
         Run(trainSSL.TRAIN_SSL, argv[:-2] + ["--check-files"])
 
 
+def test_check_files_lists_the_bad_labels_of_both_splits_of_a_folder_dataset(tmp_path, capsys):
+    """A folder dataset with a bad label in each split (a class value out of range in train, another size than its
+    image in val): --dry-run --check-files lists both in one pass (the pair checks of the dataset's building wait
+    for it); without --check-files, building still stops at the first split's bad pairs."""
+    import numpy as np
+    from PIL import Image
+    from data.synthetic import export_folder
+    config = export_folder(str(tmp_path / "data"), num_train=4, num_val=2, image_size=(40, 60))
+    folder = json.load(open(config))["folder"]
+    train_label = os.path.join(folder["train_labels"], sorted(os.listdir(folder["train_labels"]))[2])
+    values = np.asarray(Image.open(train_label)).copy()
+    values[0, 0] = 9  # 8 classes: 0..7 and the ignore label
+    Image.fromarray(values).save(train_label)
+    val_label = os.path.join(folder["val_labels"], sorted(os.listdir(folder["val_labels"]))[1])
+    Image.fromarray(np.zeros((30, 50), np.uint8)).save(val_label)
+    argv = tiny_argv(str(tmp_path / "run"), 2, config, **{"training.data.labeled_samples": 2})
+    assert run_guarded(argv + ["--dry-run", "--check-files"]) == 2
+    err = capsys.readouterr().err
+    assert "--check-files: 2 of 6 items (4 train, 2 val) cannot be used" in err, err
+    assert train_label in err and val_label in err and "Traceback" not in err
+    assert run_guarded(argv + ["--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert train_label in err and val_label not in err
+
+
 def test_prefetch_keeps_the_position(tmp_path):
     """A prefetched batch is the next one returned and is not counted in the position until then."""
     from data.synthetic import SyntheticStreets
@@ -266,3 +291,78 @@ def test_prefetch_keeps_the_position(tmp_path):
     a.prefetch()
     assert a.state_dict() == b.state_dict() == {"epoch": 0, "consumed": 1}
     assert torch.equal(a.next()[2], b.next()[2])
+
+
+def test_prefetch_two_ahead_keeps_the_position(tmp_path):
+    """Under torchrun the run loads two batches ahead: both come next, in order, and neither counts in the position
+    until returned; asking again for two ahead loads nothing more."""
+    from data.synthetic import SyntheticStreets
+    data = SyntheticStreets(8, (16, 16), train=True, crop_size=(8, 8))
+    a = InfiniteBatches(data, list(range(8)), 2, seed=3)
+    b = InfiniteBatches(data, list(range(8)), 2, seed=3)
+    loads = []
+    load = a._load
+    a._load = lambda: loads.append(1) or load()
+    a.prefetch(2)
+    a.prefetch(2)
+    assert len(loads) == 2 and a.state_dict() == {"epoch": 0, "consumed": 0}
+    assert torch.equal(a.next()[2], b.next()[2]) and a.state_dict() == {"epoch": 0, "consumed": 1}
+    a.prefetch(2)
+    assert len(loads) == 3
+    for _ in range(3):
+        assert torch.equal(a.next()[2], b.next()[2])
+    assert a.state_dict() == b.state_dict() == {"epoch": 1, "consumed": 0}
+
+
+def test_the_stop_decision_under_torchrun(monkeypatch):
+    """GracefulStop.after_iteration with 2 processes (stand-ins for the votes, the agreement and the stop): the votes
+    of iteration i's gradient pass stop every rank after i (SIGTERM before SIGINT; a bad file: failed), with no
+    agreement of its own; without a vote the batches are loaded two ahead (one at the last but one iteration, none
+    at the last); an evaluation interrupted after i (its polls agreed on the signal) stops at once; outside the
+    loop (voted=False) one all-reduce agrees."""
+    from engine import graceful_stop
+    monkeypatch.setattr(graceful_stop.dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(graceful_stop.dist, "is_main", lambda: True)
+    calls = []
+
+    class Stopped(Exception):
+        pass
+
+    def stopping(stop, completed, failed):  # GracefulStop._stop writes latest.pth and raises RunStopped
+        calls.append(("stop", completed, failed, stop.signum))
+        raise Stopped
+
+    def batches(name):
+        return SimpleNamespace(prefetch=lambda n: calls.append((name, n)))
+
+    def run_with(votes, pending=None):
+        return SimpleNamespace(num_iterations=10, labeled=batches("labeled"), unlabeled=batches("unlabeled"),
+                               gta5_batches=None, pending_evaluation=pending,
+                               gradient_pass=SimpleNamespace(votes=lambda: votes))
+
+    def decide(votes, i=3, pending=None, signum=0, voted=True, agreed=(0, 0)):
+        stop = GracefulStop(torch.device("cpu"))
+        stop.signum = signum
+        stop._agree = lambda *values: calls.append(("agree", values)) or list(agreed)
+        stop._stop = lambda run, completed, failed: stopping(stop, completed, failed)
+        calls.clear()
+        try:
+            stop.after_iteration(run_with(votes, pending), i, voted)
+        except Stopped:
+            pass
+        return list(calls)
+
+    nothing = (False, False, False)
+    assert decide((False, True, False)) == [("stop", 4, False, signal.SIGTERM)]
+    assert decide((True, True, False)) == [("stop", 4, False, signal.SIGTERM)]
+    assert decide((True, False, False)) == [("stop", 4, False, signal.SIGINT)]
+    assert decide((False, False, True)) == [("stop", 4, True, 0)]
+    assert decide(nothing) == [("labeled", 2), ("unlabeled", 2)]
+    assert decide(nothing, i=8) == [("labeled", 1), ("unlabeled", 1)] and decide(nothing, i=9) == []
+    # a signal this rank met after its vote waits for the next iteration's vote ...
+    assert decide(nothing, signum=signal.SIGTERM) == []
+    # ... unless an evaluation after this iteration was interrupted by it (on every rank: its polls agreed)
+    assert decide(nothing, pending=3, signum=signal.SIGTERM) == [("stop", 4, False, signal.SIGTERM)]
+    assert decide(nothing, voted=False, agreed=(15, 0)) == [("labeled", 2), ("unlabeled", 2), ("agree", (0, 0)),
+                                                            ("stop", 4, False, 15)]
+    assert decide(nothing, voted=False) == [("labeled", 2), ("unlabeled", 2), ("agree", (0, 0))]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.batchnorm import BatchNormStatistics
 from utils.ema import create_teacher
 from engine.run import Run
 from utils.variants import TRAIN_SSL
@@ -54,6 +55,7 @@ def bare_run(model: nn.Module, fp16: bool) -> Run:
     run.variant, run.num_iterations = TRAIN_SSL, 10
     run.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
     run.scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    run.statistics = BatchNormStatistics(lambda: (model, run.teacher))
     return run
 
 

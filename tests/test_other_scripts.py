@@ -95,9 +95,10 @@ class Spy:
         for name in ("pseudo_label", "augment_labeled", "augment_unlabeled", "update_memory", "contrastive_term",
                      "unlabeled_losses"):
             monkeypatch.setattr(ssl_steps, name, getattr(self, "_" + name)(getattr(ssl_steps, name)))
-        for module in (trainSSL, less_memory):
+        for module in (trainSSL, less_memory):  # (the less-memory script takes labeled_terms from trainSSL.py)
             for name, phase in (("labeled_terms", "labeled"), ("unlabeled_terms", "unlabeled")):
-                monkeypatch.setattr(module, name, self._phase(phase, getattr(module, name)))
+                if hasattr(module, name):
+                    monkeypatch.setattr(module, name, self._phase(phase, getattr(module, name)))
 
     def at(self, kind: str) -> list[tuple]:
         """(iteration, detail) of every event of `kind` inside the loop."""
@@ -302,6 +303,38 @@ def test_less_memory_rows_alternate(less_memory_run):
         assert row["loss"] == pytest.approx(sum(row[k] for k in keys), rel=1e-5)
         if i > R:  # the memory holds vectors from the labeled steps since i = 0
             assert row["loss_contr_l" if i % 2 == 0 else "loss_contr_u"] > 0, (i, row)
+
+
+def test_less_memory_rows_average_each_term_over_the_steps_that_computed_it(tmp_path, monkeypatch):
+    """Log rows of two steps (log_every 2, 2N = 6 steps, contrastive terms from step 2 on): the labeled terms are
+    their labeled step's values and the unlabeled terms their unlabeled step's (not halved by the step that did
+    not compute them); the total is the mean of both steps' totals; the terms come in one order on every row
+    (whichever step the window starts with)."""
+    from engine.log_window import TERM_ORDER
+    from tests.run_helpers import argv_of, tiny_sets
+    terms = {}
+    end = Run.end_iteration
+
+    def end_iteration(self, i, t):
+        terms[i] = {k: float(v.detach()) for k, v in t.items()}
+        end(self, i, t)
+
+    monkeypatch.setattr(Run, "end_iteration", end_iteration)
+    run_dir = tmp_path / "run"
+    less_memory.main(argv_of(tiny_sets(str(run_dir), 3, **{"utils.log_every": 2, "method.ramp_up_iterations": 1,
+                                                            "method.memory_start_offset": 1,
+                                                            "method.memory_confidence": 0.0})))
+    rows = [r for r in map(json.loads, open(run_dir / "train_log.jsonl")) if r["kind"] == "train"]
+    assert [r["iteration"] for r in rows] == [1, 3, 5] and sorted(terms) == list(range(6))
+    for row in rows:
+        labeled, unlabeled = terms[row["iteration"] - 1], terms[row["iteration"]]
+        assert "loss_sup" in labeled and "loss_pseudo" in unlabeled
+        expected = {**{k: v for k, v in labeled.items() if k != "loss"},
+                    **{k: v for k, v in unlabeled.items() if k != "loss"},
+                    "loss": (labeled["loss"] + unlabeled["loss"]) / 2}
+        assert {k: row[k] for k in row if k.startswith("loss")} == pytest.approx(expected, rel=1e-6)
+        assert [k for k in row if k.startswith("loss")] == [k for k in TERM_ORDER if k in expected]
+    assert "loss_contr_l" in rows[1] and "loss_contr_u" in rows[1]
 
 
 def test_less_memory_steps_per_iteration(less_memory_run):

@@ -28,7 +28,7 @@ def test_dry_run_plan_lines(tmp_path, capsys):
     assert lines[1] == "{" and lines[2].startswith('  "') and not lines[2].startswith('   ')  # indented by 2
     assert lines[config_end + 1:] == [
         "script: trainSSL; method constants: " + json_module.dumps(run.method),
-        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='ones', "
+        "fidelity 'code': Fidelity(v2_branches=2, memory_keep='lowest', memory_weights='release', "
         "da_source_schedule='last100_odd', entropy_mask_broadcast=True)",
         "data: synthetic, 4 train (2 labeled, 2 unlabeled), 2 val, 8 classes, crop (33, 49), channel order RGB",
         f"model: DeepLabv2 ResNet-18, {n_params / 1e6:.1f} M parameters, pretrained weights: none (random "
@@ -108,7 +108,7 @@ def test_dry_run_plan_of_domain_adaptation_v3(tmp_path, capsys):
     run = Run(DOMAIN_ADAPTATION, argv + ["--set", "version=2"])  # v2: the data's own v2 size, no forced half size
     assert "half-size" not in capsys.readouterr().out and not run.half_size and run.final_val_set is run.val_set
     # trainSSL.py reads Cityscapes at full size; its final evaluations use the same set
-    run = Run(TRAIN_SSL, argv)
+    run = Run(TRAIN_SSL, argv[:-3] + ["--dry-run"])  # without --gta5-root, a flag of domain adaptation only
     assert "half-size" not in capsys.readouterr().out
     assert tuple(run.val_set[0][0].shape[-2:]) == (64, 96) and run.final_val_set is run.val_set
     assert run.gta5 is None and run.gta5_batches is None

@@ -128,3 +128,23 @@ def test_the_evaluation_resize_comes_from_the_config(tmp_path, version):
     assert val_image.shape == ((3, 10, 15) if version == "2" else (3, 21, 30))
     assert torch.equal(image_tensor(info.prepare(image), info.channel_order), val_image)
     assert info.channel_order == "BGR" and info.num_classes == 19 and len(info.palette) == 19
+
+
+def test_an_image_without_a_listed_extension_is_read_as_an_image(checkpoint, tmp_path):
+    """--input x.gif (a file of another extension that is an image) is predicted as one image, the same classes
+    as the same pixels in a PNG; a binary file that is no image is refused with a message, not read as a list."""
+    path, model = checkpoint
+    image = SyntheticStreets(1, (44, 64), seed_offset=9, train=False).scene(0)[0]
+    Image.fromarray(image).save(tmp_path / "x.png")
+    Image.fromarray(image).convert("P", palette=Image.Palette.ADAPTIVE, colors=256).save(tmp_path / "x.gif")
+    gif_pixels = np.asarray(Image.open(tmp_path / "x.gif").convert("RGB"))
+    assert predict.list_inputs(str(tmp_path / "x.gif")) == [(str(tmp_path / "x.gif"), "x")]
+    result = predict.main(["-m", path, "--input", str(tmp_path / "x.gif"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu"])
+    assert result["failed"] == [] and len(result["written"]) == 2
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "x_classes.png")),
+                          reference_classes(model, gif_pixels))
+    (tmp_path / "x.bin").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(predict.UserError, match=r"--input .*x\.bin is neither an image Pillow can read nor a text "
+                                                r"file of image paths"):
+        predict.list_inputs(str(tmp_path / "x.bin"))

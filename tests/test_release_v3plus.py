@@ -317,7 +317,9 @@ def dry_run(variant, city_gta5, tmp_path, capsys) -> tuple[Run, str]:
     sets = {"training.data.input_size": "32,48", "training.data.labeled_samples": 4, "training.batch_size": 4,
             "training.data.split_id_list": 7, "training.num_workers": 0,  # a random split of the tiny tree
             "utils.checkpoint_dir": str(tmp_path / "run"), "utils.tensorboard": False, "utils.curves": False}
-    argv = ["--config", V3_CITY_CONFIG, "--data-root", city, "--gta5-root", gta5, "--device", "cpu", "--dry-run"]
+    argv = ["--config", V3_CITY_CONFIG, "--data-root", city, "--device", "cpu", "--dry-run"]
+    if variant.uses_gta5:  # a flag of the domain-adaptation script only
+        argv += ["--gta5-root", gta5]
     for k, v in sets.items():
         argv += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
     run = Run(variant, argv)

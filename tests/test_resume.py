@@ -225,16 +225,23 @@ trainSSL.main(sys.argv[1:])
 """
 
 
-def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
-    run_dir = str(tmp_path)
+def start_mid_save(run_dir: str) -> tuple[subprocess.Popen, float]:
+    """A 3-iteration run that stalls halfway through writing the latest.pth of iteration 2 (KILL_SCRIPT); returns
+    the process, once the partial temporary file is on disk, and a deadline for reading its output."""
     argv = tiny_argv(run_dir, iterations=3, **{"utils.save_latest_every": 1, "utils.val_per_iter": 1000})
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT] + argv, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    for line in proc.stdout:
+        if "MID-SAVE" in line or time.time() > deadline:
+            break
+    return proc, deadline
+
+
+def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
+    run_dir = str(tmp_path)
+    proc, _ = start_mid_save(run_dir)
     try:
-        deadline = time.time() + 120
-        for line in proc.stdout:
-            if "MID-SAVE" in line or time.time() > deadline:
-                break
         temp = [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
         assert temp, "the save of iteration 2 should be in progress"
         os.kill(proc.pid, signal.SIGKILL)
@@ -246,6 +253,53 @@ def test_sigkill_mid_save_keeps_previous_latest(tmp_path):
     latest = load_checkpoint(os.path.join(run_dir, "latest.pth"))
     assert latest["iteration"] == 1 and latest["format"] == "ssl-run-state-1"
     assert set(latest["model"]) == set(latest["teacher"])
+
+
+def test_second_sigterm_mid_save_leaves_no_temporary_file(tmp_path):
+    """A first SIGTERM during a save of latest.pth asks for a stop after the iteration; a second one stops at once:
+    the partial temporary file is removed, latest.pth is the one written before, the process ends by SIGTERM."""
+    run_dir = str(tmp_path)
+    proc, deadline = start_mid_save(run_dir)
+    try:
+        assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-latest.pth")]
+        os.kill(proc.pid, signal.SIGTERM)
+        for line in proc.stdout:
+            if "SIGTERM received" in line or time.time() > deadline:
+                break
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM
+    assert [n for n in os.listdir(run_dir) if n.startswith(".tmp-")] == []
+    assert load_checkpoint(os.path.join(run_dir, "latest.pth"))["iteration"] == 1
+
+
+def test_checkpoints_get_the_permissions_torch_save_gives(tmp_path):
+    """save_atomic's file has the mode torch.save(obj, path) gives under the same umask (0666 less the umask, not
+    mkstemp's 0600), and keeps the mode of a file it replaces, as torch.save does."""
+    from engine.checkpoint import save_atomic
+    old = os.umask(0o022)
+    try:
+        for umask in (0o022, 0o002, 0o077):
+            os.umask(umask)
+            torch.save({"a": 1}, str(tmp_path / f"plain{umask}.pth"))
+            save_atomic({"a": 1}, str(tmp_path / f"atomic{umask}.pth"))
+            plain = os.stat(tmp_path / f"plain{umask}.pth").st_mode & 0o777
+            assert plain == 0o666 & ~umask
+            assert os.stat(tmp_path / f"atomic{umask}.pth").st_mode & 0o777 == plain
+        os.umask(0o022)
+        for name in ("plain", "atomic"):  # files written before, whose mode the user changed
+            torch.save({"a": 1}, str(tmp_path / f"{name}-old.pth"))
+            os.chmod(tmp_path / f"{name}-old.pth", 0o640)
+        torch.save({"a": 2}, str(tmp_path / "plain-old.pth"))
+        save_atomic({"a": 2}, str(tmp_path / "atomic-old.pth"))
+        assert os.stat(tmp_path / "plain-old.pth").st_mode & 0o777 == 0o640
+        assert os.stat(tmp_path / "atomic-old.pth").st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")] == []
 
 
 def test_sigterm_stops_after_the_iteration_and_resumes_exactly(reference, tmp_path, monkeypatch, no_finish, capsys):
@@ -349,7 +403,8 @@ def test_resume_names_a_checkpoint_without_matching_weights(reference, tmp_path)
 
 def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path, capsys, monkeypatch):
     """Dry runs (the checkpoint is read and checked before the plan): a latest.pth without --config brings its own
-    config (with --set applied) and directory (a bare file name: "."); no config at all is refused; --resume auto
+    config (with --set applied) and directory (a bare file name: "."); no config at all is refused (by the parser;
+    a checkpoint that stores none, by the run); --resume auto
     without a latest.pth starts afresh and says so, with one it resumes that file; a latest.pth given with a config
     that points elsewhere continues in its own directory, and says so, warning when best_model.pth is not beside it;
     --recover names the recovery keys that changed."""
@@ -361,13 +416,16 @@ def test_where_a_resumed_run_takes_its_config_and_directory(reference, tmp_path,
     run = Run(TRAIN_SSL, ["--resume", latest, "--set", "utils.log_every=7", "--dry-run"])
     assert run.cfg_source == latest and run.run_dir == reference and run.cfg["utils"]["log_every"] == 7
     assert run.cfg["training"] == stored["training"] and run.cfg["method"] == stored["method"]
+    for argv in (["--dry-run"], ["--resume", "auto", "--dry-run"]):  # refused by the parser: --config is required
+        with pytest.raises(SystemExit) as e:
+            Run(TRAIN_SSL, argv)
+        assert e.value.code == 2 and "the following arguments are required: -c/--config" in capsys.readouterr().err
+    torch.save({"model": {}}, tmp_path / "bare.pth")  # a checkpoint without a stored config
     with pytest.raises(UserError, match=no_config):
-        Run(TRAIN_SSL, ["--dry-run"])
+        Run(TRAIN_SSL, ["--resume", str(tmp_path / "bare.pth"), "--dry-run"])
     with monkeypatch.context() as m:  # a bare file name: the run directory is the working directory
         m.chdir(reference)
         assert Run(TRAIN_SSL, ["--resume", "latest.pth", "--dry-run"]).run_dir == "."
-    with pytest.raises(UserError, match=no_config):
-        Run(TRAIN_SSL, ["--resume", "auto", "--dry-run"])
     capsys.readouterr()
 
     fresh = str(tmp_path / "fresh")
@@ -446,7 +504,8 @@ def test_a_resumed_run_holds_the_saved_state(reference, tmp_path):
     state = load_checkpoint(os.path.join(reference, "latest.pth"))
     # planted where the saved value equals the start value, so that each field's restoring is seen
     state.update(class_weights=torch.linspace(0.5, 1.2, 8), since_best=2, pending_evaluation=3,
-                 log_window={"sums": {"loss": torch.tensor(3.0)}, "count": 2})
+                 log_window={"sums": {"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, "count": 2,
+                             "counts": {"loss": 2, "loss_sup": 1}})
     assert state["best_result"] is not None and state["best_miou"] == 0.2
     run = resumed_from(state, tmp_path / "run")
     assert torch.equal(run.class_weights, state["class_weights"])
@@ -457,9 +516,15 @@ def test_a_resumed_run_holds_the_saved_state(reference, tmp_path):
     assert_same_state(state["balancing"], run.balancing.state_dict(), "balancing")
     assert_same_state(state["samplers"]["labeled"], run.labeled.state_dict(), "labeled")
     assert_same_state(state["samplers"]["unlabeled"], run.unlabeled.state_dict(), "unlabeled")
-    assert_same_state(state["log_window"], {"sums": run._sums, "count": run._count}, "log_window")
+    assert_same_state(state["log_window"], {"sums": run._sums, "count": run._count, "counts": run._counts},
+                      "log_window")
+    assert_same_state(run.state_dict(state["iteration"])["log_window"], state["log_window"], "saved log_window")
     assert_same_state(state["teacher"], run.teacher.state_dict(), "teacher")
     assert_same_state(state["optimizer"], run.optimizer.state_dict(), "optimizer")
+    # a state written before the per-term counts: every term counted over the whole window, as then averaged
+    state["log_window"] = {"sums": {"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, "count": 2}
+    run = resumed_from(state, tmp_path / "old")
+    assert run._counts == {"loss": 2, "loss_sup": 2} and run._count == 2
 
 
 def test_resume_restores_the_gradient_scaler_of_an_fp16_run(reference, tmp_path):
@@ -494,7 +559,7 @@ def test_resume_continues_the_gta5_source_and_an_old_state_opens_an_empty_log_wi
     run = Run(DOMAIN_ADAPTATION, argv + ["--resume", "auto"])
     run.logger.close()
     assert run.gta5_batches.state_dict() == {"epoch": 2, "consumed": 1}
-    assert run._sums == {} and run._count == 0
+    assert run._sums == {} and run._count == 0 and run._counts == {}
     assert "process(es)" not in capsys.readouterr().out
     run = Run(TRAIN_SSL, argv + ["--resume", "auto"])  # trainSSL.py draws no source batches: their state is left
     run.logger.close()

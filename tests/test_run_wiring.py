@@ -72,7 +72,8 @@ def balancing_by_hand(f: np.ndarray) -> np.ndarray:
 
 def contrastive_by_hand(x, labels, memory, mem_counts, feature_selectors, memory_selectors, weights: str):
     """SPEC 5.4 written out class by class: 1 - cosine distances, feature weights sigmoid(selector) rescaled to mean
-    1, memory weights 1 ("ones") or sigmoid(memory selector) rescaled to mean 1 ("mean"); sum over classes / C."""
+    1, memory weights 1 ("ones"), the release's sigmoid(memory selector) divided by itself, (1 / s) * s ("release"),
+    or sigmoid(memory selector) rescaled to mean 1 ("mean"); sum over classes / C."""
     total = 0.0
     for c in range(C):
         xc = x[labels == c]
@@ -87,6 +88,9 @@ def contrastive_by_hand(x, labels, memory, mem_counts, feature_selectors, memory
         if weights == "mean":
             v = torch.sigmoid(copy.deepcopy(memory_selectors[c])(mh))[:, 0]
             v = v * mc.shape[0] / v.sum()
+        elif weights == "release":
+            s = torch.sigmoid(copy.deepcopy(memory_selectors[c])(mh))[:, 0]
+            v = (1.0 / s) * s
         total += float((w[:, None] * v[None, :] * distance).mean())
     return total / C
 
@@ -106,6 +110,7 @@ class Recorder:
         self.contrastive: list[dict] = []
         self.classifier: tuple | None = None
         self.teacher = TeacherProbe(run, div=10, other_div=1)
+        self.memory_selectors_at_start = copy.deepcopy(run.student_module.memory_selectors())
         run.memory_quota = QUOTA  # per_class_quota has its own tests; here the selectors must rank
         self._planted: dict | None = None
         self._projected: list[torch.Tensor] = []
@@ -188,9 +193,12 @@ class Recorder:
             with torch.no_grad():
                 x = features.detach()
                 hand = {w: contrastive_by_hand(x, labels, memory.memory, memory.counts, feature_selectors,
-                                               memory_selectors, w) for w in ("ones", "mean")}
+                                               memory_selectors, w) for w in ("ones", "release", "mean")}
+                present = torch.bincount(labels, minlength=C)
+                qualifying = [c for c in range(C) if present[c] > 1 and memory.counts[c] > 1]
             out = contrastive_loss(features, labels, memory, feature_selectors, memory_selectors, num_classes, **kw)
-            self.contrastive.append({"i": run.iteration, "value": float(out.detach()), **hand})
+            self.contrastive.append({"i": run.iteration, "value": float(out.detach()), "qualifying": qualifying,
+                                     **hand})
             return out
         mp.setattr(ssl_steps, "contrastive_loss", contrastive)
 
@@ -337,10 +345,10 @@ def test_paper_memory_keeps_highest_scores(paper_run):
     check_memory_updates(paper_run, "highest")
 
 
-@pytest.mark.parametrize("fidelity, weights", [("code", "ones"), ("paper", "mean")])
+@pytest.mark.parametrize("fidelity, weights", [("code", "release"), ("paper", "mean")])
 def test_contrastive_memory_weights_of_the_preset(fidelity, weights, code_run, paper_run):
     rec = code_run if fidelity == "code" else paper_run
-    other = "mean" if weights == "ones" else "ones"
+    other = "mean" if weights == "release" else "ones"
     calls = rec.contrastive
     assert [c["i"] for c in calls] == [3, 3, 4, 4]  # labeled, then unlabeled term, after R
     assert any(c[weights] > 0 for c in calls)       # some class had vectors in the batch and in memory
@@ -348,6 +356,35 @@ def test_contrastive_memory_weights_of_the_preset(fidelity, weights, code_run, p
         assert c["value"] == pytest.approx(c[weights], rel=1e-5, abs=1e-8), c
     # the other form, where a class qualified, differs by far more than that tolerance
     assert all(abs(c[other] - c[weights]) > 1e-3 * c[weights] for c in calls if c[weights] > 0), calls
+
+
+def test_code_memory_selectors_get_the_release_gradient_and_its_weight_decay(code_run):
+    """Fidelity "code": the memory selector of every class that qualified for a contrastive term ran (train mode:
+    its BatchNorm running statistics moved) and every one of its parameters got a gradient, so SGD applied weight
+    decay and momentum to it from that iteration on, as the release's: the final values are the hand-worked SGD
+    of a (nearly) zero gradient, p <- p - lr_t * buf, buf <- 0.9 buf + 5e-4 p, at the recorded learning rates.
+    A class that never qualified keeps its selector untouched, with no gradient."""
+    rec = code_run
+    first: dict[int, int] = {}
+    for call in rec.contrastive:
+        for c in call["qualifying"]:
+            first.setdefault(c, call["i"])
+    assert first and len(first) < C  # some classes qualified, some never did
+    for c, (now, start) in enumerate(zip(rec.run.student_module.memory_selectors(), rec.memory_selectors_at_start)):
+        for (name, p), p0 in zip(now.named_parameters(), start.parameters()):
+            if c not in first:
+                assert p.grad is None and torch.equal(p, p0), (c, name)
+                continue
+            assert p.grad is not None, (c, name)
+            expected, buf = p0.detach().double(), None
+            for i in range(first[c], N):
+                d = 5e-4 * expected
+                buf = d if buf is None else 0.9 * buf + d
+                expected = expected - rec.lr[i][0] * buf
+            moved = (p.detach().double() - p0.detach().double()).abs()
+            assert float(moved.max()) > 0, (c, name)
+            torch.testing.assert_close(p.detach().double(), expected, rtol=2e-7, atol=1e-9, msg=(c, name))
+        assert not torch.equal(now[1].running_mean, start[1].running_mean) or c not in first, c
 
 
 @pytest.mark.parametrize("fidelity, branches", [("code", 2), ("paper", 4)])
@@ -429,7 +466,7 @@ def test_an_interval_of_one_saves_a_periodic_checkpoint_after_every_iteration_bu
     periodic = []
     run = SimpleNamespace(
         cfg={"utils": {"log_every": 100, "save_checkpoint_every": 1, "save_latest_every": 100}}, num_iterations=4,
-        _sums={}, _count=0, logger=SimpleNamespace(advance=lambda: None), _log=lambda i: None,
+        _sums={}, _counts={}, _count=0, logger=SimpleNamespace(advance=lambda i: None), _log=lambda i: None,
         save_periodic=periodic.append, evaluate_if_due=lambda i: False, save_latest=lambda n: None,
         stop=SimpleNamespace(after_iteration=lambda r, i: None))
     for i in range(4):
@@ -605,7 +642,8 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     mIoU and loss as "<tag>" scalars without a printed line, the per-class IoU, one panel per image for the first
     log_images images (TensorBoard only), the unlabeled batch kept for it (b = 2 images, 2 strong views each:
     image k's views are rows k and b + k) shown as min(log_images, b) panels, once; a stop is polled after each
-    image; one message line; the ETA clock paused around it."""
+    image; one message line; the ETA clock paused around it; the BatchNorm statistics agreed over processes first;
+    the loader workers from training.num_workers."""
     from engine import run as training
     from engine import visualize
     polls, evaluated = [], {}
@@ -633,21 +671,23 @@ def test_evaluate_logs_the_result_and_the_first_pictures(monkeypatch, log_images
     b = 2
     images, pseudo = torch.tensor([10.0, 11.0]), torch.tensor([20.0, 21.0])
     mixed, mixed_pseudo = torch.tensor([30.0, 31.0, 32.0, 33.0]), torch.tensor([40.0, 41.0, 42.0, 43.0])
-    run = SimpleNamespace(cfg={"utils": {"log_images": log_images}}, logger=logger, data=data, val_set="val set",
-                          num_classes=2, ignore_label=250, device="the device", autocast="autocast",
+    run = SimpleNamespace(cfg={"utils": {"log_images": log_images}, "training": {"num_workers": 5}}, logger=logger,
+                          data=data, val_set="val set", num_classes=2, ignore_label=250, device="the device",
+                          autocast="autocast",
                           stop=SimpleNamespace(evaluation_poll=lambda r, n: (polls.append((r, n)), lambda: polls.append(
                               "poll"))[1]),
+                          statistics=SimpleNamespace(agree=lambda: logger.calls.append(("statistics_agreed", (), {}))),
                           _unlabeled_views=(images, pseudo, mixed, mixed_pseudo))
     model = torch.nn.Identity()
     result = Run.evaluate(run, model, 7, tag="val_x")
     assert result == {"miou": 0.375, "loss": 1.25, "iou": [0.5, 0.25]}
     assert evaluated == {"model": model, "dataset": "val set", "num_classes": 2, "ignore_label": 250,
                          "mean_rgb": "mean", "channel_order": "RGB", "device": "the device", "autocast": "autocast",
-                         "on_prediction": evaluated["on_prediction"]}
+                         "on_prediction": evaluated["on_prediction"], "num_workers": 5}
     assert polls == [(run, 3), "poll", "poll", "poll"]
     shown = min(log_images, 3) if tensorboard else 0
     views = min(log_images, b) if tensorboard else 0
-    expected = [("evaluation_started", (), {}),
+    expected = [("statistics_agreed", (), {}), ("evaluation_started", (), {}),
                 ("scalars", (7, {"miou": 0.375, "loss": 1.25}), {"prefix": "val_x", "print_line": False}),
                 ("vector", (7, "val_x_iou", [0.5, 0.25], ["a", "b"]), {})]
     expected += [("images", (7, f"val_x_images/{j}", [[j, 250]]), {}) for j in range(shown)]
@@ -721,7 +761,8 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
     monkeypatch.setattr(training.dist, "all_reduce_sum",
                         lambda t: t + torch.tensor([[other["loss"]], [other["loss_sup"]]]).reshape(t.shape))
     logger, checked = _RecordingLogger(), []
-    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2, lr=0.01,
+    run = SimpleNamespace(_sums={"loss": torch.tensor(3.0), "loss_sup": torch.tensor(1.0)}, _count=2,
+                          _counts={"loss": 2, "loss_sup": 2}, lr=0.01,
                           **({"alpha": 0.5} if processes > 1 else {}), num_iterations=10, logger=logger, class_weights=torch.tensor([1.0, 2.0]),
                           memory=SimpleNamespace(counts=torch.tensor([3, 0])),
                           data=SimpleNamespace(class_names=["a", "b"]), guard=SimpleNamespace(check=checked.append))
@@ -733,17 +774,19 @@ def test_log_row_is_the_mean_over_the_interval_and_the_processes(monkeypatch, pr
                              {}),
                             ("vector", (4, "class_weights", [1.0, 2.0], ["a", "b"]), {}),
                             ("vector", (4, "memory_fill", [3, 0], ["a", "b"]), {})]
-    assert checked == [run] and run._sums == {} and run._count == 0
+    assert checked == [run] and run._sums == {} and run._count == 0 and run._counts == {}
 
 
 def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     """Run's set-up under torchrun, with stand-ins for the collectives (one process plays rank 1 of 2): the learning
     rate scaled by the world size when asked, SyncBatchNorm when asked, rank 0's weights broadcast, this rank's
     shard of each sampler, class-balancing counts summed over ranks, its own random draws (seed + 1000003 x rank),
-    no run files and no log output (rank 0 writes them)."""
+    the gradient pass wrapped by DistributedDataParallel, no run files and no log output (rank 0 writes them)."""
     import random
+    from engine import ddp_step
     from engine import run as training
     calls = []
+    monkeypatch.setattr(ddp_step, "wrap", lambda module: calls.append(("ddp", module)) or module)
     reduce = lambda t: t  # noqa: E731  (the stand-in of the sum over ranks)
     for name, value in {"is_distributed": lambda: True, "world_size": lambda: 2, "rank": lambda: 1,
                         "is_main": lambda: False, "init_distributed": lambda device: calls.append(("init", device)),
@@ -758,7 +801,8 @@ def test_set_up_as_rank_1_of_2_processes(tmp_path, monkeypatch, capsys):
     run = Run(TRAIN_SSL, argv_of(sets))
     assert random.random() == random.Random(seed + 1000003).random()
     assert calls == [("init", torch.device("cpu")), ("sync_bn", run.student_module, torch.device("cpu")),
-                     ("broadcast", run.student)]
+                     ("broadcast", run.student), ("ddp", run.gradient_pass.module)]
+    assert run.gradient_pass.module.student is run.student_module
     assert run.base_lr == 0.02 == run.optimizer.param_groups[0]["lr"]
     for sampler in (run.labeled.sampler, run.unlabeled.sampler):
         assert (sampler.rank, sampler.world_size) == (1, 2)
@@ -808,20 +852,14 @@ def test_a_training_run_builds_the_configured_network_from_its_weights_file(tmp_
     assert "pretrained weights" not in capsys.readouterr().out
 
 
-def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypatch):
+def test_optimizer_step_steps_then_moves_the_teacher(monkeypatch):
     """Run.optimizer_step with a one-weight student, worked by hand: loss w^2 at w = 1, lr 0.1, no momentum: gradient
-    2, w' = 0.8; the gradients averaged over processes between backward and step (stand-in: doubled, so w' = 0.6),
-    the BatchNorm buffers averaged after the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up:
-    min(1 - 1/21, m_2)); teacher 0.5 -> alpha 0.5 + (1 - alpha) w'."""
+    2, w' = 0.8; the teacher's EMA step (alpha at i = 2 of N = 10 with trainSSL's warm-up: min(1 - 1/21, m_2)):
+    teacher 0.5 -> alpha 0.5 + (1 - alpha) w'; then the BatchNorm statistics are marked for averaging at their next
+    read, and nothing is averaged here (under torchrun DistributedDataParallel averages the gradients during the
+    backward: tests/test_distributed.py)."""
     from engine import run as training
     calls = []
-
-    def average_gradients(module):
-        calls.append(("gradients", module))
-        for p in module.parameters():
-            p.grad.mul_(2)
-
-    monkeypatch.setattr(training.dist, "average_gradients", average_gradients)
     monkeypatch.setattr(training.dist, "average_buffers", lambda *modules: calls.append(("buffers",) + modules))
     student = torch.nn.Linear(1, 1, bias=False)
     teacher = torch.nn.Linear(1, 1, bias=False)
@@ -830,13 +868,15 @@ def test_optimizer_step_averages_over_processes_then_moves_the_teacher(monkeypat
         teacher.weight.fill_(0.5)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     run = SimpleNamespace(optimizer=optimizer, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                          student_module=student, teacher=teacher, num_iterations=10, variant=TRAIN_SSL)
+                          student_module=student, teacher=teacher, num_iterations=10, variant=TRAIN_SSL,
+                          statistics=SimpleNamespace(changed=lambda: calls.append(
+                              ("changed", float(teacher.weight.detach())))))
     Run.optimizer_step(run, 2, (student.weight ** 2).sum())
     alpha = ema_alpha_by_hand(2, 10, 10)
     assert run.alpha == pytest.approx(alpha, rel=1e-12)
-    assert float(student.weight.detach()) == pytest.approx(0.6, rel=1e-6)
-    assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.6, rel=1e-6)
-    assert calls == [("gradients", student), ("buffers", student, teacher)]
+    assert float(student.weight.detach()) == pytest.approx(0.8, rel=1e-6)
+    assert float(teacher.weight.detach()) == pytest.approx(alpha * 0.5 + (1 - alpha) * 0.8, rel=1e-6)
+    assert calls == [("changed", float(teacher.weight.detach()))]
 
 
 @pytest.mark.parametrize("script", ["trainSSL", "trainSSL_less_memory"])

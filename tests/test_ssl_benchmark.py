@@ -87,6 +87,11 @@ def test_smoke_outputs(smoke, hub):
     again = bench.main(["--smoke", "--report", "--diagnose", "--out", out])
     assert [(s["arm"], s["mean"]) for s in again["summary"]] == [(s["arm"], s["mean"]) for s in stored["summary"]]
     assert again["sessions"] == stored["sessions"] and again["wall_seconds"] == stored["wall_seconds"]
+    with open(os.path.join(out, "ssl_synthetic.json")) as f:
+        text = f.read()
+    assert json.loads(text) == json.loads(json.dumps(again))  # what --report returns is what it wrote
+    # compact: lists of numbers on one line (no line holds a number alone), one key per line
+    assert not [ln for ln in text.splitlines() if ln.strip().rstrip(",").replace(".", "").replace("-", "").isdigit()]
 
 
 def test_arms_differ_only_in_documented_keys(smoke):

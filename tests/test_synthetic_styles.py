@@ -146,7 +146,7 @@ def test_config_keys():
     # the schedule key replaces only the preset's schedule; null keeps the preset
     assert fidelity(_cfg()) == FIDELITY_PRESETS["code"]
     f = fidelity(_cfg(**{"method.da_source_schedule": "alternate"}))
-    assert f.da_source_schedule == "alternate" and f.memory_keep == "lowest" and f.memory_weights == "ones"
+    assert f.da_source_schedule == "alternate" and f.memory_keep == "lowest" and f.memory_weights == "release"
     paper = _cfg(**{"fidelity": "paper", "method.da_source_schedule": "last100_odd"})
     assert fidelity(paper).da_source_schedule == "last100_odd" and fidelity(paper).memory_keep == "highest"
 

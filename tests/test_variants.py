@@ -84,13 +84,15 @@ def trees(tmp_path_factory):
 def resolved_method(variant, config: str, trees, tmp_path, *sets: str) -> dict:
     """The method constants a script would run with (a --dry-run Run: config, data and a shape-only model)."""
     city, gta5 = trees
-    argv = ["--config", config, "--data-root", city, "--gta5-root", gta5, "--device", "cpu", "--dry-run",
+    argv = ["--config", config, "--data-root", city, "--device", "cpu", "--dry-run",
             "--set", "backbone.depth=18", "--set", "training.data.labeled_samples=4",
             "--set", "training.batch_size=2", "--set", "training.num_workers=0",
             "--set", "training.data.split_id_list=-1",  # split 0 is the release's split of all 2975 images
             "--set", f"utils.checkpoint_dir={tmp_path / 'run'}"]
     for s in sets:
         argv += ["--set", s]
+    if variant.uses_gta5:  # a flag of the domain-adaptation script only
+        argv += ["--gta5-root", gta5]
     return Run(variant, argv).method
 
 

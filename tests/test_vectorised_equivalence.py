@@ -127,7 +127,7 @@ def features_and_labels(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(len(labels), D, generator=g) * 1.5 - 0.2, labels
 
 
-@pytest.mark.parametrize("memory_weights", ["ones", "mean"])
+@pytest.mark.parametrize("memory_weights", ["ones", "release", "mean"])
 def test_contrastive_loss_on_full_bank_matches_reference(filled, memory_weights):
     _, bank, _, _, _ = filled
     feat, mem = selectors(3), selectors(4)
@@ -157,14 +157,14 @@ def test_contrastive_loss_on_full_bank_matches_reference(filled, memory_weights)
     gx = g[0]
     skipped = (labels == FULL[-1]) | (labels == SINGLE_MEMORY) | (labels == EMPTY_MEMORY)
     assert torch.count_nonzero(gx[skipped]) == 0 and torch.count_nonzero(gx[~skipped].abs().sum(1)) == (~skipped).sum()
-    # feature selectors of qualifying classes get a gradient; memory selectors only with "mean" weights
+    # feature selectors of qualifying classes get a gradient; memory selectors with "release" and "mean" weights
     per_selector = 6                        # Linear weight, bias; BatchNorm weight, bias; Linear weight, bias
     assert g[1] is not None and g[1].abs().sum() > 0                          # class 0's first Linear weight
     n_feat = per_selector * C
     assert all(g[1 + per_selector * c + k] is None or torch.count_nonzero(g[1 + per_selector * c + k]) == 0
                for c in (FULL[-1], SINGLE_MEMORY, EMPTY_MEMORY, ABSENT) for k in range(per_selector))
     mem_grads = [t for t in g[1 + n_feat:] if t is not None and torch.count_nonzero(t) > 0]
-    assert (len(mem_grads) > 0) == (memory_weights == "mean")
+    assert (len(mem_grads) > 0) == (memory_weights != "ones")
     for s, s_r in zip(feat + mem, feat_r + mem_r):   # BatchNorm running statistics moved identically
         assert torch.equal(s[1].num_batches_tracked, s_r[1].num_batches_tracked)
         torch.testing.assert_close(s[1].running_mean, s_r[1].running_mean, atol=1e-6, rtol=1e-5)

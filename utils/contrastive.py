@@ -2,13 +2,20 @@
 
 For every class c with more than one vector in X and more than one in memory:
     D = 1 - X̂_c M̂_cᵀ,  loss_c = mean_ij(w_i v_j D_ij)
-with w = sigmoid(feature selector_c(X_c detached)) rescaled to mean 1, and v = 1 ("ones", fidelity "code": the
-release's rescaling divided each memory weight by itself) or sigmoid(memory selector_c(M̂_c)) rescaled to mean 1
-("mean", fidelity "paper"). Total = Σ_c loss_c / C.
+with w = sigmoid(feature selector_c(X_c detached)) rescaled to mean 1, and v one of
+- "release" (fidelity "code"): the release's rescaling, which divides each memory weight s_j = sigmoid(memory
+  selector_c(m̂_j)) by itself: v_j = (1 / s_j) · s_j in float arithmetic, 1 or 1 - 2^-24, and autograd through both
+  factors gives every memory selector a gradient of rounding size (so the release's SGD applies weight decay and
+  momentum to those selectors; docs/fidelity.md has the measurements). The selectors run in the module's mode
+  (train mode in training: per-class batch statistics, running statistics updated), as in the release;
+- "ones": exactly 1, the memory selectors not evaluated (what "release" is in exact arithmetic);
+- "mean" (fidelity "paper"): sigmoid(memory selector_c(M̂_c)) rescaled to mean 1.
+Total = Σ_c loss_c / C.
 
-Vectorised form: D is bilinear and the weights have mean 1, so with σ_i = sigmoid(feature selector) and
-μ_c = Σ_j v_j m̂_j / Σ_j v_j (the weighted mean of the class's normalised memory entries)
-    loss_c = 1 - Σ_i σ_i (x̂_i · μ_c) / Σ_i σ_i.
+Vectorised form: D is bilinear and w has mean 1, so with σ_i = sigmoid(feature selector),
+μ_c = Σ_j v_j m̂_j / Σ_j v_j (the weighted mean of the class's normalised memory entries; "release": divided by
+the count m_c instead, and v̄_c = Σ_j v_j / m_c, the mean weight, which "ones" and "mean" make 1)
+    loss_c = v̄_c - Σ_i σ_i (x̂_i · μ_c) / Σ_i σ_i.
 The row terms x̂_i · μ_{c_i} = (x_i · μ_{c_i}) / ‖x_i‖ come from one [N, C] product X μᵀ and the row norms: no
 |X_c| x |M_c| matrix, and no [N, D] temporary for them besides the gradient itself. Same function, same gradients.
 """
@@ -24,7 +31,7 @@ from utils.selectors import class_counts, grouped_selector_scores, padded_select
 
 __all__ = ["contrastive_loss", "contrastive_loss_reference"]
 
-_MEMORY_WEIGHTS = ("ones", "mean")
+_MEMORY_WEIGHTS = ("ones", "release", "mean")
 _NORM_EPS = 1e-12  # F.normalize's default
 
 
@@ -73,12 +80,23 @@ def _cosine_to_class_mean(x: torch.Tensor, labels: torch.Tensor, mu: torch.Tenso
     return _CosineToClassMean.apply(x, labels, mu)
 
 
+def release_memory_weights(s: torch.Tensor) -> torch.Tensor:
+    """The release's memory-side weights from sigmoid weights s (any shape): each divided by itself, (1 / s) · s, in
+    the release's operations (torch 1.6's `int / tensor` is a reciprocal times the int): 1 up to one rounding, and
+    a gradient of rounding size through both factors. Where the backward's 1 / s² overflows (s below ~5e-20 in
+    float32: a selector score below about -44, where the release's gradient is inf or NaN, and below -88 its weight
+    too) the weight is 1, its exact value, with no gradient."""
+    ok = torch.isfinite(s.detach().reciprocal().square())
+    s = torch.where(ok, s, torch.ones_like(s))  # no inf in the backward of the entries left out
+    return torch.where(ok, (s.reciprocal() * 1) * s, torch.ones_like(s))
+
+
 def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, memory: MemoryBank,
                      feature_selectors: list[nn.Module], memory_selectors: list[nn.Module] | None,
                      num_classes: int, memory_weights: str = "ones", selector_method: str = "auto") -> torch.Tensor:
     """Contrastive loss (SPEC 5.4) of features [N,D] with labels [N] (int64 in [0, C)) against `memory`, all
-    classes at once. Gradient reaches `features` and the feature selectors (and, with memory_weights="mean",
-    the memory selectors), never the memory. memory_selectors is not used with "ones". Returns a scalar; 0
+    classes at once. Gradient reaches `features` and the feature selectors (and, with memory_weights "release" or
+    "mean", the memory selectors), never the memory. memory_selectors is not used with "ones". Returns a scalar; 0
     (with a grad path to `features`) when no class qualifies. selector_method: see utils.selectors (the
     default picks per device); no host sync on a GPU."""
     _check_mode(memory_weights)
@@ -96,12 +114,17 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, memory: Memor
     valid = torch.arange(S, device=device)[None, :] < m[:, None]                   # [C, S]
     if memory_weights == "ones":
         v = valid.to(dtype)
-    else:
+    else:  # the memory selectors of the qualifying classes only (the release evaluates no other)
         use = valid & qualify[:, None]
         v = torch.sigmoid(padded_selector_scores(m_hat, use, memory_selectors, method=selector_method))
+        if memory_weights == "release":
+            v = release_memory_weights(v)
         v = torch.where(use, v, torch.zeros_like(v))
     v_sum = v.sum(1)
-    mu = torch.bmm(v[:, None, :], m_hat)[:, 0] / torch.where(qualify, v_sum, torch.ones_like(v_sum))[:, None]
+    # "release": mu and the mean weight over the count (the weights' mean is 1 only up to rounding)
+    norm = m.to(dtype) if memory_weights == "release" else v_sum
+    norm = torch.where(qualify, norm, torch.ones_like(norm))
+    mu = torch.bmm(v[:, None, :], m_hat)[:, 0] / norm[:, None]
 
     # Feature side: sigmoid(feature selector) on the detached vectors; only qualifying classes are scored.
     sigma = torch.sigmoid(grouped_selector_scores(features.detach(), labels, feature_selectors, qualify,
@@ -111,7 +134,8 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, memory: Memor
     zeros = torch.zeros(C, device=device, dtype=dtype)
     weighted = zeros.index_add(0, labels, sigma * t)                                # [C]
     total = zeros.index_add(0, labels, sigma)
-    loss_c = 1 - weighted / torch.where(qualify, total, torch.ones_like(total))
+    lead = v_sum / norm if memory_weights == "release" else 1
+    loss_c = lead - weighted / torch.where(qualify, total, torch.ones_like(total))
     return torch.where(qualify, loss_c, torch.zeros_like(loss_c)).sum() / C
 
 
@@ -135,5 +159,9 @@ def contrastive_loss_reference(features: torch.Tensor, labels: torch.Tensor, mem
                 v = torch.sigmoid(memory_selectors[c](m_hat))                      # [m_c, 1]
                 v = v * mem_c.shape[0] / v.sum()
                 distances = distances * v.T
+            elif memory_weights == "release":  # [1, m_c], divided by its sum over its one row
+                v = torch.sigmoid(memory_selectors[c](m_hat)).T
+                v = (v.sum(dim=0).reciprocal() * v.shape[0]) * v
+                distances = distances * v
             loss = loss + distances.mean()
     return loss / num_classes
