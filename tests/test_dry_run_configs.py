@@ -161,7 +161,8 @@ def test_the_release_evaluation_command_runs_as_typed(code_folder, capsys):
     from engine.config import load_config
     from model import build_model
     from tests.run_helpers import DEMO
-    cfg = load_config(DEMO, ["version=2", "backbone.depth=18", "synthetic.num_val=2", "synthetic.image_size=40,60"])
+    cfg = load_config(DEMO, ["version=2", "backbone.depth=18", "synthetic.num_val=2", "synthetic.image_size=40,60",
+                             "backbone.width=64"])  # the checkpoint below holds a standard-width network
     torch.manual_seed(0)
     model = build_model("2", 8, cfg["training"]["pretraining"], 18, None, verbose=False)
     os.makedirs(code_folder / "saved" / "DeepLab")
