@@ -6,6 +6,8 @@
     config.py         the JSON config: schema, defaults, validation, --set overrides
     resume.py         which config a run uses and which checkpoint it continues (--resume, --recover)
     networks.py       student, its compiled forward, the SGD optimiser
+    synthetic_pretrain.py  backbone.pretrained "synthetic": the backbone trained on synthetic scenes, cached on
+                      first use (lock, hash-named file, rank 0 builds under torchrun)
     run_state.py      latest.pth: capture and restore of the whole run state (exact resume)
     checkpoint.py     atomic writes, weights_only loads
     plan.py           --dry-run's plan
