@@ -110,8 +110,6 @@ SCHEMA: dict[str, Any] = {
         "curves": ((bool,), True, "draw curves.png in the run directory at evaluations (at most every 30 s) and at "
                                   "the end (about a second of matplotlib each time)"),
         "log_images": ((int,), 4, "images logged to TensorBoard at each evaluation"),
-        "eval_batch_size": ((int,), 1, "accepted for older configs and ignored: evaluation goes one whole image at a "
-                                       "time (images differ in size)"),
         "deterministic": ((bool,), False, "true: deterministic kernels (torch.use_deterministic_algorithms, warnings "
                                           "where none exists) and no cuDNN benchmark; false: cuDNN benchmarks its "
                                           "convolutions, as released"),
@@ -139,6 +137,12 @@ SCHEMA: dict[str, Any] = {
 }
 
 DATASET_ALIASES = {"pascal": "pascal_voc"}
+# Keys this project had and removed, with why and what to do. A config file or --set naming one stops with that
+# message; a config stored in an older checkpoint (resume, evaluation) has it dropped, as it changed nothing.
+REMOVED_KEYS = {
+    "utils.eval_batch_size": "it never had an effect (evaluation goes one whole image at a time: images differ in "
+                             "size); delete the key",
+}
 CHOICES = {
     "model": ("DeepLab",),
     "version": ("2", "3"),
@@ -178,6 +182,9 @@ def _resolve(user: dict, schema: dict, prefix: str, source: str) -> dict:
     if not isinstance(user, dict):
         raise UserError(f"{source}: '{prefix.rstrip('.')}' must be a JSON object, got {json.dumps(user)}")
     unknown = sorted(set(user) - set(schema))
+    removed = [prefix + k for k in unknown if prefix + k in REMOVED_KEYS]
+    if removed:
+        raise UserError(f"{source}: config key '{removed[0]}' was removed: {REMOVED_KEYS[removed[0]]}.")
     if unknown:
         known = ", ".join(sorted(schema))
         raise UserError(f"{source}: unknown config key '{prefix}{unknown[0]}'. Known keys here: {known}. "
@@ -261,6 +268,9 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
         path, value = parse_override(text)
         schema: Any = SCHEMA
         node = user
+        if ".".join(path) in REMOVED_KEYS:
+            raise UserError(f"--set {text}: config key '{'.'.join(path)}' was removed: "
+                            f"{REMOVED_KEYS['.'.join(path)]}.")
         for i, part in enumerate(path):
             if not isinstance(schema, dict) or part not in schema:
                 raise UserError(f"--set {text}: unknown config key '{'.'.join(path[:i + 1])}' "
@@ -277,14 +287,31 @@ def apply_overrides(user: dict, overrides: list[str], source: str) -> dict:
     return user
 
 
-def resolve_config(user: dict, source: str = "<config>", overrides: list[str] | None = None) -> dict:
-    """Validate a raw config dict (plus overrides) and return it with every default filled in."""
+def resolve_config(user: dict, source: str = "<config>", overrides: list[str] | None = None,
+                   stored: bool = False) -> dict:
+    """Validate a raw config dict (plus overrides) and return it with every default filled in. stored: the config
+    a checkpoint holds (written by an earlier version, perhaps), whose REMOVED_KEYS are dropped."""
+    if stored:
+        user = drop_removed_keys(user)
     user = apply_overrides(user, overrides or [], source)
     if isinstance(user.get("dataset"), str):
         user["dataset"] = DATASET_ALIASES.get(user["dataset"], user["dataset"])
     cfg = _resolve(user, SCHEMA, "", source)
     _check_semantics(cfg, source)
     return cfg
+
+
+def drop_removed_keys(user: dict) -> dict:
+    """A copy of a raw config without the REMOVED_KEYS it names."""
+    user = copy.deepcopy(user)
+    for dotted in REMOVED_KEYS:
+        *parents, last = dotted.split(".")
+        node = user
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return user
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> dict:

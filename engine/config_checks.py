@@ -34,7 +34,6 @@ RANGES: dict[str, tuple[float, bool, float | None, bool, str]] = {
     "method.labeled_classmix_prob": (0, True, 1, True, "a probability in [0, 1], or null (the script's own)"),
     "method.bn_refresh_iterations": (0, True, None, True, "0 (no refresh) or more passes"),
     "utils.log_images": (0, True, None, True, "0 (none) or a number of images"),
-    "utils.eval_batch_size": (1, True, None, True, "1 (the key has no effect: evaluation goes one image at a time)"),
     "synthetic.num_train": (1, True, None, True, "at least 1 image"),
     "synthetic.num_val": (1, True, None, True, "at least 1 image: without validation images nothing is scored"),
     "synthetic.num_source": (1, True, None, True, "at least 1 image"),

@@ -37,7 +37,7 @@ def load_trained_model(path: str, device: torch.device, overrides: list[str] | N
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt.get("config"), dict):
         raise UserError(f"{path} stores no config; the network, classes and preprocessing are read from it.")
-    cfg = resolve_config(ckpt["config"], f"{path} (stored config)", overrides or [])
+    cfg = resolve_config(ckpt["config"], f"{path} (stored config)", overrides or [], stored=True)
     info = dataset_info(cfg)
     state = model_state_from(ckpt, path)
     # backbone.depth null: the depth the weights have (DeepLabv3+ is ResNet-101 in domain adaptation, else 50)

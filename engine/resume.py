@@ -18,7 +18,7 @@ from utils.variants import Variant
 # Keys that may differ between a run and its resumption (they change no result).
 RESUME_FREE_KEYS = ("training.num_workers", "utils.log_every", "utils.tensorboard", "utils.log_images",
                     "utils.save_latest_every", "utils.checkpoint_dir", "utils.run_name", "training.data.root",
-                    "training.data.gta5_root", "utils.eval_batch_size")
+                    "training.data.gta5_root")
 
 
 def load_config_and_checkpoint(a: argparse.Namespace, variant: Variant, argv: list[str]
@@ -47,7 +47,7 @@ def load_config_and_checkpoint(a: argparse.Namespace, variant: Variant, argv: li
         cfg = load_config(a.config, a.overrides)
         cfg_source = a.config
     elif ckpt is not None and isinstance(ckpt.get("config"), dict):
-        cfg = resolve_config(ckpt["config"], f"{a.resume} (stored config)", a.overrides)
+        cfg = resolve_config(ckpt["config"], f"{a.resume} (stored config)", a.overrides, stored=True)
         cfg_source = a.resume
     else:
         raise UserError("--config is required (or --resume with a checkpoint that stores its config).")
@@ -91,7 +91,7 @@ def load_config_and_checkpoint(a: argparse.Namespace, variant: Variant, argv: li
                   f"improvement) cannot happen and the resumed run may differ from an uninterrupted one; copy "
                   f"best_model.pth next to {a.resume}.", flush=True)
     if ckpt is not None and isinstance(ckpt.get("config"), dict):
-        stored = resolve_config(ckpt["config"], f"{a.resume} (stored config)")
+        stored = resolve_config(ckpt["config"], f"{a.resume} (stored config)", stored=True)
         diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS + (RECOVERY_KEYS if a.recover else ()))
         if diff:
             raise UserError(f"cannot resume {a.resume}: it belongs to a run with another config. Differing keys "
@@ -164,7 +164,8 @@ def _earlier_run(cfg: dict, run_dir: str, a: argparse.Namespace, variant: Varian
                         f"{variant.name}.py. Continue that run with:\n  python3 {shlex.join([script + '.py', *argv])}\n"
                         f"or, to keep it, {own}; or {restart}.")
     if isinstance(state.get("config"), dict):
-        diff = config_diff(resolve_config(state["config"], f"{latest} (stored config)"), cfg, ignore=RESUME_FREE_KEYS)
+        stored = resolve_config(state["config"], f"{latest} (stored config)", stored=True)
+        diff = config_diff(stored, cfg, ignore=RESUME_FREE_KEYS)
         if diff:
             raise UserError(f"{run_dir} holds a run of another config (latest.pth after {done} iterations). Differing "
                             f"keys (there -> now):\n  " + "\n  ".join(diff) + f"\nTo keep it, {own}; or {restart}.")

@@ -18,7 +18,7 @@ import predict
 from engine.checkpoint import save_atomic
 from engine.cli import choose_device
 from engine.run import Run
-from tests.run_helpers import ROOT, argv_of, tiny_sets
+from tests.run_helpers import DEMO, ROOT, argv_of, tiny_sets
 from utils.errors import UserError
 from utils.variants import DOMAIN_ADAPTATION, TRAIN_SSL
 
@@ -158,11 +158,27 @@ def test_rough_edges_end_in_one_message(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]
 
 
-def test_eval_batch_size_is_accepted_and_has_no_effect(tmp_path):
-    """utils.eval_batch_size (documented by the release's README era, never read) still loads: configs naming it keep
-    working; evaluation goes one whole image at a time whatever it says."""
-    run = Run(TRAIN_SSL, argv_of(tiny_sets(str(tmp_path / "run"), 2, **{"utils.eval_batch_size": 8})) + ["--dry-run"])
-    assert run.cfg["utils"]["eval_batch_size"] == 8
+def test_eval_batch_size_is_removed_with_a_message_but_old_checkpoints_load(tmp_path):
+    """utils.eval_batch_size never had an effect (evaluation goes one whole image at a time), so it is removed: a
+    config file or --set naming it stops with one message naming the key and the fix; a config stored in a checkpoint
+    of an earlier version, which holds it, still resolves (resume, evaluation) with the key dropped."""
+    import json
+
+    from engine.config import load_config, resolve_config
+    config = tmp_path / "old.json"
+    raw = json.load(open(DEMO))
+    raw["utils"]["eval_batch_size"] = 8
+    config.write_text(json.dumps(raw))
+    with pytest.raises(UserError) as e:
+        load_config(str(config))
+    assert "'utils.eval_batch_size' was removed" in str(e.value) and "delete the key" in str(e.value)
+    assert str(config) in str(e.value)
+    with pytest.raises(UserError) as e:
+        load_config(DEMO, ["utils.eval_batch_size=4"])
+    assert "--set utils.eval_batch_size=4" in str(e.value) and "was removed" in str(e.value)
+    stored = resolve_config(raw, "old.pth (stored config)", stored=True)
+    assert "eval_batch_size" not in stored["utils"] and stored == load_config(DEMO)
+    assert raw["utils"]["eval_batch_size"] == 8           # the checkpoint's own dict is left as it was
 
 
 def test_a_validation_set_without_a_labeled_pixel_stops_the_evaluation(tmp_path):
