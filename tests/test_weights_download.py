@@ -100,7 +100,7 @@ def test_an_interrupted_download_leaves_no_file(hub, monkeypatch):
     assert os.listdir(cache) == []
 
 
-def test_dry_run_reports_the_download_and_fetches_nothing(hub, monkeypatch, capsys):
+def test_dry_run_reports_the_download_and_fetches_nothing(hub, monkeypatch, capsys, tmp_path):
     cache, _ = hub
 
     def no_network(*args, **kwargs):
@@ -108,7 +108,8 @@ def test_dry_run_reports_the_download_and_fetches_nothing(hub, monkeypatch, caps
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     argv = ["--config", os.path.join(ROOT, "configs", "demo.json"), "--dry-run", "--device", "cpu",
-            "--set", "backbone.pretrained=default", "--set", "backbone.width=64"]  # the demo's width is 32
+            "--set", "backbone.pretrained=default", "--set", "backbone.width=64",  # the demo's width is 32
+            "--set", f"utils.checkpoint_dir={tmp_path}"]  # not the repository's runs/: `make demo` may have a run there
     trainSSL.main(argv)
     path = cache / "resnet18-f37072fd.pth"
     url = pretrained.IMAGENET_URL + "resnet18-f37072fd.pth"
