@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 import stat
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 
@@ -36,6 +36,12 @@ def remove_partial_files() -> None:
 
 def save_atomic(obj: Any, path: str) -> None:
     """torch.save to `path` atomically (temp file + fsync + os.replace), with torch.save's permissions."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_atomic(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` into a temporary file `.tmp-<name>.<hex>` beside `path`, then fsync and os.replace: the file at
+    `path` is never partial. A failure (or a stop) removes the temporary file; a full disk ends in a UserError."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".tmp-{os.path.basename(path)}.{secrets.token_hex(4)}")
@@ -47,7 +53,7 @@ def save_atomic(obj: Any, path: str) -> None:
         if os.path.exists(path):
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data.common import channel_order_for
+from engine.checkpoint import write_atomic
 from model import build_model
 from model.heads import BACKBONE_MODULES
 from model.weights_download import _process_group
@@ -217,8 +218,8 @@ def build(spec: SyntheticSpec, device: torch.device | str = "cpu", folder: str |
         if found:
             print(f"backbone.pretrained \"synthetic\": {found} was built by another process; using it", flush=True)
             return found
-        for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(spec.stem) + ".*.partial")):
-            os.remove(stale)  # left by a process killed while writing (SIGKILL: no clean-up ran)
+        for stale in glob.glob(os.path.join(glob.escape(folder), ".tmp-" + glob.escape(spec.stem) + "-*.pth.*")):
+            os.remove(stale)  # write_atomic's temporary file, left by a process killed while writing (SIGKILL)
         estimate = estimate_seconds(spec)
         print(f"backbone.pretrained \"synthetic\": building {spec.stem} in {folder} ({spec.describe()}; about "
               f"{_duration(estimate)} on one CPU core)", flush=True)
@@ -226,16 +227,7 @@ def build(spec: SyntheticSpec, device: torch.device | str = "cpu", folder: str |
         data = serialise(train_backbone(spec, device, progress))
         digest = hashlib.sha256(data).hexdigest()
         path = os.path.join(folder, f"{spec.stem}-{digest[:8]}.pth")
-        partial = os.path.join(folder, f"{spec.stem}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+        write_atomic(path, lambda f: f.write(data))
         print(f"built {path} in {time.time() - t0:.0f} s\nSHA-256 {digest}", flush=True)
         return path
 

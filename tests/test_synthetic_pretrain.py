@@ -111,14 +111,14 @@ def test_an_interrupted_build_leaves_no_file(tmp_path, monkeypatch, where):
         monkeypatch.setattr(sp.os, "fsync", lambda fd: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         sp.build(TINY, folder=str(folder), progress=False)
-    assert sorted(os.listdir(folder)) == [f"{TINY.stem}.lock"]  # no .pth, no .partial
+    assert sorted(os.listdir(folder)) == [f"{TINY.stem}.lock"]  # no .pth, no temporary file
     assert sp.cached_file(TINY, str(folder)) is None
 
 
 def test_a_partial_file_of_a_killed_build_is_removed_by_the_next(tmp_path, monkeypatch):
     folder = tmp_path / "hub"
     folder.mkdir()
-    (folder / f"{TINY.stem}.4242.partial").write_bytes(b"half")   # SIGKILL: no clean-up ran
+    (folder / f".tmp-{TINY.stem}-0123abcd.pth.4242beef").write_bytes(b"half")   # SIGKILL: no clean-up ran
     monkeypatch.setattr(sp, "train_backbone", lambda *a, **k: {"conv1.weight": torch.ones(2, 3, 7, 7)})
     path = sp.build(TINY, folder=str(folder), progress=False)
     assert sorted(os.listdir(folder)) == sorted([os.path.basename(path), f"{TINY.stem}.lock"])
